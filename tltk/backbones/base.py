@@ -1,0 +1,109 @@
+"""The one shape every backbone has, whatever library built it.
+
+A backbone maps images to features in two steps, so that heads can attach at either:
+``forward_spatial`` gives the last convolutional map (what a ``conv`` head reads, and
+``pool5`` in the literature's words), ``forward_vector`` turns that map into the feature
+vector that ``linear`` and ``mlp`` heads read (fc7 on AlexNet/VGG, the pooled map on
+ResNet). The wrapped network lives in ``.net`` with its library's own parameter names,
+so weight files written by that library load without renaming.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+HALF_MEAN = (0.5, 0.5, 0.5)
+HALF_STD = (0.5, 0.5, 0.5)
+
+
+@dataclass(frozen=True)
+class BackboneInfo:
+    """What a registered backbone name promises before anything is built."""
+
+    name: str
+    factory: Callable[..., "Backbone"]
+    pretrained_available: bool
+    description: str = ""
+
+
+@dataclass
+class Preprocessing:
+    """Input size and normalisation: they travel with the weights into every run."""
+
+    input_size: tuple[int, int]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+class Backbone(nn.Module):
+    """A feature extractor with a uniform interface over torchvision, timm and our own nets."""
+
+    def __init__(
+        self,
+        net: nn.Module,
+        *,
+        name: str,
+        feature_dim: int,
+        spatial_channels: int | None,
+        preprocessing: Preprocessing,
+        layers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__()
+        self.net = net
+        self.name = name
+        self.feature_dim = feature_dim
+        self.spatial_channels = spatial_channels
+        self.preprocessing = preprocessing
+        self.layers = dict(layers or {})
+        self.pretrained_source: str | None = None
+
+    def forward_spatial(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} must define forward_spatial")
+
+    def forward_vector(self, spatial: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} must define forward_vector")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_vector(self.forward_spatial(x))
+
+    def stages(self) -> list[list[nn.Parameter]]:
+        """Parameters grouped from input to output, for layer-wise learning rates.
+
+        Each layer with weights is a stage; a normalisation layer joins the layer
+        before it, since the two act as one.
+        """
+        stages: list[list[nn.Parameter]] = []
+        for module in self.net.modules():
+            own = list(module.parameters(recurse=False))
+            if not own:
+                continue
+            if stages and isinstance(module, _NORM_TYPES):
+                stages[-1].extend(own)
+            else:
+                stages.append(own)
+        return stages
+
+
+_NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm)
+
+
+def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
+
+
+__all__ = [
+    "Backbone",
+    "BackboneInfo",
+    "Preprocessing",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "HALF_MEAN",
+    "HALF_STD",
+    "count_parameters",
+]

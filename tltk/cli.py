@@ -1,0 +1,287 @@
+"""The ``tltk`` command: parse options, call the library, print for people or as --json.
+
+No logic lives here that a Python user could not reach: each command is a thin wrapper
+over a function in ``tltk``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any, Callable
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from tltk.errors import TltkError
+
+out = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
+
+
+class TltkGroup(click.Group):
+    """Turns a ``TltkError`` into one line on stderr and its exit code; --debug keeps the traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except TltkError as exc:
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
+            err.print(f"[bold red]error:[/] {exc}", soft_wrap=True)
+            ctx.exit(exc.exit_code)
+
+
+@click.group(cls=TltkGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("--debug", is_flag=True, help="Show full tracebacks.")
+@click.version_option(package_name="tltk")
+@click.pass_context
+def main(ctx: click.Context, debug: bool) -> None:
+    """Transfer learning for image classification: fine-tune, evaluate, look inside."""
+    ctx.obj = {"debug": debug}
+
+
+def print_json(obj: Any) -> None:
+    click.echo(json.dumps(obj, indent=2, default=str))
+
+
+# --- tltk list ------------------------------------------------------------------------
+
+LISTABLE = ("backbones", "heads", "strategies", "formats")
+
+
+@main.command("list")
+@click.argument("what", type=click.Choice(LISTABLE), default="backbones")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+def list_command(what: str, as_json: bool) -> None:
+    """List registered backbones, heads, strategies or data formats."""
+    from tltk.catalog import catalog
+
+    rows = catalog(what)
+    if as_json:
+        print_json(rows)
+        return
+    table = Table(title=what)
+    for column in rows[0] if rows else ["name"]:
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*(str(v) for v in row.values()))
+    out.print(table)
+
+
+# --- tltk summary ---------------------------------------------------------------------
+
+
+@main.command()
+@click.option("--backbone", required=True, help="Backbone name (tltk list backbones), or timm:NAME.")
+@click.option("--head", default="linear", show_default=True, help="Head name or pkg.mod:factory / file.py:Factory.")
+@click.option("--num-classes", type=int, default=10, show_default=True)
+@click.option("--strategy", default="finetune", show_default=True, help="Marks which layers train.")
+@click.option("--freeze", is_flag=True, help="Alias for --strategy freeze.")
+@click.option("--input-size", type=int, default=None, help="Square input size; default: the backbone's.")
+@click.option("--hidden", type=int, default=None, help="Hidden width of the mlp/conv head.")
+@click.option("--json", "as_json", is_flag=True)
+def summary(backbone: str, head: str, num_classes: int, strategy: str, freeze: bool, input_size: int | None,
+            hidden: int | None, as_json: bool) -> None:
+    """Layer-by-layer table: output shape, parameters, trainable, and totals."""
+    from tltk.model import ModelSpec, build_model
+    from tltk.strategies import build_strategy
+    from tltk.summary import summarize
+
+    model = build_model(ModelSpec(backbone, head, num_classes, {"hidden": hidden}, "none"))
+    build_strategy("freeze" if freeze else strategy).prepare(model)
+    size = (input_size, input_size) if input_size else tuple(model.preprocessing.input_size)
+    result = summarize(model, size)
+    if as_json:
+        print_json(result.to_dict())
+        return
+    table = Table(title=f"{backbone} + {head} head, {num_classes} classes, input {size[0]}x{size[1]}")
+    for column, justify in (("layer", "left"), ("type", "left"), ("output shape", "left"), ("params", "right"), ("trainable", "left")):
+        table.add_column(column, justify=justify)  # type: ignore[arg-type]
+    for row in result.rows:
+        shape = "(None, " + ", ".join(map(str, row.output_shape)) + ")" if row.output_shape else "-"
+        table.add_row(row.name.replace("backbone.net.", "backbone."), row.kind, shape, f"{row.params:,}", ("yes" if row.trainable else "no") if row.params else "")
+    out.print(table)
+    out.print(f"Total params: {result.total:,}")
+    out.print(f"Trainable params: {result.trainable:,}")
+    out.print(f"Non-trainable params: {result.non_trainable:,}")
+
+
+# --- tltk finetune --------------------------------------------------------------------
+
+
+def data_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Options that turn a --data spec into splits; shared by the commands that read data."""
+    options = [
+        click.option("--image-root", default=None, help="Folder that csv: file names are relative to."),
+        click.option("--val-split", type=float, default=None, help="Fraction of train held out for validation [0.1]."),
+        click.option("--test-split", type=float, default=None, help="Fraction held out for test where the data has no test split [0.2]."),
+        click.option("--classes", default=None, help="Comma-separated class names to keep, e.g. 0,1,2,3,4."),
+        click.option("--train-per-class", type=int, default=None, help="Keep at most N training images per class."),
+        click.option("--strict", is_flag=True, help="Stop at the first image that cannot be decoded instead of skipping it."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def split_classes(classes: str | None) -> list[str] | None:
+    return [c.strip() for c in classes.split(",") if c.strip()] if classes else None
+
+
+@main.command()
+@click.option("--backbone", required=True, help="Backbone name (tltk list backbones), or timm:NAME.")
+@click.option("--head", default="linear", show_default=True, help="linear, mlp, conv, or pkg.mod:factory / file.py:Factory.")
+@click.option("--strategy", default="finetune", show_default=True, help="finetune, freeze, freeze-unfreeze, discriminative.")
+@click.option("--freeze", is_flag=True, help="Alias for --strategy freeze.")
+@click.option("--weights", default="auto", show_default=True,
+              help="imagenet, none, FILE (.safetensors/.pth) or RUN_DIR; auto = imagenet where published, else none.")
+@click.option("--init", "init", default="default", show_default=True, help="Random init: default, xavier, kaiming, gaussian.")
+@click.option("--data", "data_spec", required=True, help="folder:PATH, cifar10:PATH, mnist:PATH, csv:FILE, builtin:digits, or a path.")
+@click.option("--out", required=True, help="Run directory to create.")
+@click.option("--overwrite", is_flag=True, help="Replace a run already in --out.")
+@data_options
+@click.option("--epochs", type=int, default=10, show_default=True)
+@click.option("--max-steps", type=int, default=None, help="Stop after this many optimizer steps.")
+@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--optimizer", default="adamw", show_default=True, type=click.Choice(["sgd", "adam", "adamw"]))
+@click.option("--lr", type=float, default=1e-3, show_default=True)
+@click.option("--momentum", type=float, default=0.9, show_default=True)
+@click.option("--nesterov", is_flag=True)
+@click.option("--weight-decay", type=float, default=1e-4, show_default=True)
+@click.option("--schedule", default="cosine", show_default=True, type=click.Choice(["none", "step", "exp", "cosine"]))
+@click.option("--warmup-steps", type=int, default=0, show_default=True)
+@click.option("--step-epochs", type=int, default=10, show_default=True, help="Epochs between decays of the step schedule.")
+@click.option("--gamma", type=float, default=0.1, show_default=True, help="Decay factor of the step and exp schedules.")
+@click.option("--patience", type=int, default=None, help="Early stopping: epochs without improvement of --monitor.")
+@click.option("--monitor", default="val_accuracy", show_default=True, type=click.Choice(["val_accuracy", "val_loss"]))
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N.")
+@click.option("--precision", default="auto", show_default=True, type=click.Choice(["auto", "fp32", "bf16", "fp16"]))
+@click.option("--workers", type=int, default=None, help="DataLoader workers; default from the data size and CPU count.")
+@click.option("--augment", default="none", show_default=True, type=click.Choice(["none", "light", "standard"]))
+@click.option("--input-size", type=int, default=None, help="Square input size; default: the backbone's.")
+@click.option("--hidden", type=int, default=None, help="Hidden width of the mlp/conv head.")
+@click.option("--dropout", type=float, default=None, help="Dropout of the head.")
+@click.option("--unfreeze-epoch", type=int, default=None, help="freeze-unfreeze: epochs of head-only training [1].")
+@click.option("--backbone-lr-mult", type=float, default=None, help="freeze-unfreeze: backbone lr as a multiple of lr [0.1].")
+@click.option("--layer-decay", type=float, default=None, help="discriminative: lr factor per stage towards the input [0.75].")
+@click.option("--clip-grad", type=float, default=None, help="Clip the gradient norm to this value.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def finetune(**opts: Any) -> None:
+    """Train a backbone + head on --data and write a run directory to --out."""
+    from tltk.train.finetune import DataOptions, FinetuneConfig, finetune as run_finetune
+    from tltk.train.trainer import TrainConfig
+
+    data = DataOptions(
+        opts["data_spec"], opts["image_root"],
+        _default(opts["val_split"], 0.1), _default(opts["test_split"], 0.2), opts["seed"],
+        opts["strict"], split_classes(opts["classes"]), opts["train_per_class"],
+    )
+    train_fields = TrainConfig.__dataclass_fields__
+    config = FinetuneConfig(
+        backbone=opts["backbone"], data=data, head=opts["head"],
+        strategy="freeze" if opts["freeze"] else opts["strategy"],
+        weights=opts["weights"], init=opts["init"],
+        head_options={"hidden": opts["hidden"], "dropout": opts["dropout"]},
+        strategy_options={k: opts[k] for k in ("unfreeze_epoch", "backbone_lr_mult", "layer_decay")},
+        input_size=opts["input_size"],
+        train=TrainConfig(**{k: opts[k] for k in train_fields if k in opts}),
+    )
+    from tltk.progress import RichReporter
+
+    reporter = RichReporter(err, enabled=not (opts["quiet"] or opts["as_json"]))
+    result = run_finetune(config, opts["out"], overwrite=opts["overwrite"], reporter=reporter)
+    if result.skipped:
+        err.print(skipped_message(result.skipped))
+    if opts["as_json"]:
+        print_json({"out": str(result.out), **result.summary})
+        return
+    print_run_summary(str(result.out), result.summary)
+
+
+def _default(value: float | None, default: float) -> float:
+    return default if value is None else value
+
+
+def skipped_message(skipped: list[str]) -> str:
+    first = ", ".join(skipped[:3])
+    return f"[yellow]skipped {len(skipped)} image(s) that could not be decoded[/] (first: {first}); --strict stops instead."
+
+
+def print_run_summary(run: str, summary: dict[str, Any]) -> None:
+    table = Table(title=f"run {run}")
+    table.add_column("figure")
+    table.add_column("value", justify="right")
+    final = summary.get("final", {})
+    for key in ("train_loss", "train_accuracy", "val_loss", "val_accuracy"):
+        if key in final:
+            table.add_row(f"final {key}", _fmt(final[key]))
+    if summary.get("best_epoch") is not None:
+        table.add_row("best epoch", str(summary["best_epoch"]))
+    for key, value in summary.get("test", {}).items():
+        table.add_row(f"test {key}", _fmt(value))
+    table.add_row("epochs / steps", f"{summary['epochs_run']} / {summary['steps']}")
+    table.add_row("seconds", _fmt(summary["seconds"]))
+    out.print(table)
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+# --- tltk evaluate --------------------------------------------------------------------
+
+
+@main.command()
+@click.argument("run")
+@click.option("--data", "data_spec", default=None, help="Data to evaluate on; default: the run's own.")
+@click.option("--split", default="test", show_default=True, type=click.Choice(["train", "val", "test"]))
+@data_options
+@click.option("--device", default="auto", show_default=True)
+@click.option("--batch-size", type=int, default=None)
+@click.option("--json", "as_json", is_flag=True)
+def evaluate(run: str, data_spec: str | None, split: str, image_root: str | None, val_split: float | None,
+             test_split: float | None, classes: str | None, train_per_class: int | None, strict: bool,
+             device: str, batch_size: int | None, as_json: bool) -> None:
+    """Accuracy, top-5, per-class accuracy and the confusion matrix of RUN on a split."""
+    from tltk.train.evaluate import evaluate as run_evaluate
+
+    report = run_evaluate(
+        run, data_spec, split, device=device, batch_size=batch_size, image_root=image_root,
+        val_split=val_split, test_split=test_split, classes=split_classes(classes),
+        train_per_class=train_per_class, strict=strict or None,
+    )
+    if as_json:
+        print_json(report)
+        return
+    print_evaluation(report)
+
+
+def print_evaluation(report: dict[str, Any]) -> None:
+    out.print(f"[bold]{report['run']}[/] on {report['data']} ({report['split']}, {report['n']} images)")
+    out.print(f"accuracy: {report['accuracy']:.4f}")
+    if "top5_accuracy" in report:
+        out.print(f"top-5 accuracy: {report['top5_accuracy']:.4f}")
+    names = report["class_names"]
+    per_class = Table(title="per-class accuracy")
+    per_class.add_column("class")
+    per_class.add_column("accuracy", justify="right")
+    per_class.add_column("images", justify="right")
+    for name in names:
+        value = report["per_class_accuracy"][name]
+        per_class.add_row(name, "-" if value is None else f"{value:.4f}", str(report["support"][name]))
+    out.print(per_class)
+    confusion = Table(title="confusion matrix (rows: true, columns: predicted)")
+    confusion.add_column("")
+    for name in names:
+        confusion.add_column(name, justify="right")
+    for name, row in zip(names, report["confusion_matrix"]):
+        confusion.add_row(name, *(str(v) for v in row))
+    out.print(confusion)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,117 @@
+"""The ``--data`` spec: ``FORMAT:PATH`` or a bare path whose format is recognised, and
+``load_data``, which turns a spec into train/val/test ``DataSplits``.
+
+A prefix counts as a format only if it is a registered format name, so paths that
+contain ':' still work as bare paths.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Sequence
+
+from tltk.data.formats import DATA_FORMATS, find_cifar10_dir, find_mnist_dir
+from tltk.data.images import is_hidden
+from tltk.data.samples import DataSplits
+from tltk.data.splits import check_classes, check_fraction, filter_classes, limit_per_class, make_splits
+from tltk.errors import DataError
+
+_FORMAT_HINT = "folder:PATH, cifar10:PATH, mnist:PATH, csv:FILE, builtin:digits"
+
+
+def parse_spec(spec: str) -> tuple[str | None, str]:
+    """(format name, or None to auto-detect; the location after the prefix)."""
+    text = spec.strip()
+    if not text:
+        raise DataError(f"The data spec is empty; give a path or name the format ({_FORMAT_HINT}).")
+    prefix, sep, rest = text.partition(":")
+    if sep and prefix in DATA_FORMATS:
+        if not rest.strip():
+            raise DataError(f"The data spec '{spec}' names no path after '{prefix}:'; use e.g. {prefix}:PATH.")
+        return prefix, rest.strip()
+    return None, text
+
+
+def resolve_spec(spec: str) -> tuple[str, Path]:
+    """(format name, path) for a spec, detecting the format when none is named."""
+    format_name, location = parse_spec(spec)
+    if format_name == "builtin":
+        return format_name, Path(location)
+    path = Path(location).expanduser()
+    if format_name is not None:
+        return format_name, path
+    if not path.exists():
+        raise DataError(_missing_path_message(spec, path))
+    return detect_format(path), path
+
+
+def detect_format(path: Path) -> str:
+    """Which built-in format the data at ``path`` is in, from what is on disk."""
+    if path.is_dir():
+        if find_cifar10_dir(path) is not None:
+            return "cifar10"
+        if find_mnist_dir(path) is not None:
+            return "mnist"
+        if any(child.is_dir() and not is_hidden(child.name) for child in path.iterdir()):
+            return "folder"
+    elif path.is_file() and path.suffix.lower() == ".csv":
+        return "csv"
+    raise DataError(
+        f"No dataset format recognised at {path}; expected class subfolders, CIFAR-10 batches, "
+        f"MNIST IDX files or a .csv file (or name the format: {_FORMAT_HINT})."
+    )
+
+
+def _missing_path_message(spec: str, path: Path) -> str:
+    prefix, sep, _ = spec.strip().partition(":")
+    if sep and re.fullmatch(r"[A-Za-z][\w-]*", prefix) and len(prefix) > 1:
+        return (
+            f"Unknown data format '{prefix}' in '{spec}'; known formats: "
+            f"{', '.join(DATA_FORMATS.names())} (or give an existing path)."
+        )
+    return f"Data path {path} does not exist; check the --data spec."
+
+
+def load_data(
+    spec: str,
+    *,
+    image_root: str | None = None,
+    val_split: float = 0.1,
+    test_split: float = 0.2,
+    seed: int = 0,
+    strict: bool = False,
+    classes: Sequence[str] | None = None,
+    train_per_class: int | None = None,
+) -> DataSplits:
+    """Read the dataset named by ``spec`` and split it into train/val/test.
+
+    The dataset's own splits are kept; a missing test split is carved from the data and a
+    missing val split from train (stratified, seeded). ``classes`` keeps only those
+    classes before splitting; ``train_per_class`` then caps the training samples per class.
+    """
+    check_fraction(val_split, "--val-split")
+    check_fraction(test_split, "--test-split")
+    format_name, path = resolve_spec(spec)
+    reader = DATA_FORMATS.get(format_name)
+    root = Path(image_root).expanduser() if image_root is not None else None
+    raw = reader(path, image_root=root, strict=strict)
+    check_classes(raw)
+    if classes:
+        raw = filter_classes(raw, classes)
+        check_classes(raw, filtered=True)
+    train, val, test = make_splits(raw, val_split=val_split, test_split=test_split, seed=seed)
+    if train_per_class is not None:
+        train = limit_per_class(train, train_per_class, seed)
+    data = DataSplits(
+        spec=spec,
+        format=format_name,
+        class_names=list(raw.class_names),
+        train=train,
+        val=val,
+        test=test,
+        arrays=raw.arrays,
+        skipped=list(raw.skipped),
+    )
+    data.fingerprint = data.compute_fingerprint()
+    return data

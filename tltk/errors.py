@@ -1,0 +1,34 @@
+"""Errors a user can act on.
+
+Every failure that comes from what the user asked for (a name, a path, a file) is a
+``TltkError`` whose message is one sentence: what was wrong, where, and what to do
+instead. The CLI prints that sentence and exits with ``exit_code``; anything else is a
+bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class TltkError(Exception):
+    """A problem with the user's input, reported as one sentence and a non-zero exit."""
+
+    exit_code: int = 2
+
+
+class UnknownNameError(TltkError, KeyError):
+    """A registry lookup for a name nobody registered."""
+
+    def __str__(self) -> str:  # KeyError would quote the message otherwise
+        return str(self.args[0]) if self.args else ""
+
+
+class DataError(TltkError):
+    """A data spec, dataset file or image that cannot be used."""
+
+
+class WeightsError(TltkError):
+    """Weights that cannot be found, read, or fitted to the model."""
+
+
+class RunDirError(TltkError):
+    """A run directory that is missing, incomplete, or would be overwritten."""

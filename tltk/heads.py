@@ -1,0 +1,125 @@
+"""Heads: what sits on the backbone and is trained for the new task.
+
+A head factory receives the backbone's feature-vector size, the channels of its last
+spatial map, the number of outputs and its own options, and returns a module. A head
+that reads the spatial map instead of the vector says so with ``uses_spatial = True``.
+Custom heads come from entry points or an import path (``pkg.mod:factory`` or
+``path/to/file.py:Factory``).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import inspect
+from pathlib import Path
+from typing import Any, Callable
+
+from torch import nn
+
+from tltk.errors import TltkError
+from tltk.registry import Registry
+
+HeadFactory = Callable[..., nn.Module]
+HEADS: Registry[HeadFactory] = Registry("head", group="tltk.heads")
+
+
+@HEADS.register("linear")
+def linear_head(in_features: int, in_channels: int | None, num_classes: int, dropout: float = 0.0, **_: Any) -> nn.Module:
+    """One Linear layer: softmax regression (multi-class) or per-class sigmoids (multi-label)."""
+    layers: list[nn.Module] = [nn.Dropout(dropout)] if dropout > 0 else []
+    return nn.Sequential(*layers, nn.Linear(in_features, num_classes))
+
+
+@HEADS.register("mlp")
+def mlp_head(
+    in_features: int, in_channels: int | None, num_classes: int, hidden: int = 512, dropout: float = 0.5, **_: Any
+) -> nn.Module:
+    """Two layers with a ReLU and dropout between them."""
+    return nn.Sequential(
+        nn.Linear(in_features, hidden), nn.ReLU(inplace=True), nn.Dropout(dropout), nn.Linear(hidden, num_classes)
+    )
+
+
+class ConvHead(nn.Module):
+    """3x3 conv + BatchNorm + ReLU on the spatial map, global average pool, then Linear."""
+
+    uses_spatial = True
+
+    def __init__(self, in_channels: int, num_classes: int, hidden: int, dropout: float) -> None:
+        super().__init__()
+        self.conv = nn.Sequential(
+            nn.Conv2d(in_channels, hidden, 3, padding=1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU(inplace=True)
+        )
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.dropout = nn.Dropout(dropout)
+        self.fc = nn.Linear(hidden, num_classes)
+
+    def forward(self, spatial):  # type: ignore[no-untyped-def]
+        if spatial.dim() != 4:
+            raise TltkError(
+                f"the conv head needs a spatial map (N, C, H, W) but the backbone gives shape {tuple(spatial.shape)}; "
+                f"use --head linear or --head mlp with this backbone."
+            )
+        return self.fc(self.dropout(self.pool(self.conv(spatial)).flatten(1)))
+
+
+@HEADS.register("conv")
+def conv_head(
+    in_features: int, in_channels: int | None, num_classes: int, hidden: int = 256, dropout: float = 0.0, **_: Any
+) -> nn.Module:
+    if in_channels is None:
+        raise TltkError("the conv head needs a backbone with a spatial map; use --head linear or --head mlp.")
+    return ConvHead(in_channels, num_classes, hidden, dropout)
+
+
+def resolve_head(name: str) -> HeadFactory:
+    """A registered head, or one named by import path: ``pkg.mod:factory``, ``file.py:Factory``."""
+    if ":" in name and name.split(":", 1)[0] not in ("", *HEADS.names()):
+        return _import_factory(name)
+    return HEADS.get(name)
+
+
+def build_head(name: str, in_features: int, in_channels: int | None, num_classes: int, **options: Any) -> nn.Module:
+    factory = resolve_head(name)
+    accepted = _accepted_options(factory, options)
+    head = factory(in_features=in_features, in_channels=in_channels, num_classes=num_classes, **accepted)
+    if not isinstance(head, nn.Module):
+        raise TltkError(f"head '{name}' returned {type(head).__name__}, not a torch.nn.Module.")
+    return head
+
+
+def head_uses_spatial(head: nn.Module) -> bool:
+    return bool(getattr(head, "uses_spatial", False))
+
+
+def _accepted_options(factory: HeadFactory, options: dict[str, Any]) -> dict[str, Any]:
+    """Pass only the options a factory declares (or all, if it takes ``**kwargs``)."""
+    params = inspect.signature(factory).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return {k: v for k, v in options.items() if v is not None}
+    return {k: v for k, v in options.items() if k in params and v is not None}
+
+
+def _import_factory(spec: str) -> HeadFactory:
+    location, _, attr = spec.rpartition(":")
+    try:
+        module = _load_module(location)
+    except Exception as exc:
+        raise TltkError(f"could not import head module '{location}' ({exc}); check the path in --head {spec}.") from exc
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise TltkError(f"'{location}' has no callable '{attr}'; check the name after ':' in --head {spec}.")
+    return factory
+
+
+def _load_module(location: str):  # type: ignore[no-untyped-def]
+    if location.endswith(".py"):
+        path = Path(location).expanduser()
+        spec = importlib.util.spec_from_file_location(f"tltk_custom_head_{path.stem}", path)
+        if spec is None or spec.loader is None:
+            raise ImportError(f"{path} is not a Python file")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    return importlib.import_module(location)

@@ -1,0 +1,1 @@
+"""Training, evaluation and the run directory they share."""

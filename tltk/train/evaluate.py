@@ -1,0 +1,115 @@
+"""Reloading a run and measuring it on a split of any dataset with the same classes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from tltk.data import ImageDataset, Sample, build_transforms, load_data
+from tltk.errors import DataError, RunDirError
+from tltk.model import ModelSpec, TransferModel, build_model
+from tltk.strategies import build_strategy
+from tltk.train import rundir
+from tltk.train.metrics import classification_report
+from tltk.train.trainer import TrainConfig, make_loader, predict_logits, resolve_device, resolve_precision
+
+
+@dataclass
+class LoadedRun:
+    path: Path
+    model: TransferModel
+    config: dict[str, Any]
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.config["class_names"])
+
+    @property
+    def preprocessing(self) -> dict[str, Any]:
+        return dict(self.config["preprocessing"])
+
+
+def load_run(path: str | Path) -> LoadedRun:
+    """Rebuild a run's model from config.json and model.safetensors alone."""
+    path = Path(path).expanduser()
+    config = rundir.read_config(path)
+    spec = ModelSpec(**config["model"])
+    model = build_model(spec, load_weights=False)
+    state = rundir.load_weights(path)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        first = (missing or unexpected)[0]
+        raise RunDirError(f"{path / rundir.WEIGHTS} does not match the model in its config.json (first odd tensor: '{first}').")
+    if config["strategy"]["name"] == "freeze":
+        build_strategy("freeze").prepare(model)
+    model.eval()
+    return LoadedRun(path, model, config)
+
+
+def evaluate(
+    run: str | Path | LoadedRun,
+    data: str | None = None,
+    split: str = "test",
+    *,
+    device: str = "auto",
+    batch_size: int | None = None,
+    **data_overrides: Any,
+) -> dict[str, Any]:
+    """Accuracy, top-5, per-class accuracy and confusion matrix of a run on one split.
+
+    Without ``data`` the run's own dataset is used; either way the split settings
+    (seed, fractions, class filter) default to the run's, so "test" means the same images
+    training held out.
+    """
+    loaded = run if isinstance(run, LoadedRun) else load_run(run)
+    options = {k: v for k, v in loaded.config["data"].items() if k in _DATA_KEYS}
+    if data is not None and data != options["spec"]:
+        options.update(spec=data, classes=None, train_per_class=None)
+    options.update({k: v for k, v in data_overrides.items() if v is not None})
+    splits = load_data(options.pop("spec"), **options)
+    samples = _samples_for_run(splits.split(split), splits.class_names, loaded.class_names, splits.spec)
+    train = TrainConfig(**loaded.config["train"])
+    train.device = device
+    if batch_size:
+        train.batch_size = batch_size
+    report = evaluate_model(loaded.model, samples, splits.arrays, loaded.class_names, loaded.preprocessing, train)
+    report.update(run=str(loaded.path), data=splits.spec, split=split, skipped=len(splits.skipped))
+    return report
+
+
+_DATA_KEYS = ("spec", "image_root", "val_split", "test_split", "seed", "strict", "classes", "train_per_class")
+
+
+def _samples_for_run(samples: Sequence[Sample], data_classes: list[str], run_classes: list[str], where: str) -> list[Sample]:
+    """Re-index targets from the data's class list to the run's; unknown classes are an error."""
+    index = {name: i for i, name in enumerate(run_classes)}
+    unknown = sorted({data_classes[s.target] for s in samples} - set(index))
+    if unknown:
+        raise DataError(
+            f"{where} has classes the run was not trained on ({', '.join(unknown[:5])}); "
+            f"pass --classes with the run's classes ({', '.join(run_classes[:10])})."
+        )
+    return [Sample(s.source, index[data_classes[s.target]], s.id) for s in samples]
+
+
+def evaluate_model(
+    model: TransferModel,
+    samples: Sequence[Sample],
+    arrays: np.ndarray | None,
+    class_names: list[str],
+    preprocessing: dict[str, Any],
+    train: TrainConfig,
+) -> dict[str, Any]:
+    device = resolve_device(train.device)
+    transform = build_transforms(
+        tuple(preprocessing["input_size"]), preprocessing["mean"], preprocessing["std"], "none", train=False
+    )
+    dataset = ImageDataset(list(samples), transform, arrays)
+    workers = train.workers if train.workers is not None else 0
+    loader = make_loader(dataset, batch_size=train.batch_size, shuffle=False, workers=workers, device=device)
+    model.to(device)
+    logits, targets = predict_logits(model, loader, device, resolve_precision(train.precision, device))
+    return classification_report(targets.numpy(), logits.numpy(), class_names)

@@ -1,0 +1,122 @@
+"""The run directory: everything needed to rebuild and judge a trained model.
+
+``config.json`` (model, strategy, training and data settings, class names,
+preprocessing, library versions), ``model.safetensors`` (the whole model's weights),
+``metrics.jsonl`` (one row per step and per epoch) and ``summary.json`` (final figures).
+Commands after training take the directory, never the original command line.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+import torch
+
+from tltk.errors import RunDirError
+from tltk.fileio import write_json, write_safetensors
+
+CONFIG = "config.json"
+WEIGHTS = "model.safetensors"
+METRICS = "metrics.jsonl"
+SUMMARY = "summary.json"
+
+
+def is_run(path: Path) -> bool:
+    return (path / CONFIG).is_file()
+
+
+def prepare_out_dir(out: Path, overwrite: bool) -> None:
+    """Refuse to write over an earlier run unless asked; clear its files if asked."""
+    if out.exists() and not out.is_dir():
+        raise RunDirError(f"--out {out} is a file; name a directory for the run.")
+    if is_run(out) and not overwrite:
+        raise RunDirError(f"{out} already holds a run; pass --overwrite to replace it or choose another --out.")
+    out.mkdir(parents=True, exist_ok=True)
+    for name in (CONFIG, WEIGHTS, METRICS, SUMMARY):
+        (out / name).unlink(missing_ok=True)
+
+
+def library_versions() -> dict[str, str]:
+    import timm
+    import torchvision
+
+    from tltk import __version__
+
+    return {
+        "tltk": __version__,
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "timm": timm.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def write_config(out: Path, config: dict[str, Any]) -> None:
+    write_json(out / CONFIG, config)
+
+
+def read_config(run: Path) -> dict[str, Any]:
+    if not run.is_dir():
+        raise RunDirError(f"run directory {run} does not exist; pass the --out of a finished `tltk finetune`.")
+    if not is_run(run):
+        raise RunDirError(f"{run} is not a tltk run (no {CONFIG}); pass the --out of a finished `tltk finetune`.")
+    try:
+        return json.loads((run / CONFIG).read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise RunDirError(f"{run / CONFIG} is not valid JSON ({exc}); the run directory is damaged.") from exc
+
+
+def save_weights(out: Path, model: torch.nn.Module) -> None:
+    write_safetensors(out / WEIGHTS, model.state_dict(), metadata={"format": "pt", "producer": "tltk"})
+
+
+def load_weights(run: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    path = run / WEIGHTS
+    if not path.is_file():
+        raise RunDirError(f"{run} has no {WEIGHTS}: the run did not finish; train it again.")
+    try:
+        return load_file(str(path))
+    except Exception as exc:
+        raise RunDirError(f"{path} cannot be read ({exc}); the run directory is damaged.") from exc
+
+
+def write_summary(out: Path, summary: dict[str, Any]) -> None:
+    write_json(out / SUMMARY, summary)
+
+
+def read_summary(run: Path) -> dict[str, Any]:
+    path = run / SUMMARY
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+@dataclass
+class MetricsLog:
+    """Appends one JSON object per line to metrics.jsonl, flushed per epoch."""
+
+    handle: TextIO
+
+    @classmethod
+    def open(cls, out: Path) -> "MetricsLog":
+        return cls((out / METRICS).open("a", encoding="utf-8"))
+
+    def write(self, row: dict[str, Any]) -> None:
+        self.handle.write(json.dumps(row) + "\n")
+
+    def flush(self) -> None:
+        self.handle.flush()
+
+    def close(self) -> None:
+        self.handle.close()
+
+
+def read_metrics(run: Path) -> list[dict[str, Any]]:
+    path = run / METRICS
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
