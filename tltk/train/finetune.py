@@ -16,7 +16,7 @@ from tltk.model import ModelSpec, TransferModel, build_model, resolve_weights_ch
 from tltk.strategies import Strategy, build_strategy
 from tltk.train import rundir
 from tltk.train.evaluate import evaluate_model
-from tltk.train.trainer import FitResult, Reporter, TrainConfig, fit
+from tltk.train.trainer import FitResult, Reporter, TrainConfig, fit, seed_everything
 
 
 @dataclass
@@ -58,6 +58,7 @@ class RunResult:
     out: Path
     summary: dict[str, Any]
     skipped: list[str]
+    model: TransferModel
 
 
 def finetune(
@@ -71,6 +72,7 @@ def finetune(
         config.backbone, config.head, data.num_classes, dict(config.head_options),
         resolve_weights_choice(config.backbone, config.weights), config.init,
     )
+    seed_everything(config.train.seed)  # the head's (and a scratch backbone's) initial weights
     model = build_model(spec)
     strategy = build_strategy(config.strategy, **config.strategy_options)
     preprocessing = _preprocessing(model, config.input_size)
@@ -86,7 +88,7 @@ def finetune(
     rundir.save_weights(out, model)
     summary = _summary(model, data, preprocessing, fitted, config.train)
     rundir.write_summary(out, summary)
-    return RunResult(out, summary, data.skipped)
+    return RunResult(out, summary, data.skipped, model)
 
 
 def _check_trainable(data: DataSplits) -> None:

@@ -1,0 +1,44 @@
+"""Writes docs/cli.md from the commands' own help, so the reference cannot drift.
+
+Run ``python docs/make_cli_reference.py`` after changing an option; a test fails while
+docs/cli.md differs from what this prints.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from tltk.cli import main
+
+PYTHON_API = {
+    "list": "tltk.catalog.catalog(kind)",
+    "summary": "tltk.summary.summarize(tltk.build_model(ModelSpec(...)), input_size)",
+    "finetune": "tltk.finetune(FinetuneConfig(...), out)",
+    "evaluate": "tltk.evaluate(run, data, split)",
+}
+
+HEADER = """# tltk command reference
+
+Every command prints for people by default and takes `--json` where it prints figures.
+Errors are one sentence on stderr with exit code 2; `tltk --debug COMMAND` keeps the traceback.
+Each command is a thin wrapper over a Python function, named under its heading.
+"""
+
+
+def reference() -> str:
+    root = click.Context(main, info_name="tltk", terminal_width=88, max_content_width=88)
+    parts = [HEADER]
+    for name, command in sorted(main.commands.items()):
+        ctx = click.Context(command, info_name=name, parent=root, terminal_width=88, max_content_width=88)
+        python = PYTHON_API.get(name, "")
+        parts.append(f"## tltk {name}\n\nPython: `{python}`\n\n```\n{command.get_help(ctx)}\n```\n")
+    return "\n".join(parts)
+
+
+if __name__ == "__main__":
+    target = Path(__file__).with_name("cli.md")
+    target.write_text(reference())
+    sys.stdout.write(f"wrote {target}\n")

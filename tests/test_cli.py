@@ -1,0 +1,159 @@
+"""The `tltk` command: what people type, the figures it prints, and one-sentence errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import save_file
+
+from data_fixtures import write_bad_images, write_image_folder
+from tltk.cli import main
+
+FAST = ["--epochs", "1", "--batch-size", "8", "--workers", "0", "--device", "cpu", "--quiet"]
+
+
+def tltk(*args: str):
+    return CliRunner().invoke(main, list(args), catch_exceptions=False)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    return write_image_folder(tmp_path_factory.mktemp("imgs") / "shapes", {"circle": 6, "square": 6, "star": 6})
+
+
+@pytest.fixture(scope="module")
+def run_dir(folder: Path, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "r"
+    result = tltk("finetune", "--backbone", "lenet5", "--head", "mlp", "--hidden", "16", "--weights", "none",
+                  "--data", str(folder), "--out", str(out), "--json", *FAST)
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def assert_one_sentence_error(result, *fragments: str) -> None:
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    text = " ".join(lines)
+    assert text.startswith("error:"), result.stderr
+    for fragment in fragments:
+        assert fragment in text, text
+
+
+def test_list_shows_each_registry_as_json() -> None:
+    backbones = {r["name"] for r in json.loads(tltk("list", "backbones", "--json").stdout)}
+    assert {"alexnet", "vgg16", "vgg16_bn", "resnet18", "lenet5", "simplecnn", "mnist-cnn"} <= backbones
+    assert {r["name"] for r in json.loads(tltk("list", "heads", "--json").stdout)} >= {"linear", "mlp", "conv"}
+    strategies = {r["name"] for r in json.loads(tltk("list", "strategies", "--json").stdout)}
+    assert strategies >= {"freeze", "finetune", "freeze-unfreeze", "discriminative"}
+
+
+def test_summary_of_vgg16_with_mlp_head_counts_the_frozen_backbone_as_non_trainable() -> None:
+    result = tltk("summary", "--backbone", "vgg16", "--head", "mlp", "--num-classes", "20", "--freeze",
+                  "--input-size", "64", "--json")
+    summary = json.loads(result.stdout)
+    head = 4096 * 512 + 512 + 512 * 20 + 20
+    assert summary["trainable_params"] == head
+    assert summary["total_params"] == 138_357_544 - 1000 * 4097 + head  # torchvision VGG-16 (138,357,544) minus its fc8
+    assert summary["layers"][0]["output_shape"] == [64, 64, 64]
+
+
+def test_finetune_json_and_evaluate_json_agree_on_test_accuracy(run_dir: Path) -> None:
+    summary = json.loads((run_dir / "summary.json").read_text())
+    report = json.loads(tltk("evaluate", str(run_dir), "--device", "cpu", "--json").stdout)
+    assert report["n"] == summary["test"]["n"]
+    assert report["accuracy"] == pytest.approx(summary["test"]["accuracy"])
+    assert report["class_names"] == ["circle", "square", "star"]
+
+
+def test_evaluate_prints_accuracy_per_class_table_and_confusion_matrix(run_dir: Path) -> None:
+    text = tltk("evaluate", str(run_dir), "--device", "cpu").stdout
+    assert "accuracy:" in text and "per-class accuracy" in text and "confusion matrix" in text
+    assert "top-5" not in text  # three classes: top-5 means nothing
+
+
+def test_unknown_backbone_names_close_matches(folder: Path, tmp_path: Path) -> None:
+    result = tltk("finetune", "--backbone", "resnet81", "--data", str(folder), "--out", str(tmp_path / "x"), *FAST)
+    assert_one_sentence_error(result, "Unknown backbone 'resnet81'", "resnet18")
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("option,value,expected", [
+    ("--head", "mpl", "Did you mean 'mlp'"),
+    ("--strategy", "freez", "Did you mean 'freeze'"),
+])
+def test_unknown_head_or_strategy_names_close_matches(folder: Path, tmp_path: Path, option, value, expected) -> None:
+    result = tltk("finetune", "--backbone", "lenet5", "--weights", "none", option, value, "--data", str(folder),
+                  "--out", str(tmp_path / "x"), *FAST)
+    assert_one_sentence_error(result, expected)
+
+
+def test_data_path_matching_no_format_is_one_sentence(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("hello")
+    result = tltk("finetune", "--backbone", "lenet5", "--data", str(tmp_path / "notes.txt"), "--out", str(tmp_path / "x"), *FAST)
+    assert_one_sentence_error(result, "No dataset format recognised", "notes.txt")
+
+
+def test_empty_class_folder_is_named(tmp_path: Path) -> None:
+    root = write_image_folder(tmp_path / "d", {"cat": 3, "dog": 3})
+    (root / "bird").mkdir()
+    result = tltk("finetune", "--backbone", "lenet5", "--data", str(root), "--out", str(tmp_path / "x"), *FAST)
+    assert_one_sentence_error(result, "bird")
+
+
+def test_a_single_class_is_refused(tmp_path: Path) -> None:
+    root = write_image_folder(tmp_path / "d", {"cat": 4})
+    result = tltk("finetune", "--backbone", "lenet5", "--data", str(root), "--out", str(tmp_path / "x"), *FAST)
+    assert_one_sentence_error(result, "at least 2")
+
+
+def test_weights_of_the_wrong_shape_name_the_first_tensor(folder: Path, tmp_path: Path) -> None:
+    from tltk.backbones import build_backbone
+
+    state = build_backbone("lenet5").net.state_dict()
+    state["features.3.weight"] = torch.zeros(16, 6, 3, 3)
+    save_file(state, str(tmp_path / "w.safetensors"))
+    result = tltk("finetune", "--backbone", "lenet5", "--weights", str(tmp_path / "w.safetensors"),
+                  "--data", str(folder), "--out", str(tmp_path / "x"), *FAST)
+    assert_one_sentence_error(result, "features.3.weight", "(16, 6, 3, 3)")
+    assert not (tmp_path / "x").exists()
+
+
+def test_out_holding_a_run_needs_overwrite(folder: Path, run_dir: Path) -> None:
+    args = ["finetune", "--backbone", "lenet5", "--weights", "none", "--data", str(folder), "--out", str(run_dir), *FAST]
+    assert_one_sentence_error(tltk(*args), "already holds a run", "--overwrite")
+
+
+def test_undecodable_images_are_skipped_with_a_count_or_stop_the_run_under_strict(tmp_path: Path) -> None:
+    root = write_image_folder(tmp_path / "d", {"cat": 5, "dog": 5})
+    bad = write_bad_images(root / "cat")
+    args = ["finetune", "--backbone", "lenet5", "--weights", "none", "--data", str(root), *FAST]
+    skipped = tltk(*args, "--out", str(tmp_path / "ok"))
+    assert skipped.exit_code == 0, skipped.output
+    assert "skipped 3 image(s)" in skipped.stderr and bad[0].name in skipped.stderr
+    strict = tltk(*args, "--strict", "--out", str(tmp_path / "strict"))
+    assert_one_sentence_error(strict, bad[0].name)
+    assert not (tmp_path / "strict").exists()
+
+
+def test_console_script_exits_non_zero_without_traceback(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "tltk.cli", "evaluate", str(tmp_path / "missing-run")],
+        capture_output=True, text=True,
+    )
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and "does not exist" in proc.stderr
+
+
+def test_cli_reference_in_docs_matches_the_commands() -> None:
+    import runpy
+
+    docs = Path(__file__).resolve().parents[1] / "docs"
+    generate = runpy.run_path(str(docs / "make_cli_reference.py"))["reference"]
+    assert (docs / "cli.md").read_text() == generate(), "run: python docs/make_cli_reference.py"
