@@ -29,10 +29,11 @@ Each command is a thin wrapper over a Python function, named under its heading.
 
 
 def reference() -> str:
-    root = click.Context(main, info_name="tltk", terminal_width=88, max_content_width=88)
+    settings = {"terminal_width": 88, "max_content_width": 88, "help_option_names": ["-h", "--help"]}
+    root = click.Context(main, info_name="tltk", **settings)
     parts = [HEADER]
     for name, command in sorted(main.commands.items()):
-        ctx = click.Context(command, info_name=name, parent=root, terminal_width=88, max_content_width=88)
+        ctx = click.Context(command, info_name=name, parent=root, **settings)
         python = PYTHON_API.get(name, "")
         parts.append(f"## tltk {name}\n\nPython: `{python}`\n\n```\n{command.get_help(ctx)}\n```\n")
     return "\n".join(parts)

@@ -68,6 +68,7 @@ class ConvHead(nn.Module):
 def conv_head(
     in_features: int, in_channels: int | None, num_classes: int, hidden: int = 256, dropout: float = 0.0, **_: Any
 ) -> nn.Module:
+    """A conv layer on the backbone's spatial map (pool5), then global pooling and Linear."""
     if in_channels is None:
         raise TltkError("the conv head needs a backbone with a spatial map; use --head linear or --head mlp.")
     return ConvHead(in_channels, num_classes, hidden, dropout)

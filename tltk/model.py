@@ -30,6 +30,7 @@ class ModelSpec:
     head_options: dict[str, Any] = field(default_factory=dict)
     weights: str = "auto"
     init: str = "default"
+    backbone_options: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -80,7 +81,9 @@ def build_model(spec: ModelSpec, *, load_weights: bool = True) -> TransferModel:
     ``load_weights=False`` builds the bare shape, for reloading a run's own weights.
     """
     choice = resolve_weights_choice(spec.backbone, spec.weights)
-    backbone = build_backbone(spec.backbone, pretrained=load_weights and choice == "imagenet")
+    backbone = build_backbone(
+        spec.backbone, pretrained=load_weights and choice == "imagenet", **spec.backbone_options
+    )
     if load_weights and choice not in ("imagenet", "none"):
         backbone.pretrained_source = load_backbone_weights(backbone, Path(choice).expanduser())
     head = build_head(

@@ -8,6 +8,7 @@ names stays fast.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Callable
 
 from tltk.backbones.base import Backbone, BackboneInfo, Preprocessing
@@ -53,9 +54,22 @@ def build_backbone(name: str, *, pretrained: bool = False, **options: Any) -> Ba
             f"backbone '{name}' has no published pretrained weights; "
             f"use --weights none, a weights file, or a run directory."
         )
+    _check_options(name, info.factory, options)
     backbone = info.factory(pretrained=pretrained, **options)
     backbone.name = name
     return backbone
+
+
+def _check_options(name: str, factory: Factory, options: dict[str, Any]) -> None:
+    """Unknown --backbone-opt keys are an error that lists the ones the factory takes."""
+    params = inspect.signature(factory).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    accepted = [p for p in params if p != "pretrained"]
+    unknown = [k for k in options if k not in accepted]
+    if unknown:
+        takes = ", ".join(accepted) if accepted else "no options"
+        raise TltkError(f"backbone '{name}' has no option '{unknown[0]}'; it takes: {takes}.")
 
 
 def _register_builtins() -> None:

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from tltk.data import DataSplits, ImageDataset, build_transforms, load_data
 from tltk.errors import DataError
 from tltk.model import ModelSpec, TransferModel, build_model, resolve_weights_choice
 from tltk.strategies import Strategy, build_strategy
 from tltk.train import rundir
+from tltk.train.callbacks import Callback
 from tltk.train.evaluate import evaluate_model
 from tltk.train.trainer import FitResult, Reporter, TrainConfig, fit, seed_everything
 
@@ -48,6 +49,7 @@ class FinetuneConfig:
     weights: str = "auto"
     init: str = "default"
     head_options: dict[str, Any] = field(default_factory=dict)
+    backbone_options: dict[str, Any] = field(default_factory=dict)
     strategy_options: dict[str, Any] = field(default_factory=dict)
     input_size: int | None = None
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -62,7 +64,12 @@ class RunResult:
 
 
 def finetune(
-    config: FinetuneConfig, out: str | Path, *, overwrite: bool = False, reporter: Reporter | None = None
+    config: FinetuneConfig,
+    out: str | Path,
+    *,
+    overwrite: bool = False,
+    reporter: Reporter | None = None,
+    callbacks: Sequence[Callback] = (),
 ) -> RunResult:
     out = Path(out).expanduser()
     config.train.validate()
@@ -70,7 +77,7 @@ def finetune(
     _check_trainable(data)
     spec = ModelSpec(
         config.backbone, config.head, data.num_classes, dict(config.head_options),
-        resolve_weights_choice(config.backbone, config.weights), config.init,
+        resolve_weights_choice(config.backbone, config.weights), config.init, dict(config.backbone_options),
     )
     seed_everything(config.train.seed)  # the head's (and a scratch backbone's) initial weights
     model = build_model(spec)
@@ -82,7 +89,7 @@ def finetune(
     train_set, val_set = _datasets(data, preprocessing, config.train.augment)
     log = rundir.MetricsLog.open(out)
     try:
-        fitted = fit(model, strategy, train_set, val_set, config.train, log=log, reporter=reporter)
+        fitted = fit(model, strategy, train_set, val_set, config.train, log=log, reporter=reporter, callbacks=callbacks)
     finally:
         log.close()
     rundir.save_weights(out, model)

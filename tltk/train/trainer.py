@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader
 from tltk.errors import TltkError
 from tltk.model import TransferModel
 from tltk.strategies import Strategy
+from tltk.train.callbacks import Callback
 from tltk.train.rundir import MetricsLog
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -227,6 +228,7 @@ def fit(
     config: TrainConfig,
     log: MetricsLog | None = None,
     reporter: Reporter | None = None,
+    callbacks: Sequence[Callback] = (),
 ) -> FitResult:
     config.validate()
     reporter = reporter or SilentReporter()
@@ -260,6 +262,8 @@ def fit(
     result = FitResult(0, 0, None, None, False)
     started = time.perf_counter()
     reporter.start(total_steps)
+    for callback in callbacks:
+        callback.on_train_start(model, total_steps)
 
     step = 0
     for epoch in range(epochs):
@@ -269,7 +273,7 @@ def fit(
         epoch_started = time.perf_counter()
         train_loss, train_acc, step = _train_epoch(
             model, train_loader, optimizer, scheduler, scaler, loss_fn, device, amp_dtype, config,
-            epoch, step, total_steps, log, reporter,
+            epoch, step, total_steps, log, reporter, callbacks,
         )
         row: dict[str, Any] = {
             "kind": "epoch", "epoch": epoch + 1, "step": step,
@@ -285,6 +289,8 @@ def fit(
             log.write(row)
             log.flush()
         reporter.epoch(row)
+        for callback in callbacks:
+            callback.on_epoch_end(model, row)
         result.epochs_run = epoch + 1
         if val_loader is not None and stopper.update(row, model):
             result.stopped_early = True
@@ -293,6 +299,8 @@ def fit(
         if step >= total_steps:
             break
 
+    for callback in callbacks:
+        callback.on_train_end(model, result.history)
     if stopper.best_state is not None:
         model.load_state_dict(stopper.best_state)
         result.best_epoch, result.best_metric = stopper.best_epoch, stopper.best_value
@@ -317,6 +325,7 @@ def _train_epoch(
     total_steps: int,
     log: MetricsLog | None,
     reporter: Reporter,
+    callbacks: Sequence[Callback] = (),
 ) -> tuple[float, float, int]:
     model.train()
     loss_sum, correct, seen = 0.0, 0, 0
@@ -345,6 +354,8 @@ def _train_epoch(
         if log is not None:
             log.write(row)
         reporter.step(row)
+        for callback in callbacks:
+            callback.on_step_end(model, row, images)
         if step >= total_steps:
             break
     return loss_sum / max(seen, 1), correct / max(seen, 1), step

@@ -1,49 +1,13 @@
-"""The ``tltk`` command: parse options, call the library, print for people or as --json.
-
-No logic lives here that a Python user could not reach: each command is a thin wrapper
-over a function in ``tltk``.
-"""
+"""The core commands: list, summary, finetune, evaluate."""
 
 from __future__ import annotations
 
-import json
-import sys
 from typing import Any, Callable
 
 import click
-from rich.console import Console
 from rich.table import Table
 
-from tltk.errors import TltkError
-
-out = Console(highlight=False)
-err = Console(stderr=True, highlight=False)
-
-
-class TltkGroup(click.Group):
-    """Turns a ``TltkError`` into one line on stderr and its exit code; --debug keeps the traceback."""
-
-    def invoke(self, ctx: click.Context) -> Any:
-        try:
-            return super().invoke(ctx)
-        except TltkError as exc:
-            if ctx.obj and ctx.obj.get("debug"):
-                raise
-            err.print(f"[bold red]error:[/] {exc}", soft_wrap=True)
-            ctx.exit(exc.exit_code)
-
-
-@click.group(cls=TltkGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.option("--debug", is_flag=True, help="Show full tracebacks.")
-@click.version_option(package_name="tltk")
-@click.pass_context
-def main(ctx: click.Context, debug: bool) -> None:
-    """Transfer learning for image classification: fine-tune, evaluate, look inside."""
-    ctx.obj = {"debug": debug}
-
-
-def print_json(obj: Any) -> None:
-    click.echo(json.dumps(obj, indent=2, default=str))
+from tltk.cli.app import backbone_opt, err, main, out, parse_options, print_json
 
 
 # --- tltk list ------------------------------------------------------------------------
@@ -81,15 +45,17 @@ def list_command(what: str, as_json: bool) -> None:
 @click.option("--freeze", is_flag=True, help="Alias for --strategy freeze.")
 @click.option("--input-size", type=int, default=None, help="Square input size; default: the backbone's.")
 @click.option("--hidden", type=int, default=None, help="Hidden width of the mlp/conv head.")
+@backbone_opt
 @click.option("--json", "as_json", is_flag=True)
 def summary(backbone: str, head: str, num_classes: int, strategy: str, freeze: bool, input_size: int | None,
-            hidden: int | None, as_json: bool) -> None:
+            hidden: int | None, backbone_opt: tuple[str, ...], as_json: bool) -> None:
     """Layer-by-layer table: output shape, parameters, trainable, and totals."""
     from tltk.model import ModelSpec, build_model
     from tltk.strategies import build_strategy
     from tltk.summary import summarize
 
-    model = build_model(ModelSpec(backbone, head, num_classes, {"hidden": hidden}, "none"))
+    options = parse_options(backbone_opt, "--backbone-opt")
+    model = build_model(ModelSpec(backbone, head, num_classes, {"hidden": hidden}, "none", backbone_options=options))
     build_strategy("freeze" if freeze else strategy).prepare(model)
     size = (input_size, input_size) if input_size else tuple(model.preprocessing.input_size)
     result = summarize(model, size)
@@ -162,6 +128,7 @@ def split_classes(classes: str | None) -> list[str] | None:
 @click.option("--workers", type=int, default=None, help="DataLoader workers; default from the data size and CPU count.")
 @click.option("--augment", default="none", show_default=True, type=click.Choice(["none", "light", "standard"]))
 @click.option("--input-size", type=int, default=None, help="Square input size; default: the backbone's.")
+@backbone_opt
 @click.option("--hidden", type=int, default=None, help="Hidden width of the mlp/conv head.")
 @click.option("--dropout", type=float, default=None, help="Dropout of the head.")
 @click.option("--unfreeze-epoch", type=int, default=None, help="freeze-unfreeze: epochs of head-only training [1].")
@@ -186,6 +153,7 @@ def finetune(**opts: Any) -> None:
         strategy="freeze" if opts["freeze"] else opts["strategy"],
         weights=opts["weights"], init=opts["init"],
         head_options={"hidden": opts["hidden"], "dropout": opts["dropout"]},
+        backbone_options=parse_options(opts["backbone_opt"], "--backbone-opt"),
         strategy_options={k: opts[k] for k in ("unfreeze_epoch", "backbone_lr_mult", "layer_decay")},
         input_size=opts["input_size"],
         train=TrainConfig(**{k: opts[k] for k in train_fields if k in opts}),
@@ -282,6 +250,3 @@ def print_evaluation(report: dict[str, Any]) -> None:
         confusion.add_row(name, *(str(v) for v in row))
     out.print(confusion)
 
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

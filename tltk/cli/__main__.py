@@ -1,0 +1,5 @@
+import sys
+
+from tltk.cli import main
+
+sys.exit(main())
