@@ -7,6 +7,7 @@ read lazily, the first time a name is looked up or listed, so importing tltk sta
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -106,10 +107,24 @@ class Registry(Generic[T]):
 
 
 def _same_object(a: Any, b: Any) -> bool:
+    """The same component registered again, e.g. by a module imported twice.
+
+    Module-level functions and classes match by module and qualified name; lambdas and
+    closures never match each other (they share a qualified name); dataclass records
+    such as ``BackboneInfo`` match field by field.
+    """
     if a is b:
         return True
-    qualname = lambda o: (getattr(o, "__module__", None), getattr(o, "__qualname__", None))  # noqa: E731
-    return qualname(a) == qualname(b) and qualname(a) != (None, None)
+    if type(a) is not type(b):
+        return False
+    if dataclasses.is_dataclass(a) and not isinstance(a, type):
+        return all(_same_object(getattr(a, f.name), getattr(b, f.name)) for f in dataclasses.fields(a))
+    qualname = getattr(a, "__qualname__", None)
+    if callable(a) and isinstance(qualname, str):
+        if "<lambda>" in qualname or "<locals>" in qualname:
+            return False
+        return (a.__module__, qualname) == (getattr(b, "__module__", None), getattr(b, "__qualname__", None))
+    return not callable(a) and a == b
 
 
 def _entry_points(group: str) -> Iterable[metadata.EntryPoint]:

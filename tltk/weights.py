@@ -38,7 +38,7 @@ def load_torchvision_pretrained(net: nn.Module, arch: str) -> None:
     weights = models.get_model_weights(arch).IMAGENET1K_V1
     cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
     try:
-        state = weights.get_state_dict(progress=False)
+        state = weights.get_state_dict(progress=False, weights_only=True)
     except Exception as exc:  # URLError, OSError, corrupt cache: all one answer
         raise WeightsError(
             f"ImageNet weights for {arch} are not cached at {cached} and could not be downloaded "
