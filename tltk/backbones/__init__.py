@@ -73,7 +73,7 @@ def _check_options(name: str, factory: Factory, options: dict[str, Any]) -> None
 
 
 def _register_builtins() -> None:
-    from tltk.backbones import small, timm_nets, torchvision_nets  # noqa: F401
+    from tltk.backbones import course, sequence, small, timm_nets, torchvision_nets  # noqa: F401
 
 
 _register_builtins()
