@@ -32,9 +32,10 @@ class RichReporter:
     def epoch(self, row: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        parts = [f"epoch {row['epoch']}", f"train loss {row['train_loss']:.4f}", f"acc {row['train_accuracy']:.4f}"]
-        if "val_loss" in row:
-            parts += [f"val loss {row['val_loss']:.4f}", f"val acc {row['val_accuracy']:.4f}"]
+        parts = [f"epoch {row['epoch']}"]
+        for key in ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_map", "val_map_voc07"):
+            if key in row:
+                parts.append(f"{key.replace('_', ' ')} {row[key]:.4f}")
         parts.append(f"{row['seconds']:.1f}s")
         self.console.print("  ".join(parts))
 

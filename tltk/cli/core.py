@@ -86,6 +86,8 @@ def data_options(command: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--classes", default=None, help="Comma-separated class names to keep, e.g. 0,1,2,3,4."),
         click.option("--train-per-class", type=int, default=None, help="Keep at most N training images per class."),
         click.option("--strict", is_flag=True, help="Stop at the first image that cannot be decoded instead of skipping it."),
+        click.option("--voc-difficult", default=None, type=click.Choice(["ignore", "positive", "negative"]),
+                     help="VOC objects marked difficult: ignored when scoring (default), or counted."),
     ]
     for option in reversed(options):
         command = option(command)
@@ -121,7 +123,12 @@ def split_classes(classes: str | None) -> list[str] | None:
 @click.option("--step-epochs", type=int, default=10, show_default=True, help="Epochs between decays of the step schedule.")
 @click.option("--gamma", type=float, default=0.1, show_default=True, help="Decay factor of the step and exp schedules.")
 @click.option("--patience", type=int, default=None, help="Early stopping: epochs without improvement of --monitor.")
-@click.option("--monitor", default="val_accuracy", show_default=True, type=click.Choice(["val_accuracy", "val_loss"]))
+@click.option("--monitor", default="auto", show_default=True, type=click.Choice(["auto", "val_accuracy", "val_map", "val_loss"]),
+              help="auto: val_map for multi-label, val_accuracy for multi-class.")
+@click.option("--task", default="auto", show_default=True, type=click.Choice(["auto", "multiclass", "multilabel"]),
+              help="auto follows the data; multilabel trains one sigmoid per class with BCE.")
+@click.option("--pos-weight", default="none", show_default=True, type=click.Choice(["none", "auto"]),
+              help="Multi-label: weight positives by negatives/positives per class.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N.")
 @click.option("--precision", default="auto", show_default=True, type=click.Choice(["auto", "fp32", "bf16", "fp16"]))
@@ -135,17 +142,38 @@ def split_classes(classes: str | None) -> list[str] | None:
 @click.option("--backbone-lr-mult", type=float, default=None, help="freeze-unfreeze: backbone lr as a multiple of lr [0.1].")
 @click.option("--layer-decay", type=float, default=None, help="discriminative: lr factor per stage towards the input [0.75].")
 @click.option("--clip-grad", type=float, default=None, help="Clip the gradient norm to this value.")
+@click.option("--tensorboard", is_flag=True, help="Write TensorBoard logs to RUN/tensorboard (open with `tltk tensorboard RUN`).")
+@click.option("--histogram-every", type=int, default=100, show_default=True,
+              help="With --tensorboard: steps between weight and gradient histograms.")
+@click.option("--every", "filters_every", type=int, default=None, metavar="N",
+              help="Save the conv1 filter grid every N epochs into RUN/plots/filters/.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def finetune(**opts: Any) -> None:
     """Train a backbone + head on --data and write a run directory to --out."""
-    from tltk.train.finetune import DataOptions, FinetuneConfig, finetune as run_finetune
+    from tltk.progress import RichReporter
+    from tltk.train.finetune import finetune as run_finetune
+
+    config = finetune_config(opts)
+    reporter = RichReporter(err, enabled=not (opts["quiet"] or opts["as_json"]))
+    result = run_finetune(config, opts["out"], overwrite=opts["overwrite"], reporter=reporter)
+    if result.skipped:
+        err.print(skipped_message(result.skipped))
+    if opts["as_json"]:
+        print_json({"out": str(result.out), **result.summary})
+        return
+    print_run_summary(str(result.out), result.summary)
+
+
+def finetune_config(opts: dict[str, Any]) -> Any:
+    """The FinetuneConfig that finetune's options describe (`tltk sweep` builds its runs from it too)."""
+    from tltk.train.finetune import DataOptions, FinetuneConfig
     from tltk.train.trainer import TrainConfig
 
     data = DataOptions(
         opts["data_spec"], opts["image_root"],
         _default(opts["val_split"], 0.1), _default(opts["test_split"], 0.2), opts["seed"],
-        opts["strict"], split_classes(opts["classes"]), opts["train_per_class"],
+        opts["strict"], split_classes(opts["classes"]), opts["train_per_class"], opts["voc_difficult"] or "ignore",
     )
     train_fields = TrainConfig.__dataclass_fields__
     config = FinetuneConfig(
@@ -156,18 +184,12 @@ def finetune(**opts: Any) -> None:
         backbone_options=parse_options(opts["backbone_opt"], "--backbone-opt"),
         strategy_options={k: opts[k] for k in ("unfreeze_epoch", "backbone_lr_mult", "layer_decay")},
         input_size=opts["input_size"],
-        train=TrainConfig(**{k: opts[k] for k in train_fields if k in opts}),
+        task=opts["task"],
+        pos_weight=opts["pos_weight"],
+        train=TrainConfig(**{k: opts[k] for k in train_fields if k in opts and k != "task"}),
+        tensorboard=opts["tensorboard"], histogram_every=opts["histogram_every"], filters_every=opts["filters_every"],
     )
-    from tltk.progress import RichReporter
-
-    reporter = RichReporter(err, enabled=not (opts["quiet"] or opts["as_json"]))
-    result = run_finetune(config, opts["out"], overwrite=opts["overwrite"], reporter=reporter)
-    if result.skipped:
-        err.print(skipped_message(result.skipped))
-    if opts["as_json"]:
-        print_json({"out": str(result.out), **result.summary})
-        return
-    print_run_summary(str(result.out), result.summary)
+    return config
 
 
 def _default(value: float | None, default: float) -> float:
@@ -184,7 +206,7 @@ def print_run_summary(run: str, summary: dict[str, Any]) -> None:
     table.add_column("figure")
     table.add_column("value", justify="right")
     final = summary.get("final", {})
-    for key in ("train_loss", "train_accuracy", "val_loss", "val_accuracy"):
+    for key in ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_map", "val_map_voc07"):
         if key in final:
             table.add_row(f"final {key}", _fmt(final[key]))
     if summary.get("best_epoch") is not None:
@@ -210,22 +232,53 @@ def _fmt(value: Any) -> str:
 @data_options
 @click.option("--device", default="auto", show_default=True)
 @click.option("--batch-size", type=int, default=None)
+@click.option("--plot", default=None, help="Multi-label: where to write the per-class AP chart [RUN/plots/per_class_ap_SPLIT.png].")
 @click.option("--json", "as_json", is_flag=True)
 def evaluate(run: str, data_spec: str | None, split: str, image_root: str | None, val_split: float | None,
              test_split: float | None, classes: str | None, train_per_class: int | None, strict: bool,
-             device: str, batch_size: int | None, as_json: bool) -> None:
-    """Accuracy, top-5, per-class accuracy and the confusion matrix of RUN on a split."""
+             voc_difficult: str | None, device: str, batch_size: int | None, plot: str | None, as_json: bool) -> None:
+    """Multi-class: accuracy, top-5, per-class accuracy, confusion matrix. Multi-label: per-class AP and mAP."""
     from tltk.train.evaluate import evaluate as run_evaluate
 
     report = run_evaluate(
         run, data_spec, split, device=device, batch_size=batch_size, image_root=image_root,
         val_split=val_split, test_split=test_split, classes=split_classes(classes),
-        train_per_class=train_per_class, strict=strict or None,
+        train_per_class=train_per_class, strict=strict or None, difficult=voc_difficult,
     )
+    if report["task"] == "multilabel":
+        from pathlib import Path
+
+        from tltk.viz.ap_chart import plot_per_class_ap
+
+        target = plot or Path(run) / "plots" / f"per_class_ap_{split}.png"
+        report["plot"] = str(plot_per_class_ap(report, target, f"per-class AP: {Path(run).name}, {split} split"))
     if as_json:
         print_json(report)
         return
+    if report["task"] == "multilabel":
+        print_ap_table(report)
+        return
     print_evaluation(report)
+
+
+def print_ap_table(report: dict[str, Any]) -> None:
+    from tltk.viz.ap_chart import classes_hardest_first
+
+    out.print(f"[bold]{report['run']}[/] on {report['data']} ({report['split']}, {report['n']} images)")
+    table = Table(title="per-class average precision, hardest first")
+    for column, justify in (("class", "left"), ("AP", "right"), ("AP (VOC07 11-pt)", "right"),
+                            ("positives", "right"), ("ignored", "right")):
+        table.add_column(column, justify=justify)  # type: ignore[arg-type]
+    for row in classes_hardest_first(report):
+        ap = "-" if row["ap"] is None else f"{row['ap']:.4f}"
+        ap07 = "-" if row["ap_voc07"] is None else f"{row['ap_voc07']:.4f}"
+        table.add_row(row["class"], ap, ap07, str(row["positives"]), str(row["ignored"]))
+    table.add_section()
+    table.add_row("mAP", f"{report['map']:.4f}", f"{report['map_voc07']:.4f}", "", "")
+    out.print(table)
+    out.print("AP: area under the precision-recall curve (scikit-learn's average_precision_score); "
+              "classes without positives have no AP and are left out of mAP.")
+    out.print(f"chart: {report['plot']}")
 
 
 def print_evaluation(report: dict[str, Any]) -> None:

@@ -344,18 +344,31 @@ def _read_maybe_gzip(file: Path) -> bytes:
 
 CSV_FILE_COLUMNS = ("filename", "file", "image", "path", "id")
 CSV_LABEL_COLUMNS = ("label", "class", "target")
+CSV_LABEL_LIST_COLUMNS = ("labels", "tags")
 
 
 @DATA_FORMATS.register("csv")
 def read_csv(path: Path, *, image_root: Path | None = None, strict: bool = False) -> RawDataset:
-    """A ``filename,label`` CSV; files are relative to ``image_root`` (default: the CSV's folder)."""
+    """A ``filename,label`` CSV, or multi-label: ``filename,labels`` (space-separated) or 0/1 columns.
+
+    Files are relative to ``image_root`` (default: the CSV's folder).
+    """
     if not path.is_file():
         raise DataError(f"CSV file {path} does not exist; check the --data spec.")
     root = image_root if image_root is not None else path.parent
     if not root.is_dir():
         raise DataError(f"Image root {root} for {path} is not a folder; check --image-root.")
+    if _csv_is_multilabel(path):
+        class_names, labelled = _read_multilabel_csv(path)
+        return _csv_dataset(path, root, class_names, labelled, strict)
     rows = _read_csv_rows(path)
     class_names = _csv_class_names([label for _, label in rows])
+    return _csv_dataset(path, root, class_names, [(name, class_names.index(label)) for name, label in rows], strict)
+
+
+def _csv_dataset(
+    path: Path, root: Path, class_names: list[str], rows: list[tuple[str, int | tuple[int, ...]]], strict: bool
+) -> RawDataset:
     files = [root / name for name, _ in rows]
     good, bad = validate_images(files, strict=strict)
     if not good:
@@ -365,11 +378,77 @@ def read_csv(path: Path, *, image_root: Path | None = None, strict: bool = False
         )
     decodable = set(good)
     samples = [
-        Sample(str(file.absolute()), class_names.index(label), name)
-        for file, (name, label) in zip(files, rows)
-        if file in decodable
+        Sample(str(file.absolute()), target, name) for file, (name, target) in zip(files, rows) if file in decodable
     ]
     return RawDataset(class_names, {"all": samples}, str(path), skipped=[str(p.absolute()) for p in bad])
+
+
+def _csv_header(path: Path) -> list[str]:
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as handle:
+            return [cell.strip().lower() for cell in next(csv.reader(handle), [])]
+    except (UnicodeDecodeError, csv.Error):
+        return []  # the multi-class reader reports it
+
+
+def _csv_is_multilabel(path: Path) -> bool:
+    """A labels/tags column, or no label column but several 0/1 class columns."""
+    header = _csv_header(path)
+    if any(c in header for c in CSV_LABEL_LIST_COLUMNS):
+        return True
+    has_file = any(c in header for c in CSV_FILE_COLUMNS)
+    has_label = any(c in header for c in CSV_LABEL_COLUMNS)
+    return has_file and not has_label and len(header) >= 3
+
+
+def _read_multilabel_csv(path: Path) -> tuple[list[str], list[tuple[str, tuple[int, ...]]]]:
+    """(class names, (file, per-class 0/1 labels) per row) from either multi-label layout."""
+    with open(path, newline="", encoding="utf-8-sig") as handle:
+        reader = csv.reader(handle)
+        header = [cell.strip() for cell in next(reader)]
+        lowered = [cell.lower() for cell in header]
+        file_col = next(lowered.index(c) for c in CSV_FILE_COLUMNS if c in lowered)
+        rows = [(number, row) for number, row in enumerate(reader, start=2) if any(cell.strip() for cell in row)]
+    if not rows:
+        raise DataError(f"CSV file {path} lists no images; add one row per image.")
+    list_col = next((lowered.index(c) for c in CSV_LABEL_LIST_COLUMNS if c in lowered), None)
+    if list_col is not None:
+        return _label_list_rows(path, rows, file_col, list_col)
+    return _indicator_rows(path, header, rows, file_col)
+
+
+def _label_list_rows(
+    path: Path, rows: list[tuple[int, list[str]]], file_col: int, list_col: int
+) -> tuple[list[str], list[tuple[str, tuple[int, ...]]]]:
+    parsed = []
+    for number, row in rows:
+        if len(row) <= max(file_col, list_col):
+            raise DataError(f"Row {number} of {path} has {len(row)} cells; every row needs a file and its labels.")
+        parsed.append((_normalise_file_name(row[file_col]), row[list_col].split()))
+    class_names = _csv_class_names([label for _, labels in parsed for label in labels])
+    index = {name: i for i, name in enumerate(class_names)}
+    return class_names, [
+        (name, tuple(1 if c in labels else 0 for c in class_names)) for name, labels in parsed if index
+    ]
+
+
+def _indicator_rows(
+    path: Path, header: list[str], rows: list[tuple[int, list[str]]], file_col: int
+) -> tuple[list[str], list[tuple[str, tuple[int, ...]]]]:
+    class_cols = [i for i in range(len(header)) if i != file_col]
+    parsed = []
+    for number, row in rows:
+        if len(row) != len(header):
+            raise DataError(f"Row {number} of {path} has {len(row)} cells but the header has {len(header)}.")
+        values = [row[i].strip() for i in class_cols]
+        bad = next((v for v in values if v not in ("0", "1", "-1")), None)
+        if bad is not None:
+            column = header[class_cols[values.index(bad)]]
+            raise DataError(
+                f"Row {number} of {path} has '{bad}' in class column '{column}'; class columns hold 0, 1 or -1."
+            )
+        parsed.append((_normalise_file_name(row[file_col]), tuple(int(v) for v in values)))
+    return [header[i] for i in class_cols], parsed
 
 
 def _read_csv_rows(path: Path) -> list[tuple[str, str]]:

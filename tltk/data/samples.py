@@ -29,11 +29,24 @@ class Sample:
     ``source`` is an absolute file path, or a row index into ``DataSplits.arrays`` for
     in-memory formats. ``id`` is stable across machines (a path relative to the dataset
     root, or ``"{split}/{index}"``) so predictions and fingerprints can refer to it.
+    ``target`` is a class index (multi-class), or one label per class (multi-label):
+    1 positive, 0 negative, -1 ignored (VOC's "difficult").
     """
 
     source: str | int
-    target: int
+    target: int | tuple[int, ...]
     id: str
+
+
+def is_multilabel_target(target: int | tuple[int, ...]) -> bool:
+    return isinstance(target, tuple)
+
+
+def positives(target: int | tuple[int, ...]) -> list[int]:
+    """The classes a sample belongs to, whichever the task."""
+    if isinstance(target, tuple):
+        return [i for i, label in enumerate(target) if label == 1]
+    return [target]
 
 
 @dataclass
@@ -72,6 +85,26 @@ class DataSplits:
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+    @property
+    def task(self) -> str:
+        """"multilabel" when samples carry one label per class, else "multiclass"."""
+        samples = self.train or self.val or self.test
+        return "multilabel" if samples and is_multilabel_target(samples[0].target) else "multiclass"
+
+    def as_multilabel(self) -> "DataSplits":
+        """One-hot labels for multi-class data (one sigmoid per class); multi-label data unchanged."""
+        if self.task == "multilabel":
+            return self
+        width = len(self.class_names)
+
+        def one_hot(samples: list[Sample]) -> list[Sample]:
+            return [Sample(s.source, tuple(int(i == s.target) for i in range(width)), s.id) for s in samples]
+
+        return DataSplits(
+            self.spec, self.format, list(self.class_names), one_hot(self.train), one_hot(self.val),
+            one_hot(self.test), self.arrays, list(self.skipped), self.fingerprint,
+        )
 
     def split(self, name: str) -> list[Sample]:
         """The samples of one split; an empty or unknown split is the user's to fix."""

@@ -12,12 +12,20 @@ from pathlib import Path
 from typing import Sequence
 
 from tltk.data.formats import DATA_FORMATS, find_cifar10_dir, find_mnist_dir
+from tltk.data.voc import find_voc_dir
 from tltk.data.images import is_hidden
 from tltk.data.samples import DataSplits
-from tltk.data.splits import check_classes, check_fraction, filter_classes, limit_per_class, make_splits
+from tltk.data.splits import (
+    check_classes,
+    check_fraction,
+    filter_classes,
+    limit_per_class,
+    make_splits,
+    resolve_ignored,
+)
 from tltk.errors import DataError
 
-_FORMAT_HINT = "folder:PATH, cifar10:PATH, mnist:PATH, csv:FILE, builtin:digits"
+_FORMAT_HINT = "folder:PATH, cifar10:PATH, mnist:PATH, voc:PATH, csv:FILE, builtin:digits"
 
 
 def parse_spec(spec: str) -> tuple[str | None, str]:
@@ -49,6 +57,8 @@ def resolve_spec(spec: str) -> tuple[str, Path]:
 def detect_format(path: Path) -> str:
     """Which built-in format the data at ``path`` is in, from what is on disk."""
     if path.is_dir():
+        if find_voc_dir(path) is not None:
+            return "voc"
         if find_cifar10_dir(path) is not None:
             return "cifar10"
         if find_mnist_dir(path) is not None:
@@ -59,7 +69,7 @@ def detect_format(path: Path) -> str:
         return "csv"
     raise DataError(
         f"No dataset format recognised at {path}; expected class subfolders, CIFAR-10 batches, "
-        f"MNIST IDX files or a .csv file (or name the format: {_FORMAT_HINT})."
+        f"MNIST IDX files, a VOCdevkit folder or a .csv file (or name the format: {_FORMAT_HINT})."
     )
 
 
@@ -83,6 +93,7 @@ def load_data(
     strict: bool = False,
     classes: Sequence[str] | None = None,
     train_per_class: int | None = None,
+    difficult: str = "ignore",
 ) -> DataSplits:
     """Read the dataset named by ``spec`` and split it into train/val/test.
 
@@ -103,6 +114,7 @@ def load_data(
     train, val, test = make_splits(raw, val_split=val_split, test_split=test_split, seed=seed)
     if train_per_class is not None:
         train = limit_per_class(train, train_per_class, seed)
+    train, val, test = (resolve_ignored(part, difficult) for part in (train, val, test))
     data = DataSplits(
         spec=spec,
         format=format_name,

@@ -14,7 +14,7 @@ from typing import Sequence
 
 import numpy as np
 
-from tltk.data.samples import RawDataset, Sample
+from tltk.data.samples import RawDataset, Sample, positives
 from tltk.errors import DataError
 
 # Fixed offsets mixed into the seed, one per random decision.
@@ -32,11 +32,20 @@ def filter_classes(raw: RawDataset, classes: Sequence[str]) -> RawDataset:
         )
     kept = [name for name in raw.class_names if name in wanted]
     new_index = {raw.class_names.index(name): i for i, name in enumerate(kept)}
-    splits = {
-        split: [Sample(s.source, new_index[s.target], s.id) for s in samples if s.target in new_index]
-        for split, samples in raw.splits.items()
-    }
+    splits = {split: _kept_samples(samples, new_index) for split, samples in raw.splits.items()}
     return RawDataset(kept, splits, raw.root, arrays=raw.arrays, skipped=list(raw.skipped))
+
+
+def _kept_samples(samples: Sequence[Sample], new_index: dict[int, int]) -> list[Sample]:
+    """Multi-class: samples of kept classes, re-indexed. Multi-label: every sample, kept columns."""
+    kept: list[Sample] = []
+    columns = sorted(new_index, key=new_index.__getitem__)
+    for s in samples:
+        if isinstance(s.target, tuple):
+            kept.append(Sample(s.source, tuple(s.target[c] for c in columns), s.id))
+        elif s.target in new_index:
+            kept.append(Sample(s.source, new_index[s.target], s.id))
+    return kept
 
 
 def check_classes(raw: RawDataset, *, filtered: bool = False) -> None:
@@ -51,7 +60,7 @@ def check_classes(raw: RawDataset, *, filtered: bool = False) -> None:
         raise DataError(
             f"{found[0].upper()}{found[1:]}{listed} in {raw.root}{where}; a classifier needs at least 2."
         )
-    present = {sample.target for sample in samples}
+    present = {index for sample in samples for index in positives(sample.target)}
     empty = [name for i, name in enumerate(raw.class_names) if i not in present]
     if empty:
         raise DataError(
@@ -122,8 +131,28 @@ def _by_class(samples: Sequence[Sample]) -> dict[int, list[Sample]]:
     """Samples grouped by target, classes in index order, members sorted by id."""
     groups: dict[int, list[Sample]] = defaultdict(list)
     for sample in samples:
-        groups[sample.target].append(sample)
+        groups[stratum(sample.target)].append(sample)
     return {target: sorted(groups[target], key=lambda s: s.id) for target in sorted(groups)}
+
+
+def stratum(target: int | tuple[int, ...]) -> int:
+    """The group a sample is stratified in: its class, or its first positive class (-1: none)."""
+    if isinstance(target, tuple):
+        return next((i for i, label in enumerate(target) if label == 1), -1)
+    return target
+
+
+def resolve_ignored(samples: Sequence[Sample], mode: str) -> list[Sample]:
+    """Multi-label labels of -1 (VOC difficult): kept as ignored, or counted positive / negative."""
+    if mode == "ignore":
+        return list(samples)
+    if mode not in ("positive", "negative"):
+        raise DataError(f"--voc-difficult '{mode}' is not one of ignore, positive, negative.")
+    value = 1 if mode == "positive" else 0
+    return [
+        Sample(s.source, tuple(value if v == -1 else v for v in s.target), s.id) if isinstance(s.target, tuple) else s
+        for s in samples
+    ]
 
 
 def _rng(seed: int, purpose: int) -> np.random.Generator:

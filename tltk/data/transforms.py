@@ -112,9 +112,12 @@ class ImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int | torch.Tensor]:
         sample = self.samples[index]
-        return self.transform(self._image(sample)), sample.target
+        target = sample.target
+        if isinstance(target, tuple):  # multi-label: 1 / 0 / -1 (ignored) per class
+            return self.transform(self._image(sample)), torch.tensor(target, dtype=torch.float32)
+        return self.transform(self._image(sample)), target
 
     def _image(self, sample: Sample) -> Any:
         if isinstance(sample.source, (int, np.integer)):

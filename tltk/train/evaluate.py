@@ -7,13 +7,14 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+import torch
 
-from tltk.data import ImageDataset, Sample, build_transforms, load_data
+from tltk.data import DataSplits, ImageDataset, Sample, build_transforms, load_data
 from tltk.errors import DataError, RunDirError
 from tltk.model import ModelSpec, TransferModel, build_model
 from tltk.strategies import build_strategy
 from tltk.train import rundir
-from tltk.train.metrics import classification_report
+from tltk.train.metrics import classification_report, multilabel_report
 from tltk.train.trainer import TrainConfig, make_loader, predict_logits, resolve_device, resolve_precision
 
 
@@ -65,13 +66,11 @@ def evaluate(
     training held out.
     """
     loaded = run if isinstance(run, LoadedRun) else load_run(run)
-    options = {k: v for k, v in loaded.config["data"].items() if k in _DATA_KEYS}
-    if data is not None and data != options["spec"]:
-        options.update(spec=data, classes=None, train_per_class=None)
-    options.update({k: v for k, v in data_overrides.items() if v is not None})
-    splits = load_data(options.pop("spec"), **options)
-    samples = _samples_for_run(splits.split(split), splits.class_names, loaded.class_names, splits.spec)
+    splits = load_data_for_run(loaded, data, data_overrides)
     train = TrainConfig(**loaded.config["train"])
+    if train.task == "multilabel":
+        splits = splits.as_multilabel()
+    samples = _samples_for_run(splits.split(split), splits.class_names, loaded.class_names, splits.spec)
     train.device = device
     if batch_size:
         train.batch_size = batch_size
@@ -80,12 +79,32 @@ def evaluate(
     return report
 
 
-_DATA_KEYS = ("spec", "image_root", "val_split", "test_split", "seed", "strict", "classes", "train_per_class")
+_DATA_KEYS = ("spec", "image_root", "val_split", "test_split", "seed", "strict", "classes", "train_per_class", "difficult")
+
+
+def load_data_for_run(loaded: LoadedRun, data: str | None, overrides: dict[str, Any]) -> DataSplits:
+    """The run's own data settings, with another spec or explicit options on top."""
+    options = {k: v for k, v in loaded.config["data"].items() if k in _DATA_KEYS}
+    if data is not None and data != options["spec"]:
+        options.update(spec=data, classes=None, train_per_class=None)
+    options.update({k: v for k, v in overrides.items() if v is not None})
+    return load_data(options.pop("spec"), **options)
 
 
 def _samples_for_run(samples: Sequence[Sample], data_classes: list[str], run_classes: list[str], where: str) -> list[Sample]:
-    """Re-index targets from the data's class list to the run's; unknown classes are an error."""
+    """Re-index targets from the data's class list to the run's.
+
+    Multi-class: a sample of a class the run never saw is an error. Multi-label: the
+    run's classes must all be in the data (columns are matched by name; extra data
+    classes are dropped).
+    """
     index = {name: i for i, name in enumerate(run_classes)}
+    if samples and isinstance(samples[0].target, tuple):
+        missing = [name for name in run_classes if name not in data_classes]
+        if missing:
+            raise DataError(f"{where} lacks the run's classes {', '.join(missing[:5])}; evaluate on data labelled with them.")
+        columns = [data_classes.index(name) for name in run_classes]
+        return [Sample(s.source, tuple(s.target[c] for c in columns), s.id) for s in samples]
     unknown = sorted({data_classes[s.target] for s in samples} - set(index))
     if unknown:
         raise DataError(
@@ -112,4 +131,6 @@ def evaluate_model(
     loader = make_loader(dataset, batch_size=train.batch_size, shuffle=False, workers=workers, device=device)
     model.to(device)
     logits, targets = predict_logits(model, loader, device, resolve_precision(train.precision, device))
+    if train.task == "multilabel":
+        return multilabel_report(targets.numpy(), torch.sigmoid(logits).numpy(), class_names)
     return classification_report(targets.numpy(), logits.numpy(), class_names)

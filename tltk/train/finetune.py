@@ -10,14 +10,19 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+import torch
+
 from tltk.data import DataSplits, ImageDataset, build_transforms, load_data
 from tltk.errors import DataError
 from tltk.model import ModelSpec, TransferModel, build_model, resolve_weights_choice
 from tltk.strategies import Strategy, build_strategy
 from tltk.train import rundir
 from tltk.train.callbacks import Callback
+from tltk.train.losses import TASKS, auto_pos_weight, build_loss
 from tltk.train.evaluate import evaluate_model
+from tltk.train.tensorboard import warn, watch_callbacks
 from tltk.train.trainer import FitResult, Reporter, TrainConfig, fit, seed_everything
+from tltk.viz.curves import write_curves
 
 
 @dataclass
@@ -32,11 +37,13 @@ class DataOptions:
     strict: bool = False
     classes: list[str] | None = None
     train_per_class: int | None = None
+    difficult: str = "ignore"
 
     def load(self) -> DataSplits:
         return load_data(
             self.spec, image_root=self.image_root, val_split=self.val_split, test_split=self.test_split,
             seed=self.seed, strict=self.strict, classes=self.classes, train_per_class=self.train_per_class,
+            difficult=self.difficult,
         )
 
 
@@ -52,7 +59,12 @@ class FinetuneConfig:
     backbone_options: dict[str, Any] = field(default_factory=dict)
     strategy_options: dict[str, Any] = field(default_factory=dict)
     input_size: int | None = None
+    task: str = "auto"
+    pos_weight: str = "none"
     train: TrainConfig = field(default_factory=TrainConfig)
+    tensorboard: bool = False  # event files in RUN/tensorboard
+    histogram_every: int = 100  # steps between weight/gradient histograms
+    filters_every: int | None = None  # epochs between conv1 filter snapshots in RUN/plots/filters
 
 
 @dataclass
@@ -75,6 +87,11 @@ def finetune(
     config.train.validate()
     data = config.data.load()
     _check_trainable(data)
+    config.train.task = resolve_task(config.task, data)
+    if config.train.task == "multilabel":
+        data = data.as_multilabel()
+    config.train.validate()
+    loss_fn = build_loss(config.train.task, _pos_weight(config.pos_weight, data))
     spec = ModelSpec(
         config.backbone, config.head, data.num_classes, dict(config.head_options),
         resolve_weights_choice(config.backbone, config.weights), config.init, dict(config.backbone_options),
@@ -83,19 +100,46 @@ def finetune(
     model = build_model(spec)
     strategy = build_strategy(config.strategy, **config.strategy_options)
     preprocessing = _preprocessing(model, config.input_size)
+    callbacks = [*callbacks, *watch_callbacks(
+        out, model, tensorboard=config.tensorboard, histogram_every=config.histogram_every,
+        filters_every=config.filters_every, preprocessing=preprocessing, notify=reporter.message if reporter else warn,
+    )]
     rundir.prepare_out_dir(out, overwrite)
     rundir.write_config(out, _config_record(config, spec, strategy, data, preprocessing, model))
 
     train_set, val_set = _datasets(data, preprocessing, config.train.augment)
     log = rundir.MetricsLog.open(out)
     try:
-        fitted = fit(model, strategy, train_set, val_set, config.train, log=log, reporter=reporter, callbacks=callbacks)
+        fitted = fit(model, strategy, train_set, val_set, config.train, log=log, reporter=reporter, callbacks=callbacks, loss_fn=loss_fn)
     finally:
         log.close()
     rundir.save_weights(out, model)
     summary = _summary(model, data, preprocessing, fitted, config.train)
     rundir.write_summary(out, summary)
+    write_curves(out)
     return RunResult(out, summary, data.skipped, model)
+
+
+def resolve_task(task: str, data: DataSplits) -> str:
+    """``auto`` follows the data. Multi-class data can be trained as multi-label (one sigmoid
+    per class); multi-label data cannot be forced into one class per image."""
+    if task == "auto":
+        return data.task
+    if task not in TASKS:
+        raise DataError(f"--task '{task}' is not one of auto, {', '.join(TASKS)}.")
+    if task == "multiclass" and data.task == "multilabel":
+        raise DataError(f"{data.spec} is multi-label (several labels per image); use --task multilabel or auto.")
+    return task
+
+
+def _pos_weight(mode: str, data: DataSplits) -> torch.Tensor | None:
+    if mode == "none":
+        return None
+    if mode != "auto":
+        raise DataError(f"--pos-weight '{mode}' is not one of none, auto.")
+    if data.task != "multilabel":
+        raise DataError("--pos-weight auto applies to multi-label data only; drop it for multi-class data.")
+    return auto_pos_weight([s.target for s in data.train])
 
 
 def _check_trainable(data: DataSplits) -> None:
@@ -154,10 +198,12 @@ def _summary(
         "seconds": fitted.seconds,
         "stopped_early": fitted.stopped_early,
         "best_epoch": fitted.best_epoch,
-        "best_" + train.monitor: fitted.best_metric,
+        "task": train.task,
+        "monitor": train.monitored,
+        "best_" + train.monitored: fitted.best_metric,
         "final": {k: v for k, v in last.items() if k not in ("kind",)},
     }
     if data.test:
         report = evaluate_model(model, data.test, data.arrays, data.class_names, pre, train)
-        summary["test"] = {k: report[k] for k in ("n", "accuracy", "top5_accuracy") if k in report}
+        summary["test"] = {k: report[k] for k in ("n", "accuracy", "top5_accuracy", "map", "map_voc07") if k in report}
     return summary

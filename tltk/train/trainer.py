@@ -24,12 +24,14 @@ from tltk.errors import TltkError
 from tltk.model import TransferModel
 from tltk.strategies import Strategy
 from tltk.train.callbacks import Callback
+from tltk.train.losses import TASKS, build_loss
+from tltk.train.metrics import multilabel_report
 from tltk.train.rundir import MetricsLog
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("none", "step", "exp", "cosine")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-MONITORS = ("val_accuracy", "val_loss")
+MONITORS = ("auto", "val_accuracy", "val_map", "val_loss")
 
 
 @dataclass
@@ -47,7 +49,8 @@ class TrainConfig:
     step_epochs: int = 10
     gamma: float = 0.1
     patience: int | None = None
-    monitor: str = "val_accuracy"
+    monitor: str = "auto"
+    task: str = "multiclass"
     seed: int = 0
     device: str = "auto"
     precision: str = "auto"
@@ -60,6 +63,9 @@ class TrainConfig:
         _one_of("--schedule", self.schedule, SCHEDULES)
         _one_of("--precision", self.precision, PRECISIONS)
         _one_of("--monitor", self.monitor, MONITORS)
+        _one_of("--task", self.task, TASKS)
+        if self.monitor == "val_map" and self.task != "multilabel":
+            raise TltkError("--monitor val_map needs a multi-label task; use val_accuracy or val_loss.")
         if self.epochs < 1 and not self.max_steps:
             raise TltkError(f"--epochs must be at least 1, not {self.epochs}.")
         if self.batch_size < 1:
@@ -69,6 +75,13 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @property
+    def monitored(self) -> str:
+        """The validation figure early stopping and best-epoch selection follow."""
+        if self.monitor != "auto":
+            return self.monitor
+        return "val_map" if self.task == "multilabel" else "val_accuracy"
 
 
 def _one_of(option: str, value: str, choices: Sequence[str]) -> None:
@@ -229,6 +242,7 @@ def fit(
     log: MetricsLog | None = None,
     reporter: Reporter | None = None,
     callbacks: Sequence[Callback] = (),
+    loss_fn: nn.Module | None = None,
 ) -> FitResult:
     config.validate()
     reporter = reporter or SilentReporter()
@@ -257,8 +271,8 @@ def fit(
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, config, steps_per_epoch, total_steps)
     )
-    loss_fn = nn.CrossEntropyLoss()
-    stopper = EarlyStopping(config.monitor, config.patience)
+    loss_fn = (loss_fn or build_loss(config.task)).to(device)
+    stopper = EarlyStopping(config.monitored, config.patience)
     result = FitResult(0, 0, None, None, False)
     started = time.perf_counter()
     reporter.start(total_steps)
@@ -275,14 +289,12 @@ def fit(
             model, train_loader, optimizer, scheduler, scaler, loss_fn, device, amp_dtype, config,
             epoch, step, total_steps, log, reporter, callbacks,
         )
-        row: dict[str, Any] = {
-            "kind": "epoch", "epoch": epoch + 1, "step": step,
-            "train_loss": train_loss, "train_accuracy": train_acc,
-            "lr": optimizer.param_groups[-1]["lr"],
-        }
+        row: dict[str, Any] = {"kind": "epoch", "epoch": epoch + 1, "step": step, "train_loss": train_loss}
+        if train_acc is not None:
+            row["train_accuracy"] = train_acc
+        row["lr"] = optimizer.param_groups[-1]["lr"]
         if val_loader is not None:
-            val_loss, val_acc = evaluate_loss_accuracy(model, val_loader, device, amp_dtype)
-            row.update(val_loss=val_loss, val_accuracy=val_acc)
+            row.update(validation_metrics(model, val_loader, device, amp_dtype, loss_fn, config.task))
         row["seconds"] = round(time.perf_counter() - epoch_started, 3)
         result.history.append(row)
         if log is not None:
@@ -294,7 +306,9 @@ def fit(
         result.epochs_run = epoch + 1
         if val_loader is not None and stopper.update(row, model):
             result.stopped_early = True
-            reporter.message(f"early stopping after epoch {epoch + 1}: {config.monitor} did not improve for {config.patience} epochs")
+            reporter.message(
+                f"early stopping after epoch {epoch + 1}: {config.monitored} did not improve for {config.patience} epochs"
+            )
             break
         if step >= total_steps:
             break
@@ -326,7 +340,7 @@ def _train_epoch(
     log: MetricsLog | None,
     reporter: Reporter,
     callbacks: Sequence[Callback] = (),
-) -> tuple[float, float, int]:
+) -> tuple[float, float | None, int]:
     model.train()
     loss_sum, correct, seen = 0.0, 0, 0
     for images, targets in loader:
@@ -348,7 +362,8 @@ def _train_epoch(
         batch = len(targets)
         loss_value = float(loss.detach())
         loss_sum += loss_value * batch
-        correct += int((logits.detach().argmax(1) == targets).sum())
+        if config.task == "multiclass":
+            correct += int((logits.detach().argmax(1) == targets).sum())
         seen += batch
         row = {"kind": "step", "step": step, "epoch": epoch + 1, "loss": loss_value, "lr": lr}
         if log is not None:
@@ -358,7 +373,8 @@ def _train_epoch(
             callback.on_step_end(model, row, images)
         if step >= total_steps:
             break
-    return loss_sum / max(seen, 1), correct / max(seen, 1), step
+    accuracy = correct / max(seen, 1) if config.task == "multiclass" else None
+    return loss_sum / max(seen, 1), accuracy, step
 
 
 @dataclass
@@ -375,7 +391,7 @@ class EarlyStopping:
     def update(self, row: dict[str, Any], model: nn.Module) -> bool:
         value = row[self.monitor]
         better = self.best_value is None or (
-            value > self.best_value if self.monitor == "val_accuracy" else value < self.best_value
+            value < self.best_value if self.monitor == "val_loss" else value > self.best_value
         )
         if better:
             self.best_value, self.best_epoch, self.bad_epochs = value, row["epoch"], 0
@@ -413,11 +429,19 @@ def predict_logits(
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
-def evaluate_loss_accuracy(
-    model: nn.Module, loader: DataLoader, device: torch.device, amp_dtype: torch.dtype | None = None
-) -> tuple[float, float]:
+def validation_metrics(
+    model: nn.Module,
+    loader: DataLoader,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+    loss_fn: nn.Module,
+    task: str,
+) -> dict[str, float]:
+    """val_loss plus val_accuracy (multi-class) or val_map and val_map_voc07 (multi-label)."""
     logits, targets = predict_logits(model, loader, device, amp_dtype)
-    loss = float(nn.functional.cross_entropy(logits, targets))
-    accuracy = float((logits.argmax(1) == targets).float().mean())
-    return loss, accuracy
-
+    loss = float(loss_fn.cpu()(logits, targets))
+    loss_fn.to(device)
+    if task == "multilabel":
+        report = multilabel_report(targets.numpy(), torch.sigmoid(logits).numpy(), [""] * logits.shape[1])
+        return {"val_loss": loss, "val_map": report["map"], "val_map_voc07": report["map_voc07"]}
+    return {"val_loss": loss, "val_accuracy": float((logits.argmax(1) == targets).float().mean())}

@@ -1,0 +1,39 @@
+"""``tltk predict``: a run's predictions on a split or a folder of images, to a file."""
+
+from __future__ import annotations
+
+import click
+
+from tltk.cli.app import main, out, print_json
+
+
+@main.command()
+@click.argument("run")
+@click.option("--data", "data_spec", default=None, help="A --data spec, or a folder of unlabelled images; default: the run's data.")
+@click.option("--split", default="test", show_default=True, type=click.Choice(["train", "val", "test"]))
+@click.option("--out", "out_file", required=True, help="File to write.")
+@click.option("--format", "fmt", default="kaggle", show_default=True, help="kaggle, csv, jsonl, or a plugin's exporter.")
+@click.option("--label-as", default=None, help="kaggle, multi-class: name or index of the class [name].")
+@click.option("--multilabel-as", default=None, help="kaggle, multi-label: probs (a column per class) or labels [probs].")
+@click.option("--threshold", type=float, default=None, help="Multi-label: probability at which a label is predicted [0.5].")
+@click.option("--sample-submission", default=None, help="kaggle: match this file's header, id column and row order.")
+@click.option("--id-from", default=None, help="Row ids from the image's stem, path or index [kaggle: stem, else path].")
+@click.option("--image-root", default=None, help="Folder that csv: file names are relative to.")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print where the file went and how many rows, as JSON.")
+def predict(run: str, data_spec: str | None, split: str, out_file: str, fmt: str, label_as: str | None,
+            multilabel_as: str | None, threshold: float | None, sample_submission: str | None,
+            id_from: str | None, image_root: str | None, device: str, batch_size: int, as_json: bool) -> None:
+    """Predict with RUN and write one row per image, in the order of the input listing."""
+    from tltk.export import export
+    from tltk.predict import predict as run_predict
+
+    predictions = run_predict(run, data_spec, split, device=device, batch_size=batch_size, image_root=image_root)
+    path = export(predictions, out_file, fmt, label_as=label_as, multilabel_as=multilabel_as, threshold=threshold,
+                  sample_submission=sample_submission, id_from=id_from)
+    if as_json:
+        print_json({"out": str(path), "rows": len(predictions), "format": fmt, "task": predictions.task})
+        return
+    out.print(f"wrote {len(predictions)} predictions ({predictions.task}) to {path} as {fmt}")
+

@@ -1,0 +1,245 @@
+"""Commands that look inside training: plot, visualize, sweep, compare, tensorboard."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import click
+from rich.table import Table
+
+from tltk.cli.app import err, main, out, print_json
+from tltk.cli.core import data_options, finetune_config, split_classes
+from tltk.errors import TltkError
+
+
+def _data_overrides(opts: dict[str, Any]) -> dict[str, Any]:
+    """The shared data options as keyword arguments of the library's split loading."""
+    return {
+        "image_root": opts.get("image_root"), "val_split": opts.get("val_split"), "test_split": opts.get("test_split"),
+        "classes": split_classes(opts.get("classes")), "train_per_class": opts.get("train_per_class"),
+        "strict": opts.get("strict") or None, "difficult": opts.get("voc_difficult"),
+    }
+
+
+def _print_paths(title: str, paths: list[str]) -> None:
+    out.print(f"[bold]{title}[/]")
+    for path in paths:
+        out.print(f"  {path}")
+
+
+# --- tltk plot ------------------------------------------------------------------------
+
+
+@main.command()
+@click.argument("run")
+@click.option("--out", "out_dir", default=None, help="Folder for the PNGs [RUN/plots].")
+@click.option("--json", "as_json", is_flag=True)
+def plot(run: str, out_dir: str | None, as_json: bool) -> None:
+    """Loss, accuracy (or mAP) and learning-rate curves of RUN as PNGs."""
+    from tltk.viz.curves import write_curves
+
+    written = [str(p) for p in write_curves(run, out_dir)]
+    if as_json:
+        print_json({"plots": written})
+        return
+    _print_paths(f"curves of {run}", written)
+
+
+# --- tltk visualize -------------------------------------------------------------------
+
+
+@main.group()
+def visualize() -> None:
+    """Pictures of a trained run: filters, activations, misclassified images."""
+
+
+@visualize.command()
+@click.argument("run")
+@click.option("--layer", default="conv1", show_default=True, help="A conv layer: conv1, or a raw module name.")
+@click.option("--out", default=None, help="PNG to write [RUN/plots/filters_LAYER.png].")
+@click.option("--json", "as_json", is_flag=True)
+def filters(run: str, layer: str, out: str | None, as_json: bool) -> None:
+    """The kernels of a convolution of RUN as one grid, each filter scaled on its own."""
+    from tltk.viz.filters import visualize_filters
+
+    path = str(visualize_filters(run, layer, out))
+    if as_json:
+        print_json({"out": path, "layer": layer})
+        return
+    _print_paths(f"{layer} filters of {run}", [path])
+
+
+@visualize.command()
+@click.argument("run")
+@click.option("--layer", required=True, help="conv1, pool5, ... or a raw module name (an unknown name lists them).")
+@click.option("--image", default=None, help="The image whose feature maps to draw.")
+@click.option("--class-average", is_flag=True, help="Average the maps over the images of each class instead.")
+@click.option("--data", "data_spec", default=None, help="With --class-average: data to average over; default: the run's own.")
+@click.option("--split", default="test", show_default=True, type=click.Choice(["train", "val", "test"]))
+@data_options
+@click.option("--per-class", type=int, default=32, show_default=True, help="With --class-average: images per class.")
+@click.option("--max-maps", type=int, default=None, help="Channels to draw [64 for one image, 16 per class].")
+@click.option("--out", default=None, help="PNG to write [RUN/plots/activations_LAYER_....png].")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def activations(**opts: Any) -> None:
+    """Feature maps of one image at a layer of RUN, or their average per class."""
+    from tltk.viz.activations import class_average_activations, image_activations
+
+    if opts["class_average"] == bool(opts["image"]):
+        raise TltkError("give either --image IMG or --class-average (with --data SPEC), not both or neither.")
+    if opts["class_average"]:
+        result = class_average_activations(
+            opts["run"], opts["layer"], opts["data_spec"], opts["split"], out=opts["out"],
+            per_class=opts["per_class"], max_maps=opts["max_maps"] or 16, device=opts["device"],
+            **_data_overrides(opts),
+        )
+    else:
+        result = image_activations(opts["run"], opts["image"], opts["layer"], out=opts["out"],
+                                   max_maps=opts["max_maps"] or 64, device=opts["device"])
+    if opts["as_json"]:
+        print_json(result.to_dict())
+        return
+    _print_paths(f"{result.layer} ({result.module}): {result.channels} channels of "
+                 f"{result.size[0]}x{result.size[1]}, {result.images} image(s)", [str(result.out)])
+
+
+@visualize.command()
+@click.argument("run")
+@click.option("--data", "data_spec", default=None, help="Data to look at; default: the run's own.")
+@click.option("--split", default="test", show_default=True, type=click.Choice(["train", "val", "test"]))
+@data_options
+@click.option("--n", "count", type=int, default=64, show_default=True, help="Mistakes in the grid, most confident first.")
+@click.option("--out-dir", default=None, help="Folder for the PNGs [RUN/plots].")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def misclassified(**opts: Any) -> None:
+    """Grid of the images RUN gets wrong (true / predicted) and its confusion matrix."""
+    from tltk.viz.misclassified import visualize_misclassified
+
+    result = visualize_misclassified(
+        opts["run"], opts["data_spec"], opts["split"], n=opts["count"], out_dir=opts["out_dir"],
+        device=opts["device"], batch_size=opts["batch_size"], **_data_overrides(opts),
+    )
+    if opts["as_json"]:
+        print_json(result.to_dict(limit=opts["count"]))
+        return
+    table = Table(title=f"{len(result.mistakes)} of {result.n} images misclassified, most confident first")
+    for column in ("id", "true", "predicted", "confidence"):
+        table.add_column(column, justify="right" if column == "confidence" else "left")
+    for mistake in result.mistakes[:10]:
+        table.add_row(mistake.id, mistake.true, mistake.predicted, f"{mistake.confidence:.3f}")
+    out.print(table)
+    _print_paths("pictures", [str(result.grid), str(result.confusion_png)])
+
+
+# --- tltk compare ---------------------------------------------------------------------
+
+TABLE_COLUMNS = ("name", "backbone", "head", "strategy", "weights", "optimizer", "lr", "batch_size", "epochs_run")
+
+
+@main.command()
+@click.argument("runs", nargs=-1, required=True)
+@click.option("--out", default="compare.png", show_default=True, help="PNG of the runs' curves overlaid.")
+@click.option("--json", "as_json", is_flag=True)
+def compare(runs: tuple[str, ...], out: str, as_json: bool) -> None:
+    """Side-by-side table of RUNS (settings and final figures) and their curves in one PNG."""
+    from tltk.viz.compare import write_comparison
+
+    rows, path = write_comparison(list(runs), out)
+    if as_json:
+        print_json({"plot": str(path), "rows": rows})
+        return
+    print_table("runs", rows, [*TABLE_COLUMNS, *_metric_columns(rows)])
+    _print_paths("curves", [str(path)])
+
+
+def _metric_columns(rows: list[dict[str, Any]]) -> list[str]:
+    return [key for key in rows[0] if key.startswith(("final_", "test_"))] if rows else []
+
+
+def print_table(title: str, rows: list[dict[str, Any]], columns: list[str]) -> None:
+    """Rows as a table; the settings that differ between rows are shown in bold."""
+    from tltk.viz.compare import differing_columns, format_value
+
+    differs = set(differing_columns(rows))
+    table = Table(title=title)
+    for column in columns:
+        label = column.removeprefix("final_")
+        table.add_column(f"[bold]{label}[/]" if column in differs and column != "name" else label,
+                         justify="right" if column.startswith(("final_", "test_", "lr")) else "left")
+    for row in rows:
+        table.add_row(*(format_value(row.get(column)) for column in columns))
+    out.print(table)
+
+
+# --- tltk sweep -----------------------------------------------------------------------
+
+
+@main.group()
+def sweep() -> None:
+    """One short run per value of a hyperparameter, same seed; a table and a plot."""
+
+
+def parse_values(text: str) -> list[float]:
+    """``1e-4,1e-3,1e-2`` -> [0.0001, 0.001, 0.01]."""
+    try:
+        values = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise TltkError(f"--values '{text}' must be numbers separated by commas, e.g. 1e-4,1e-3,1e-2.") from None
+    if not values:
+        raise TltkError("--values is empty; give the values to try, e.g. --values 1e-4,1e-3,1e-2.")
+    return values
+
+
+def sweep_command(param: str, option: str, help_text: str) -> Callable[..., Any]:
+    """A ``tltk sweep PARAM`` command: finetune's options except --out and the swept one."""
+
+    def run(**opts: Any) -> None:
+        from tltk.progress import RichReporter
+        from tltk.sweep import sweep as run_sweep
+
+        values = parse_values(opts.pop("values"))
+        quiet = opts["quiet"] or opts["as_json"]
+
+        def reporter(index: int, value: float) -> RichReporter:
+            if not quiet:
+                err.print(f"[bold]run {index + 1}/{len(values)}: {param} = {value:g}[/]")
+            return RichReporter(err, enabled=not quiet)
+
+        rows = run_sweep(finetune_config(opts), param, values, opts["out_root"], overwrite=opts["overwrite"],
+                         reporter=reporter)
+        if opts["as_json"]:
+            print_json({"param": param, "out_root": opts["out_root"], "rows": rows})
+            return
+        print_table(f"sweep of {param}", rows, [param, *_metric_columns(rows), "best_epoch", "run"])
+        _print_paths("table and plot", [f"{opts['out_root']}/sweep.json", f"{opts['out_root']}/sweep.png"])
+
+    skipped = {"out", param}
+    params = [p for p in main.commands["finetune"].params if p.name not in skipped]
+    params += [
+        click.Option(["--values"], required=True, help=f"Comma-separated values of {option}, e.g. 1e-4,1e-3,1e-2."),
+        click.Option(["--out-root"], required=True, help="Folder that gets one run directory per value."),
+    ]
+    return click.Command(param.replace("_", "-"), callback=run, params=params, help=help_text)
+
+
+sweep.add_command(sweep_command(
+    "lr", "--lr", "Train once per learning rate in --values (finetune's options otherwise) and plot the final "
+                  "validation metric against it."
+))
+
+
+# --- tltk tensorboard -----------------------------------------------------------------
+
+
+@main.command()
+@click.argument("runs", nargs=-1, required=True)
+@click.option("--port", type=int, default=None, help="Port to serve on [6006].")
+@click.option("--host", default=None, help="Address to listen on [localhost].")
+def tensorboard(runs: tuple[str, ...], port: int | None, host: str | None) -> None:
+    """Serve the TensorBoard logs of RUNS (trained with `tltk finetune --tensorboard`)."""
+    from tltk.train.tensorboard import launch_tensorboard, tensorboard_argv
+
+    launch_tensorboard(tensorboard_argv(list(runs), port, host))

@@ -1,0 +1,94 @@
+"""Exporters: predictions to files people hand in or feed to other tools.
+
+An exporter is ``(predictions, out, **options) -> None`` registered in ``EXPORTERS``;
+other packages add theirs through the ``tltk.exporters`` entry-point group. Options an
+exporter does not declare are refused by name, so ``--sample-submission`` with
+``--format jsonl`` is an error rather than silently ignored. Every exporter writes its
+file atomically and checks everything before writing.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+from tltk.errors import TltkError
+from tltk.fileio import write_text
+from tltk.predict import Predictions
+from tltk.registry import Registry
+
+Exporter = Callable[..., None]
+EXPORTERS: Registry[Exporter] = Registry("exporter", group="tltk.exporters")
+ID_SOURCES = ("stem", "path", "index")
+
+
+def export(predictions: Predictions, out: str | Path, format: str = "csv", **options: Any) -> Path:
+    exporter = EXPORTERS.get(format)
+    given = {k: v for k, v in options.items() if v is not None}
+    accepted = inspect.signature(exporter).parameters
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values()):
+        unknown = [k for k in given if k not in accepted]
+        if unknown:
+            raise TltkError(f"--{unknown[0].replace('_', '-')} does not apply to --format {format}; drop it.")
+    path = Path(out).expanduser()
+    exporter(predictions, path, **given)
+    return path
+
+
+def output_ids(predictions: Predictions, id_from: str) -> list[str]:
+    """Row ids: the image's file stem (Kaggle's usual id), its relative path, or its row index."""
+    if id_from not in ID_SOURCES:
+        raise TltkError(f"--id-from '{id_from}' is not one of {', '.join(ID_SOURCES)}.")
+    if id_from == "index":
+        return [str(i) for i in range(len(predictions))]
+    ids = [Path(i).stem if id_from == "stem" else i for i in predictions.ids]
+    duplicated = sorted({i for i in ids if ids.count(i) > 1}) if len(set(ids)) < len(ids) else []
+    if duplicated:
+        raise TltkError(
+            f"{len(duplicated)} id(s) occur more than once with --id-from {id_from} (first: {duplicated[0]}); "
+            f"use --id-from path."
+        )
+    return ids
+
+
+def label_sets(predictions: Predictions, threshold: float) -> list[list[str]]:
+    names = predictions.class_names
+    if predictions.task == "multilabel":
+        return [[names[i] for i in row] for row in predictions.predicted_sets(threshold)]
+    return [[names[i]] for i in predictions.predicted_index()]
+
+
+@EXPORTERS.register("csv")
+def csv_exporter(predictions: Predictions, out: Path, *, threshold: float = 0.5, id_from: str = "path") -> None:
+    """id, path, predicted label(s) and one probability column per class."""
+    import csv
+    import io
+
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["id", "path", "predicted", *predictions.class_names])
+    rows = zip(output_ids(predictions, id_from), predictions.paths, label_sets(predictions, threshold), predictions.probabilities)
+    for row_id, path, labels, probs in rows:
+        writer.writerow([row_id, path, " ".join(labels), *(f"{p:.6g}" for p in probs)])
+    write_text(out, buffer.getvalue())
+
+
+@EXPORTERS.register("jsonl")
+def jsonl_exporter(predictions: Predictions, out: Path, *, threshold: float = 0.5, id_from: str = "path") -> None:
+    """One JSON object per image: id, path, predicted label(s), probabilities by class."""
+    lines = []
+    rows = zip(output_ids(predictions, id_from), predictions.paths, label_sets(predictions, threshold), predictions.probabilities)
+    for row_id, path, labels, probs in rows:
+        record = {"id": row_id, "path": path, "predicted": labels,
+                  "probabilities": {name: float(p) for name, p in zip(predictions.class_names, probs)}}
+        lines.append(json.dumps(record))
+    write_text(out, "\n".join(lines) + ("\n" if lines else ""))
+
+
+def _register_builtins() -> None:
+    from tltk.export import kaggle  # noqa: F401
+
+
+_register_builtins()

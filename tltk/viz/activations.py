@@ -1,0 +1,289 @@
+"""What a layer responds to: the feature maps of one image, or their average per class.
+
+Layers are named the way the literature names them (``conv1``, ``pool5``, ``fc7``, the
+backbone's ``layers``), or by any raw module name the network has. Maps are drawn on
+one colour scale shared by all channels, so a channel that stays silent looks dark
+instead of being stretched into noise.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+from torch import nn
+
+from tltk.errors import DataError, TltkError
+from tltk.model import TransferModel
+from tltk.viz.style import new_figure, save_figure
+
+MAX_LISTED = 30  # layer names shown in an error before "... and N more"
+
+
+@dataclass
+class ActivationResult:
+    """What was drawn, for ``--json`` and for tests."""
+
+    out: Path
+    layer: str
+    module: str
+    channels: int
+    size: tuple[int, int]
+    images: int
+    classes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"out": str(self.out), "layer": self.layer, "module": self.module, "channels": self.channels,
+                "size": list(self.size), "images": self.images, "classes": self.classes}
+
+
+# --- layers ---------------------------------------------------------------------------
+
+
+def available_layers(model: TransferModel) -> list[str]:
+    """Named layers first (conv1, pool5, ...), then ``logits``, then every raw module name."""
+    raw = [name for name, _ in model.backbone.net.named_modules() if name]
+    return [*model.backbone.layers, "logits", *raw]
+
+
+def resolve_layer(model: TransferModel, name: str) -> tuple[str, nn.Module]:
+    """(full module path in the model, module) for a layer name a person typed.
+
+    Tried in order: the backbone's named layers, ``logits`` (the head's output), a raw
+    module name inside the backbone network (``features.3``), a full model path
+    (``backbone.net.features.3``, ``head.0``).
+    """
+    full = dict(model.named_modules())
+    prefix = _net_prefix(model)
+    if name in model.backbone.layers:
+        path = prefix + model.backbone.layers[name]
+        if path in full:
+            return path, full[path]
+    if name == "logits":
+        return "head", model.head
+    if name and prefix + name in full:
+        return prefix + name, full[prefix + name]
+    if name and name in full:
+        return name, full[name]
+    raise TltkError(f"layer '{name}' is not in {model.backbone.name}; choose one of {_listing(available_layers(model))}.")
+
+
+def _net_prefix(model: TransferModel) -> str:
+    for path, module in model.named_modules():
+        if module is model.backbone.net:
+            return path + "."
+    return "backbone.net."
+
+
+def _listing(names: Sequence[str]) -> str:
+    shown = ", ".join(names[:MAX_LISTED])
+    more = len(names) - MAX_LISTED
+    return shown + (f" and {more} more (`tltk summary` lists every module)" if more > 0 else "")
+
+
+# --- capturing ------------------------------------------------------------------------
+
+
+def capture(model: nn.Module, module: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """The output of ``module`` when ``model`` sees ``images`` (eval mode, no gradients).
+
+    The output is cloned inside the hook: a following in-place ReLU would otherwise
+    rewrite the captured tensor after the fact.
+    """
+    captured: list[torch.Tensor] = []
+
+    def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
+        tensor = output[0] if isinstance(output, (tuple, list)) else output
+        captured.append(tensor.detach().float().clone())
+
+    handle = module.register_forward_hook(hook)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(images)
+    finally:
+        handle.remove()
+        model.train(was_training)
+    return captured[0].cpu()
+
+
+def feature_maps(output: torch.Tensor, layer: str) -> torch.Tensor:
+    """Check the layer gave (N, C, H, W) maps; a vector layer has no maps to draw."""
+    if output.ndim != 4:
+        width = output.shape[-1] if output.ndim else 1
+        raise TltkError(
+            f"layer '{layer}' gives a {width}-d vector, not feature maps; choose a convolutional layer such as conv1 or pool5."
+        )
+    return output
+
+
+def class_average_maps(
+    model: nn.Module, module: nn.Module, batches: Sequence[tuple[torch.Tensor, torch.Tensor]] | Any, num_classes: int,
+    layer: str = "layer",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean maps per class as K x C x H x W, image count per class) over ``batches``.
+
+    Sums are kept per class as batches stream by, so memory is one layer's maps per class
+    whatever the number of images.
+    """
+    sums: torch.Tensor | None = None
+    counts = torch.zeros(num_classes, dtype=torch.long)
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    for images, targets in batches:
+        maps = feature_maps(capture(model, module, images.to(device)), layer).double()
+        if sums is None:
+            sums = torch.zeros(num_classes, *maps.shape[1:], dtype=torch.float64)
+        sums.index_add_(0, targets.long(), maps)
+        counts += torch.bincount(targets.long(), minlength=num_classes)
+    if sums is None:
+        raise DataError("there are no images to average; check --data, --split and --classes.")
+    means = sums / counts.clamp(min=1).view(-1, 1, 1, 1)
+    return means.float(), counts
+
+
+# --- drawing --------------------------------------------------------------------------
+
+
+def mosaic(tiles: np.ndarray, pad: int = 1) -> np.ndarray:
+    """Tiles (rows x columns x h x w) as one 2-D float image, NaN between tiles (drawn blank)."""
+    rows, cols, height, width = tiles.shape
+    grid = np.full((pad + rows * (height + pad), pad + cols * (width + pad)), np.nan)
+    for r in range(rows):
+        for c in range(cols):
+            top, left = pad + r * (height + pad), pad + c * (width + pad)
+            grid[top : top + height, left : left + width] = tiles[r, c]
+    return grid
+
+
+def square_tiles(maps: np.ndarray) -> np.ndarray:
+    """C maps (C x h x w) arranged as a near-square rows x columns block, NaN-filled at the end."""
+    from tltk.viz.style import grid_shape
+
+    rows, cols = grid_shape(len(maps))
+    block = np.full((rows * cols, *maps.shape[1:]), np.nan)
+    block[: len(maps)] = maps
+    return block.reshape(rows, cols, *maps.shape[1:])
+
+
+def unnormalise(image: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """A normalised C x H x W tensor back to an H x W x 3 array in 0..1, as a person sees it."""
+    mean_t = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
+    std_t = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
+    return (image.float().cpu() * std_t + mean_t).clamp(0, 1).permute(1, 2, 0).numpy()
+
+
+def image_maps_figure(picture: np.ndarray, maps: np.ndarray, title: str, description: str) -> Figure:
+    """The input image on the left, its maps on one shared colour scale on the right."""
+    grid = mosaic(square_tiles(maps))
+    figure, (left, right) = new_figure(12.0, 6.0, cols=2)
+    left.imshow(picture, interpolation="nearest")
+    left.set(title="input (as the model sees it)", xlabel="x (pixels)", ylabel="y (pixels)")
+    shown = right.imshow(grid, cmap="viridis", interpolation="nearest")
+    right.set(title=title, xlabel=description, ylabel="channels, row by row")
+    right.set_xticks([])
+    right.set_yticks([])
+    figure.colorbar(shown, ax=right, label="activation")
+    return figure
+
+
+def class_maps_figure(means: np.ndarray, channels: Sequence[int], class_names: Sequence[str], title: str) -> Figure:
+    """Rows are classes, columns channels; ticks name both."""
+    tiles = means[:, list(channels)]
+    grid = mosaic(tiles)
+    rows, cols, height, width = tiles.shape
+    figure, (ax,) = new_figure(float(np.clip(2 + cols * 0.9, 6, 16)), float(np.clip(1.5 + rows * 0.9, 4, 14)))
+    shown = ax.imshow(grid, cmap="viridis", interpolation="nearest")
+    ax.set_xticks([1 + c * (width + 1) + width / 2 - 0.5 for c in range(cols)], [str(c) for c in channels])
+    ax.set_yticks([1 + r * (height + 1) + height / 2 - 0.5 for r in range(rows)], list(class_names))
+    ax.set(title=title, xlabel="channel (those whose class averages differ most)", ylabel="class")
+    figure.colorbar(shown, ax=ax, label="mean activation")
+    return figure
+
+
+def most_different_channels(means: torch.Tensor, count: int) -> list[int]:
+    """The channels whose class-average maps differ most between classes, in channel order.
+
+    These are the ones worth looking at: a channel that looks the same for every class
+    says nothing about what separates them.
+    """
+    spread = means.double().var(dim=0, unbiased=False).sum(dim=(1, 2)) if len(means) > 1 else means[0].abs().sum(dim=(1, 2))
+    top = torch.argsort(spread, descending=True, stable=True)[:count]
+    return sorted(int(c) for c in top)
+
+
+# --- commands -------------------------------------------------------------------------
+
+
+def image_activations(
+    run: str | Path, image: str | Path, layer: str, *, out: str | Path | None = None, max_maps: int = 64,
+    device: str = "auto",
+) -> ActivationResult:
+    """Write the feature maps of one image at ``layer`` of a run as a grid PNG."""
+    from tltk.data import build_transforms, load_image
+    from tltk.train.evaluate import load_run
+    from tltk.train.trainer import resolve_device
+    from tltk.viz.curves import PLOTS, run_title
+    from tltk.viz.filters import safe_name
+
+    source = Path(image).expanduser()
+    if not source.is_file():
+        raise DataError(f"image {source} does not exist; pass the path of an image file.")
+    loaded = load_run(run)
+    module_path, module = resolve_layer(loaded.model, layer)
+    pre = loaded.preprocessing
+    tensor = build_transforms(tuple(pre["input_size"]), pre["mean"], pre["std"], "none", train=False)(load_image(source))
+    loaded.model.to(resolve_device(device))
+    maps = feature_maps(capture(loaded.model, module, tensor.unsqueeze(0).to(resolve_device(device))), layer)[0]
+    shown = maps[:max_maps].numpy()
+    which = f"first {len(shown)} of {maps.shape[0]}" if len(shown) < maps.shape[0] else str(maps.shape[0])
+    figure = image_maps_figure(
+        unnormalise(tensor, pre["mean"], pre["std"]), shown,
+        f"{layer} activations of {source.name}: {run_title(loaded.path)}",
+        f"{module_path}: {which} channels of {maps.shape[1]}x{maps.shape[2]}",
+    )
+    target = Path(out) if out else loaded.path / PLOTS / f"activations_{safe_name(layer)}_{safe_name(source.stem)}.png"
+    save_figure(figure, target)
+    return ActivationResult(target, layer, module_path, int(maps.shape[0]), (int(maps.shape[1]), int(maps.shape[2])), 1)
+
+
+def class_average_activations(
+    run: str | Path, layer: str, data: str | None = None, split: str = "test", *, out: str | Path | None = None,
+    per_class: int | None = 32, max_maps: int = 16, device: str = "auto", batch_size: int = 64,
+    **data_overrides: Any,
+) -> ActivationResult:
+    """Write the maps at ``layer`` averaged over the images of each class (rows) as a PNG.
+
+    ``per_class`` caps the images per class (the first ones of the split), which keeps
+    the average cheap on big datasets while still smoothing away single images.
+    """
+    from tltk.train.evaluate import load_run
+    from tltk.train.trainer import make_loader, resolve_device
+    from tltk.viz.curves import PLOTS, run_title
+    from tltk.viz.filters import safe_name
+    from tltk.viz.misclassified import split_dataset
+
+    loaded = load_run(run)
+    module_path, module = resolve_layer(loaded.model, layer)
+    dataset, spec = split_dataset(loaded, data, split, per_class=per_class, **data_overrides)
+    torch_device = resolve_device(device)
+    loaded.model.to(torch_device)
+    loader = make_loader(dataset, batch_size=batch_size, shuffle=False, workers=0, device=torch_device)
+    means, counts = class_average_maps(loaded.model, module, loader, len(loaded.class_names), layer)
+    present = [i for i, n in enumerate(counts.tolist()) if n > 0]
+    channels = most_different_channels(means[present], max_maps)
+    names = [f"{loaded.class_names[i]} ({int(counts[i])})" for i in present]
+    figure = class_maps_figure(
+        means[present].numpy(), channels, names,
+        f"{layer} ({module_path}) averaged per class on {spec} {split}: {run_title(loaded.path)}",
+    )
+    target = Path(out) if out else loaded.path / PLOTS / f"activations_{safe_name(layer)}_class_average_{split}.png"
+    save_figure(figure, target)
+    return ActivationResult(
+        target, layer, module_path, int(means.shape[1]), (int(means.shape[2]), int(means.shape[3])),
+        int(counts.sum()), [loaded.class_names[i] for i in present],
+    )

@@ -1,0 +1,182 @@
+"""The images a run gets wrong, most confident mistakes first, and its confusion matrix.
+
+Confident mistakes are where to look first: they are the mislabelled images, the
+classes the model confuses systematically, and the shortcuts it learned. The split
+defaults to the run's own held-out test images, chosen exactly as training chose them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+
+from tltk.data import ImageDataset, Sample, build_transforms
+from tltk.errors import DataError, TltkError
+from tltk.train.evaluate import LoadedRun, _samples_for_run, load_data_for_run, load_run
+from tltk.train.metrics import confusion_matrix
+from tltk.viz.style import grid_shape, new_figure, save_figure
+
+MAX_ANNOTATED_CLASSES = 30  # above this the count in each cell is unreadable
+
+
+@dataclass
+class Mistake:
+    index: int  # position in the split
+    id: str
+    true: str
+    predicted: str
+    confidence: float  # the probability the model gave its (wrong) prediction
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "true": self.true, "predicted": self.predicted, "confidence": self.confidence}
+
+
+@dataclass
+class MisclassifiedResult:
+    n: int
+    mistakes: list[Mistake]
+    confusion: list[list[int]]
+    grid: Path
+    confusion_png: Path
+
+    def to_dict(self, limit: int | None = None) -> dict[str, Any]:
+        return {"n": self.n, "wrong": len(self.mistakes), "grid": str(self.grid),
+                "confusion_png": str(self.confusion_png), "confusion_matrix": self.confusion,
+                "mistakes": [m.to_dict() for m in self.mistakes[:limit]]}
+
+
+def split_dataset(
+    loaded: LoadedRun, data: str | None, split: str, *, per_class: int | None = None, **overrides: Any
+) -> tuple[ImageDataset, str]:
+    """(eval-transformed dataset of one split with targets in the run's class order, data spec).
+
+    The split settings default to the run's, as ``tltk evaluate`` does, so "test" is the
+    same images the run held out. ``per_class`` keeps the first N images of each class.
+    """
+    if loaded.config.get("train", {}).get("task", "multiclass") != "multiclass":
+        raise TltkError(
+            f"{loaded.path} is a multi-label run; this picture needs one class per image "
+            f"(`tltk evaluate {loaded.path}` gives its per-class AP)."
+        )
+    splits = load_data_for_run(loaded, data, overrides)
+    samples = _samples_for_run(splits.split(split), splits.class_names, loaded.class_names, splits.spec)
+    if per_class is not None:
+        samples = _first_per_class(samples, per_class)
+    if not samples:
+        raise DataError(f"{splits.spec} has no images in its {split} split; pick another --split.")
+    pre = loaded.preprocessing
+    transform = build_transforms(tuple(pre["input_size"]), pre["mean"], pre["std"], "none", train=False)
+    return ImageDataset(samples, transform, splits.arrays), splits.spec
+
+
+def _first_per_class(samples: Sequence[Sample], limit: int) -> list[Sample]:
+    taken: dict[int, int] = {}
+    kept = []
+    for sample in samples:
+        if taken.get(sample.target, 0) < limit:
+            taken[sample.target] = taken.get(sample.target, 0) + 1
+            kept.append(sample)
+    return kept
+
+
+def find_mistakes(
+    probabilities: np.ndarray, targets: np.ndarray, class_names: Sequence[str], ids: Sequence[str]
+) -> list[Mistake]:
+    """Every wrongly classified sample, the most confident (highest predicted probability) first.
+
+    Ties keep split order, so the list is the same on every run.
+    """
+    predicted = probabilities.argmax(axis=1)
+    confidence = probabilities[np.arange(len(predicted)), predicted]
+    wrong = np.flatnonzero(predicted != targets)
+    order = wrong[np.argsort(-confidence[wrong], kind="stable")]
+    return [
+        Mistake(int(i), ids[i], class_names[int(targets[i])], class_names[int(predicted[i])], float(confidence[i]))
+        for i in order
+    ]
+
+
+def mistakes_figure(pictures: Sequence[np.ndarray], mistakes: Sequence[Mistake], title: str) -> Figure:
+    """One tile per mistake, titled ``true / predicted (confidence)``."""
+    rows, cols = grid_shape(max(len(mistakes), 1))
+    figure, axes = new_figure(max(4.0, 1.6 * cols), max(3.0, 1.7 * rows + 0.8), rows=rows, cols=cols)
+    for ax in axes:
+        ax.axis("off")
+    for ax, picture, mistake in zip(axes, pictures, mistakes):
+        ax.imshow(picture, interpolation="nearest")
+        ax.set_title(f"{mistake.true} / {mistake.predicted}\n({mistake.confidence:.2f})", fontsize="small")
+    if not mistakes:
+        axes[0].text(0.5, 0.5, "no misclassified images", ha="center", va="center")
+    figure.suptitle(title)
+    figure.supxlabel("each image: true class / predicted class (probability of the prediction)")
+    figure.supylabel("most confident mistakes first, row by row")
+    return figure
+
+
+def confusion_figure(confusion: np.ndarray, class_names: Sequence[str], title: str) -> Figure:
+    """Counts with true classes as rows and predictions as columns (scikit-learn's layout)."""
+    size = float(np.clip(2.5 + 0.45 * len(class_names), 5.0, 16.0))
+    figure, (ax,) = new_figure(size + 1.0, size)
+    shown = ax.imshow(confusion, cmap="Blues", interpolation="nearest")
+    ticks = list(range(len(class_names)))
+    ax.set_xticks(ticks, list(class_names), rotation=90 if len(class_names) > 8 else 0)
+    ax.set_yticks(ticks, list(class_names))
+    if len(class_names) <= MAX_ANNOTATED_CLASSES:
+        threshold = confusion.max() / 2 if confusion.size else 0
+        for (r, c), count in np.ndenumerate(confusion):
+            ax.text(c, r, str(count), ha="center", va="center", fontsize="small",
+                    color="white" if count > threshold else "black")
+    ax.set(title=title, xlabel="predicted class", ylabel="true class")
+    figure.colorbar(shown, ax=ax, label="images")
+    return figure
+
+
+def predict_probabilities(loaded: LoadedRun, dataset: ImageDataset, device: str, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(softmax probabilities N x K, targets N) of the run's model on ``dataset``."""
+    from tltk.train.trainer import TrainConfig, make_loader, predict_logits, resolve_device, resolve_precision
+
+    torch_device = resolve_device(device)
+    precision = TrainConfig(**loaded.config["train"]).precision
+    loader = make_loader(dataset, batch_size=batch_size, shuffle=False, workers=0, device=torch_device)
+    loaded.model.to(torch_device)
+    logits, targets = predict_logits(loaded.model, loader, torch_device, resolve_precision(precision, torch_device))
+    return torch.softmax(logits, dim=1).numpy(), targets.numpy()
+
+
+def visualize_misclassified(
+    run: str | Path, data: str | None = None, split: str = "test", *, n: int = 64,
+    out_dir: str | Path | None = None, device: str = "auto", batch_size: int = 64, **data_overrides: Any,
+) -> MisclassifiedResult:
+    """Write misclassified_SPLIT.png (the ``n`` most confident mistakes) and confusion_SPLIT.png.
+
+    Files go to RUN/plots unless ``out_dir`` is given; the result lists every mistake.
+    """
+    from tltk.viz.activations import unnormalise
+    from tltk.viz.curves import PLOTS, run_title
+
+    loaded = load_run(run)
+    dataset, spec = split_dataset(loaded, data, split, **data_overrides)
+    probabilities, targets = predict_probabilities(loaded, dataset, device, batch_size)
+    names = loaded.class_names
+    mistakes = find_mistakes(probabilities, targets, names, [s.id for s in dataset.samples])
+    confusion = confusion_matrix(targets, probabilities.argmax(axis=1), len(names))
+    pre = loaded.preprocessing
+    shown = mistakes[: max(n, 0)]
+    pictures = [unnormalise(dataset[m.index][0], pre["mean"], pre["std"]) for m in shown]
+    target = Path(out_dir) if out_dir is not None else loaded.path / PLOTS
+    label = f"{spec} {split}, {len(targets)} images"
+    grid = save_figure(
+        mistakes_figure(pictures, shown, f"{len(shown)} of {len(mistakes)} mistakes on {label}: {run_title(loaded.path)}"),
+        target / f"misclassified_{split}.png",
+    )
+    accuracy = float(np.trace(confusion) / max(confusion.sum(), 1))
+    matrix = save_figure(
+        confusion_figure(confusion, names, f"Confusion matrix on {label} (accuracy {accuracy:.3f})"),
+        target / f"confusion_{split}.png",
+    )
+    return MisclassifiedResult(len(targets), mistakes, confusion.tolist(), grid, matrix)
