@@ -206,11 +206,11 @@ def test_csv_files_default_to_the_csv_folder(tmp_path):
     assert len(all_samples(data)) == 6 and data.skipped == []
 
 
-def test_csv_label_with_spaces_is_rejected_as_multilabel(tmp_path):
+def test_csv_single_label_column_with_spaces_points_to_the_multilabel_labels_column(tmp_path):
     write_image(tmp_path / "a.png")
     write_image(tmp_path / "b.png")
     csv_path = write_csv(tmp_path / "labels.csv", [("a.png", "cat dog"), ("b.png", "dog")])
-    with pytest.raises(DataError, match="multi-label CSV is not supported yet"):
+    with pytest.raises(DataError, match="label 'cat dog' with spaces.*name the column 'labels'"):
         load_data(str(csv_path))
 
 

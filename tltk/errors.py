@@ -32,3 +32,9 @@ class WeightsError(TltkError):
 
 class RunDirError(TltkError):
     """A run directory that is missing, incomplete, or would be overwritten."""
+
+
+def printable(text: str) -> str:
+    """``text`` with newlines and other control characters escaped, so that a message quoting
+    a file's contents stays the one line the CLI promises."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)

@@ -24,7 +24,7 @@ import numpy as np
 
 from tltk.data.images import is_hidden, scan_image_files, validate_images
 from tltk.data.samples import RawDataset, Sample, relative_id
-from tltk.errors import DataError
+from tltk.errors import DataError, printable
 from tltk.registry import Registry
 
 
@@ -215,10 +215,31 @@ def _read_cifar10_batch(file: Path, num_classes: int) -> tuple[np.ndarray, np.nd
     return np.ascontiguousarray(images), labels
 
 
+class _ArraysOnlyUnpickler(pickle.Unpickler):
+    """Unpickles dicts, lists, bytes and NumPy arrays, and nothing that could run code.
+
+    CIFAR-10's python batches are pickles; a file from an untrusted mirror could name any
+    callable in its stream, so only the globals a NumPy array needs to rebuild are allowed.
+    """
+
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"), ("numpy", "dtype"),
+        ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+        ("numpy._core.numeric", "_frombuffer"), ("numpy.core.numeric", "_frombuffer"),
+        ("_codecs", "encode"),  # how protocol-2 pickles written by Python 3 store bytes
+    }
+
+    def find_class(self, module: str, name: str) -> object:
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refused to load {module}.{name}: CIFAR-10 batches hold only arrays")
+        return super().find_class(module, name)
+
+
 def _load_pickle(file: Path) -> object:
     try:
         with open(file, "rb") as handle:
-            return pickle.load(handle, encoding="bytes")
+            return _ArraysOnlyUnpickler(handle, encoding="bytes").load()
     except Exception as exc:
         raise DataError(
             f"Cannot read CIFAR-10 file {file} ({type(exc).__name__}: {exc}); download the "
@@ -403,12 +424,9 @@ def _csv_is_multilabel(path: Path) -> bool:
 
 def _read_multilabel_csv(path: Path) -> tuple[list[str], list[tuple[str, tuple[int, ...]]]]:
     """(class names, (file, per-class 0/1 labels) per row) from either multi-label layout."""
-    with open(path, newline="", encoding="utf-8-sig") as handle:
-        reader = csv.reader(handle)
-        header = [cell.strip() for cell in next(reader)]
-        lowered = [cell.lower() for cell in header]
-        file_col = next(lowered.index(c) for c in CSV_FILE_COLUMNS if c in lowered)
-        rows = [(number, row) for number, row in enumerate(reader, start=2) if any(cell.strip() for cell in row)]
+    header, rows = _read_table(path)
+    lowered = [cell.lower() for cell in header]
+    file_col = next(lowered.index(c) for c in CSV_FILE_COLUMNS if c in lowered)
     if not rows:
         raise DataError(f"CSV file {path} lists no images; add one row per image.")
     list_col = next((lowered.index(c) for c in CSV_LABEL_LIST_COLUMNS if c in lowered), None)
@@ -417,19 +435,40 @@ def _read_multilabel_csv(path: Path) -> tuple[list[str], list[tuple[str, tuple[i
     return _indicator_rows(path, header, rows, file_col)
 
 
+def _read_table(path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
+    """(stripped header cells, (line number, cells) per non-blank row)."""
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as handle:
+            reader = csv.reader(handle)
+            header = [cell.strip() for cell in next(reader, [])]
+            rows = [(number, row) for number, row in enumerate(reader, start=2) if any(cell.strip() for cell in row)]
+    except UnicodeDecodeError as exc:
+        raise DataError(f"CSV file {path} is not UTF-8 text ({exc}); save it as UTF-8.") from exc
+    except csv.Error as exc:
+        raise DataError(f"CSV file {path} is malformed ({exc}); fix the file.") from exc
+    return header, rows
+
+
 def _label_list_rows(
     path: Path, rows: list[tuple[int, list[str]]], file_col: int, list_col: int
 ) -> tuple[list[str], list[tuple[str, tuple[int, ...]]]]:
+    """Rows of ``file,labels``; an empty label list is an image negative for every class."""
     parsed = []
     for number, row in rows:
         if len(row) <= max(file_col, list_col):
             raise DataError(f"Row {number} of {path} has {len(row)} cells; every row needs a file and its labels.")
-        parsed.append((_normalise_file_name(row[file_col]), row[list_col].split()))
+        parsed.append((_file_cell(row[file_col], number, path), set(row[list_col].split())))
     class_names = _csv_class_names([label for _, labels in parsed for label in labels])
-    index = {name: i for i, name in enumerate(class_names)}
-    return class_names, [
-        (name, tuple(1 if c in labels else 0 for c in class_names)) for name, labels in parsed if index
-    ]
+    if not class_names:
+        raise DataError(f"CSV file {path} names no labels in any row; list each image's labels, space-separated.")
+    return class_names, [(name, tuple(int(c in labels) for c in class_names)) for name, labels in parsed]
+
+
+def _file_cell(cell: str, number: int, path: Path) -> str:
+    name = _normalise_file_name(cell)
+    if not name:
+        raise DataError(f"Row {number} of {path} has an empty file name; fill it in or delete the row.")
+    return name
 
 
 def _indicator_rows(
@@ -445,9 +484,9 @@ def _indicator_rows(
         if bad is not None:
             column = header[class_cols[values.index(bad)]]
             raise DataError(
-                f"Row {number} of {path} has '{bad}' in class column '{column}'; class columns hold 0, 1 or -1."
+                f"Row {number} of {path} has '{printable(bad)}' in class column '{printable(column)}'; class columns hold 0, 1 or -1."
             )
-        parsed.append((_normalise_file_name(row[file_col]), tuple(int(v) for v in values)))
+        parsed.append((_file_cell(row[file_col], number, path), tuple(int(v) for v in values)))
     return [header[i] for i in class_cols], parsed
 
 
@@ -476,7 +515,7 @@ def _csv_columns(header: list[str], path: Path) -> tuple[int, int]:
     label_col = next((names.index(c) for c in CSV_LABEL_COLUMNS if c in names), None)
     if file_col is None or label_col is None:
         raise DataError(
-            f"CSV file {path} has columns {', '.join(header)}; expected a file column "
+            f"CSV file {path} has columns {printable(', '.join(header))}; expected a file column "
             f"({'/'.join(CSV_FILE_COLUMNS)}) and a label column ({'/'.join(CSV_LABEL_COLUMNS)})."
         )
     return file_col, label_col
@@ -494,12 +533,12 @@ def _csv_data_rows(reader: Iterable[list[str]], file_col: int, label_col: int, p
             raise DataError(f"Row {line_number} of {path} has an empty file name or label; fill it in or delete the row.")
         if re.search(r"\s", label):
             raise DataError(
-                f"Row {line_number} of {path} has label '{label}' with spaces; multi-label CSV is "
-                f"not supported yet, give one label per image."
+                f"Row {line_number} of {path} has label '{printable(label)}' with spaces; give one label per image, "
+                f"or name the column 'labels' for a space-separated list of several."
             )
         if rows.get(name, label) != label:
             raise DataError(
-                f"{path} lists {name} twice with labels '{rows[name]}' and '{label}' "
+                f"{path} lists {printable(name)} twice with labels '{printable(rows[name])}' and '{printable(label)}' "
                 f"(row {line_number}); keep one row per image."
             )
         rows[name] = label
@@ -543,7 +582,7 @@ def read_builtin(path: Path, *, image_root: Path | None = None, strict: bool = F
     name = str(path)
     if name not in BUILTIN_DATASETS:
         raise DataError(
-            f"Unknown builtin dataset '{name}'; known builtin datasets: {', '.join(sorted(BUILTIN_DATASETS))}."
+            f"Unknown builtin dataset '{printable(name)}'; known builtin datasets: {', '.join(sorted(BUILTIN_DATASETS))}."
         )
     loader, class_names = BUILTIN_DATASETS[name]
     return _in_memory_dataset(class_names, {"all": [loader()]}, f"builtin:{name}")

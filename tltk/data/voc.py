@@ -18,7 +18,7 @@ from defusedxml import DefusedXmlException
 from tltk.data.formats import DATA_FORMATS
 from tltk.data.images import validate_images
 from tltk.data.samples import RawDataset, Sample
-from tltk.errors import DataError
+from tltk.errors import DataError, printable
 
 VOC_CLASSES = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -95,7 +95,7 @@ def parse_annotation(path: Path) -> tuple[int, ...]:
         name = (obj.findtext("name") or "").strip()
         if name not in VOC_CLASSES:
             raise DataError(
-                f"{path}:{_line_of(path, name)} names class '{name}', which is not one of the 20 VOC classes; "
+                f"{path}:{_line_of(path, name)} names class '{printable(name)}', which is not one of the 20 VOC classes; "
                 f"fix the annotation."
             )
         index = VOC_CLASSES.index(name)

@@ -1,0 +1,148 @@
+"""Fuzzed parsers: every input gives a valid result or tltk's own error, never another exception.
+
+The CSV label reader, the VOC annotation reader and the ``--data`` spec parser read what
+users and downloads hand them. Hypothesis generates the inputs: near-valid files built
+from the formats' own tokens (so the parsers get past their first check) as well as
+arbitrary text and bytes.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tests.data_fixtures import write_image
+from tests.voc_fixtures import BILLION_LAUGHS
+from tltk.data.formats import read_csv
+from tltk.data.samples import RawDataset
+from tltk.data.specs import parse_spec, resolve_spec
+from tltk.data.voc import VOC_CLASSES, parse_annotation
+from tltk.errors import TltkError
+
+FUZZ = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+IMAGES = ("a.png", "b.png", "sub/c.png", "missing.png")
+
+
+@pytest.fixture(scope="module")
+def workdir():
+    """A folder holding three real images the generated CSVs may name (and one they may not find)."""
+    with tempfile.TemporaryDirectory() as name:
+        root = Path(name)
+        for image in IMAGES[:3]:
+            (root / image).parent.mkdir(parents=True, exist_ok=True)
+            write_image(root / image)
+        yield root
+
+
+csv_cells = st.one_of(
+    st.sampled_from(IMAGES + ("filename", "label", "labels", "tags", "id", "0", "1", "-1", "2", "cat", "cat dog", "")),
+    st.text(max_size=8),
+)
+csv_rows = st.lists(st.lists(csv_cells, min_size=0, max_size=4), min_size=0, max_size=6)
+csv_headers = st.sampled_from([
+    ["filename", "label"], ["filename", "labels"], ["image", "tags"], ["id", "cat", "dog"], ["file", "class", "x"],
+    ["filename"], [],
+])
+
+
+def _csv_text(header: list[str], rows: list[list[str]], separator: str) -> str:
+    lines = [header, *rows]
+    return "".join(separator.join(line) + "\n" for line in lines)
+
+
+@FUZZ
+@given(header=csv_headers, rows=csv_rows, separator=st.sampled_from([",", ";", ",,", "\t", ',"']))
+def test_csv_reader_on_generated_tables_gives_a_dataset_or_a_tltk_error(workdir, header, rows, separator):
+    path = workdir / "labels.csv"
+    path.write_text(_csv_text(header, rows, separator), encoding="utf-8")
+    _expect_result_or_tltk_error(lambda: read_csv(path), RawDataset)
+
+
+@FUZZ
+@given(data=st.binary(max_size=200))
+def test_csv_reader_on_arbitrary_bytes_gives_a_dataset_or_a_tltk_error(workdir, data):
+    path = workdir / "bytes.csv"
+    path.write_bytes(data)
+    _expect_result_or_tltk_error(lambda: read_csv(path), RawDataset)
+
+
+xml_names = st.one_of(st.sampled_from(VOC_CLASSES), st.text(max_size=6))
+xml_objects = st.lists(
+    st.tuples(xml_names, st.sampled_from(["0", "1", "", "yes", " 1 "]), st.booleans()), max_size=4,
+)
+
+
+def _annotation(objects: list[tuple[str, str, bool]], close_root: bool) -> str:
+    body = "".join(
+        f"<object><name>{_escape(name)}</name>" + (f"<difficult>{flag}</difficult>" if with_flag else "") + "</object>"
+        for name, flag, with_flag in objects
+    )
+    return f"<annotation>{body}" + ("</annotation>" if close_root else "")
+
+
+def _escape(text: str) -> str:
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+@FUZZ
+@given(objects=xml_objects, close_root=st.booleans())
+def test_voc_annotation_reader_on_generated_xml_gives_labels_or_a_tltk_error(workdir, objects, close_root):
+    path = workdir / "annotation.xml"
+    path.write_text(_annotation(objects, close_root), encoding="utf-8")
+    labels = _expect_result_or_tltk_error(lambda: parse_annotation(path), tuple)
+    if labels is not None:
+        assert len(labels) == len(VOC_CLASSES) and set(labels) <= {-1, 0, 1}
+        for name, flag, with_flag in objects:
+            if name in VOC_CLASSES and not (with_flag and flag.strip() == "1"):
+                assert labels[VOC_CLASSES.index(name)] == 1
+
+
+@FUZZ
+@given(data=st.binary(max_size=300))
+def test_voc_annotation_reader_on_arbitrary_bytes_gives_labels_or_a_tltk_error(workdir, data):
+    path = workdir / "bytes.xml"
+    path.write_bytes(data)
+    _expect_result_or_tltk_error(lambda: parse_annotation(path), tuple)
+
+
+@pytest.mark.parametrize("entity_xml", [
+    BILLION_LAUGHS,
+    '<?xml version="1.0"?><!DOCTYPE a [<!ENTITY e SYSTEM "file:///etc/passwd">]><annotation><object>'
+    "<name>&e;</name></object></annotation>",
+])
+def test_voc_annotation_reader_refuses_entity_declarations_instead_of_expanding_them(tmp_path, entity_xml):
+    path = tmp_path / "bomb.xml"
+    path.write_text(entity_xml)
+    with pytest.raises(TltkError, match="refused"):
+        parse_annotation(path)
+
+
+spec_prefixes = st.sampled_from(["", "folder:", "csv:", "voc:", "cifar10:", "mnist:", "builtin:", "nope:", ":", "::"])
+
+
+@FUZZ
+@given(prefix=spec_prefixes, rest=st.text(alphabet=st.characters(blacklist_characters="\x00"), max_size=20))
+def test_data_spec_parser_gives_a_format_and_path_or_a_tltk_error(prefix, rest):
+    spec = prefix + rest
+    parsed = _expect_result_or_tltk_error(lambda: parse_spec(spec), tuple)
+    if parsed is not None:
+        format_name, location = parsed
+        assert location and location == location.strip()
+        assert format_name is None or spec.strip().startswith(format_name + ":")
+    _expect_result_or_tltk_error(lambda: resolve_spec(spec), tuple)
+
+
+def _expect_result_or_tltk_error(call, result_type):
+    """The call's result when it is of ``result_type``; None when it raised a one-line TltkError."""
+    try:
+        result = call()
+    except TltkError as error:
+        message = str(error)
+        assert message and "\n" not in message.strip(), f"error is not one line: {message!r}"
+        return None
+    assert isinstance(result, result_type)
+    return result
