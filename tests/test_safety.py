@@ -47,3 +47,57 @@ def test_cifar10_batches_in_old_and_new_pickle_protocols_still_load(tmp_path, pr
     first = next(s for s in data.train if s.id == "train/0")
     assert data.arrays.shape == (18, 32, 32, 3)
     assert tuple(data.arrays[first.source][row, col]) == rgb
+
+
+# --- image folders as people actually have them ------------------------------------------
+
+
+def _two_class_folder(root: Path, per_class: int = 3) -> Path:
+    from tests.data_fixtures import write_image_folder
+
+    return write_image_folder(root, {"cat": per_class, "dog": per_class})
+
+
+def test_symlink_loops_in_an_image_folder_are_skipped_without_hanging(tmp_path):
+    root = _two_class_folder(tmp_path / "data")
+    (root / "cat" / "loop").symlink_to(root / "cat")  # a folder that contains itself
+    (root / "dog" / "a.png").symlink_to(root / "dog" / "b.png")
+    (root / "dog" / "b.png").symlink_to(root / "dog" / "a.png")  # a file link cycle
+    data = load_data(f"folder:{root}", val_split=0.0, test_split=0.0)
+    assert len(data.train) == 6
+    assert sorted(Path(p).name for p in data.skipped) == ["a.png", "b.png"]
+
+
+def test_file_names_that_are_not_utf8_load_and_are_reported_printably(tmp_path):
+    import json
+    import os
+
+    root = _two_class_folder(tmp_path / "data")
+    raw = os.fsencode(root / "cat") + b"/caf\xe9.png"  # Latin-1 bytes, invalid UTF-8
+    os.rename(os.fsencode(root / "cat" / os.listdir(root / "cat")[0]), raw)
+    (root / "cat" / "notes.txt").write_text("not an image")
+    (root / "dog" / "empty.png").write_bytes(b"")
+    data = load_data(f"folder:{root}", val_split=0.0, test_split=0.0)
+    assert len(data.train) == 6  # the zero-byte file is skipped, the text file is not an image
+    assert [Path(p).name for p in data.skipped] == ["empty.png"]
+    assert any(os.fsencode(s.source).endswith(b"caf\xe9.png") for s in data.train)
+    json.dumps([s.source for s in data.train], ensure_ascii=True)  # the run's records can be written
+
+
+def test_predictions_for_file_names_that_are_not_utf8_export_with_the_original_bytes(tmp_path):
+    import os
+
+    from click.testing import CliRunner
+
+    from tltk.cli import main
+
+    root = _two_class_folder(tmp_path / "data", per_class=4)
+    os.rename(os.fsencode(root / "cat" / "cat_0.png"), os.fsencode(root / "cat") + b"/caf\xe9.png")
+    run, out = tmp_path / "run", tmp_path / "predictions.csv"
+    runner = CliRunner()
+    trained = runner.invoke(main, ["finetune", "--backbone", "lenet5", "--data", f"folder:{root}", "--epochs", "1",
+                                   "--out", str(run), "--quiet", "--val-split", "0.25", "--test-split", "0.25"])
+    assert trained.exit_code == 0, trained.output
+    predicted = runner.invoke(main, ["predict", str(run), "--data", str(root), "--out", str(out), "--format", "csv"])
+    assert predicted.exit_code == 0, predicted.output
+    assert b"caf\xe9.png" in out.read_bytes()

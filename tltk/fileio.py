@@ -29,7 +29,9 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
 
 
 def write_text(path: Path, text: str) -> None:
-    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    """UTF-8, except that file names which were not UTF-8 on disk are written back as their
+    original bytes (Python holds them as surrogate escapes), so an export names the same files."""
+    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8", errors="surrogateescape"))
 
 
 def write_json(path: Path, obj: Any) -> None:
