@@ -1,0 +1,77 @@
+"""Data order and launch detection for data-parallel training.
+
+The property everything rests on: with N ranks of batch B, global step k trains on exactly
+the samples of step k of one process with batch N x B.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from tltk.distributed import EpochOrder, evaluation_shard, launch_env, DistContext
+from tltk.errors import TltkError
+
+
+def _batches(indices: list[int], size: int) -> list[list[int]]:
+    return [indices[i:i + size] for i in range(0, len(indices), size)]
+
+
+@pytest.mark.parametrize("world_size", [2, 3, 4])
+def test_ranks_global_batches_hold_the_samples_of_the_single_process_batches(world_size):
+    per_rank_batch, samples = 4, world_size * 4 * 5
+    single = EpochOrder(samples, seed=7)
+    ranks = [EpochOrder(samples, seed=7, rank=r, world_size=world_size) for r in range(world_size)]
+    for epoch in (0, 3):
+        single.set_epoch(epoch)
+        for order in ranks:
+            order.set_epoch(epoch)
+        single_batches = _batches(list(single), per_rank_batch * world_size)
+        rank_batches = [_batches(list(order), per_rank_batch) for order in ranks]
+        for step, expected in enumerate(single_batches):
+            together = sorted(i for r in range(world_size) for i in rank_batches[r][step])
+            assert together == sorted(expected)
+
+
+def test_each_epoch_is_a_fresh_permutation_that_every_rank_agrees_on():
+    order = EpochOrder(50, seed=1)
+    order.set_epoch(0)
+    first = list(order)
+    order.set_epoch(1)
+    second = list(order)
+    assert sorted(first) == sorted(second) == list(range(50))
+    assert first != second
+    again = EpochOrder(50, seed=1)
+    again.set_epoch(1)
+    assert list(again) == second
+
+
+def test_uneven_listing_is_padded_so_every_rank_takes_the_same_number_of_steps():
+    shares = []
+    for rank in range(4):
+        order = EpochOrder(10, seed=0, rank=rank, world_size=4)
+        shares.append(list(order))
+        assert len(order) == 3
+    assert all(len(share) == 3 for share in shares)
+    assert set(i for share in shares for i in share) == set(range(10))
+
+
+def test_resuming_mid_epoch_continues_with_the_indices_not_yet_seen():
+    order = EpochOrder(30, seed=5)
+    order.set_epoch(2)
+    full = list(order)
+    order.set_epoch(2, start=12)
+    assert list(order) == full[12:] and len(order) == 18
+
+
+def test_evaluation_shards_cover_every_row_exactly_once():
+    shards = [evaluation_shard(11, DistContext(rank=r, world_size=3)) for r in range(3)]
+    assert sorted(i for shard in shards for i in shard) == list(range(11))
+
+
+def test_launch_env_reads_torchrun_then_slurm_and_ignores_single_process_launches():
+    assert launch_env({}) is None
+    assert launch_env({"RANK": "0", "WORLD_SIZE": "1"}) is None
+    assert launch_env({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"}) == (1, 2, 1)
+    assert launch_env({"SLURM_PROCID": "3", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1"}) == (3, 8, 1)
+    with pytest.raises(TltkError, match="not integers"):
+        launch_env({"RANK": "x", "WORLD_SIZE": "2"})

@@ -1,0 +1,173 @@
+"""Data-parallel training across processes: torchrun, multi-node torchrun, and SLURM launches.
+
+One process per device. Each process sees the whole dataset listing but trains on its own
+shard of every epoch's order; DistributedDataParallel averages the gradients, so N
+processes with per-process batch B take the same steps as one process with batch N x B.
+That equivalence is why the data order lives here: ``EpochOrder`` draws one permutation
+per epoch from ``seed + epoch`` and gives rank r every N-th index starting at r, so global
+batch k of an N-process run holds exactly the samples of batch k of a one-process run
+with the N-times larger batch. The same rule makes the order of a resumed epoch
+reproducible from (seed, epoch, position) alone.
+
+Only rank 0 writes files and shows progress; the others compute.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Iterator, Mapping
+
+import torch
+import torch.distributed as dist
+
+from tltk.errors import TltkError
+
+
+@dataclass(frozen=True)
+class DistContext:
+    """Where this process stands in the job. A single-process run is rank 0 of 1."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    backend: str | None = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.world_size > 1
+
+
+SINGLE = DistContext()
+
+
+def launch_env(environ: Mapping[str, str] | None = None) -> tuple[int, int, int] | None:
+    """(rank, world size, local rank) from the launcher's variables, or None outside a launch.
+
+    torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; ``srun`` sets SLURM_PROCID/SLURM_NTASKS/
+    SLURM_LOCALID (MASTER_ADDR and MASTER_PORT must then come from the batch script).
+    """
+    env = os.environ if environ is None else environ
+    for rank_key, size_key, local_key in (("RANK", "WORLD_SIZE", "LOCAL_RANK"),
+                                          ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID")):
+        if rank_key in env and size_key in env:
+            try:
+                rank, size, local = int(env[rank_key]), int(env[size_key]), int(env.get(local_key, "0"))
+            except ValueError as exc:
+                raise TltkError(f"{rank_key}={env[rank_key]!r} / {size_key}={env[size_key]!r} are not integers; "
+                                f"start tltk through torchrun or srun.") from exc
+            if size > 1:
+                return rank, size, local
+    return None
+
+
+def init_distributed(device_type: str) -> DistContext:
+    """Join the process group when launched by torchrun/srun; a plain launch stays single-process.
+
+    NCCL is the backend on CUDA, gloo on the CPU.
+    """
+    found = launch_env()
+    if found is None:
+        return SINGLE
+    rank, world_size, local_rank = found
+    if "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
+        raise TltkError("a multi-process launch needs MASTER_ADDR and MASTER_PORT; set them in the batch script "
+                        "(torchrun sets them itself).")
+    backend = "nccl" if device_type == "cuda" else "gloo"
+    if device_type == "cuda":
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group(backend, rank=rank, world_size=world_size)
+    return DistContext(rank, world_size, local_rank, backend)
+
+
+def shutdown(context: DistContext) -> None:
+    if context.active and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def device_for(context: DistContext, device: torch.device) -> torch.device:
+    """Each process drives its own GPU (cuda:LOCAL_RANK); CPU processes share the CPU."""
+    if context.active and device.type == "cuda":
+        return torch.device("cuda", context.local_rank)
+    return device
+
+
+class EpochOrder(torch.utils.data.Sampler[int]):
+    """This rank's share of one seeded permutation per epoch.
+
+    The permutation is drawn from ``seed + epoch`` alone, so every rank agrees on it without
+    talking, and a resumed run can rebuild it. The listing is padded by repeating its start
+    until it divides by the world size (as DistributedSampler does), so every rank takes
+    the same number of steps; ``start`` skips the first indices of this rank's share when
+    an interrupted epoch is resumed.
+    """
+
+    def __init__(self, num_samples: int, *, seed: int, shuffle: bool = True,
+                 rank: int = 0, world_size: int = 1) -> None:
+        self.num_samples = num_samples
+        self.seed = seed
+        self.shuffle = shuffle
+        self.rank = rank
+        self.world_size = world_size
+        self.epoch = 0
+        self.start = 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch = epoch
+        self.start = start
+
+    def global_order(self) -> list[int]:
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(self.seed + self.epoch)
+            order = torch.randperm(self.num_samples, generator=generator).tolist()
+        else:
+            order = list(range(self.num_samples))
+        padded = math.ceil(self.num_samples / self.world_size) * self.world_size
+        return (order * math.ceil(padded / max(len(order), 1)))[:padded] if order else []
+
+    def __iter__(self) -> Iterator[int]:
+        share = self.global_order()[self.rank::self.world_size]
+        return iter(share[self.start:])
+
+    def __len__(self) -> int:
+        return max(math.ceil(self.num_samples / self.world_size) - self.start, 0)
+
+
+def all_reduce_sums(values: dict[str, float], context: DistContext, device: torch.device) -> dict[str, float]:
+    """Sum each value over the ranks (totals and counts; divide afterwards for means)."""
+    if not context.active:
+        return dict(values)
+    keys = sorted(values)
+    tensor = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return dict(zip(keys, tensor.tolist()))
+
+
+def gather_rows(tensor: torch.Tensor, context: DistContext) -> torch.Tensor:
+    """Concatenate every rank's rows (rank 0's first), for metrics that need all scores at once (AP)."""
+    if not context.active:
+        return tensor
+    sizes = [None] * context.world_size
+    dist.all_gather_object(sizes, int(tensor.shape[0]))
+    width = max(sizes)
+    padded = torch.zeros((width, *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
+    padded[: tensor.shape[0]] = tensor
+    parts = [torch.empty_like(padded) for _ in range(context.world_size)]
+    dist.all_gather(parts, padded)
+    return torch.cat([part[:size] for part, size in zip(parts, sizes)])
+
+
+def barrier(context: DistContext) -> None:
+    if context.active:
+        dist.barrier()
+
+
+def evaluation_shard(num_samples: int, context: DistContext) -> list[int]:
+    """This rank's rows for evaluation: every N-th, no padding, so no image counts twice."""
+    return list(range(context.rank, num_samples, context.world_size))
