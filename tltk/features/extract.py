@@ -1,0 +1,337 @@
+"""Extraction: images through a model, one layer tapped, vectors streamed into a store.
+
+Batches go from the DataLoader through the tapped model straight to the store's files:
+each batch's vectors are written before the next batch is read, so memory holds one
+batch however many images there are. Every row keeps what a person needs to find the
+image again (its path, or its dataset and index), its label(s) and its split.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from tltk.data import DataSplits, Sample, load_data
+from tltk.data.samples import positives
+from tltk.errors import DataError, TltkError
+from tltk.features.source import FeatureSource, source_from_record
+from tltk.features.store import Chunk, FeatureStore, IndexOptions, check_metric, create_store, is_store
+from tltk.layers import check_pool, resolve_layer, tap
+
+SPLITS = ("all", "train", "val", "test")
+LOAD_DATA_OPTIONS = tuple(name for name in inspect.signature(load_data).parameters if name != "spec")
+DEFAULT_BATCH_SIZE = 64
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class Loading:
+    """How images are batched and where the model runs."""
+
+    batch_size: int = DEFAULT_BATCH_SIZE
+    device: str = "auto"
+    workers: int | None = None  # None: from the number of images, as in training
+
+    def check(self) -> None:
+        if self.batch_size < 1:
+            raise TltkError(f"--batch-size must be at least 1, not {self.batch_size}.")
+        if self.workers is not None and self.workers < 0:
+            raise TltkError(f"--workers must be 0 or more, not {self.workers}.")
+
+
+@dataclass
+class DataSelection:
+    """The images of one ``--data`` spec and ``--split``, in the order they become rows."""
+
+    spec: str
+    options: dict[str, Any]
+    split: str
+    splits: DataSplits
+    samples: list[tuple[str, Sample]]
+
+    def entry(self, start: int) -> dict[str, Any]:
+        """What the manifest records about this data: enough to load its pixels again."""
+        return {"spec": self.spec, "options": self.options, "split": self.split, "fingerprint": self.splits.fingerprint,
+                "rows": [start, start + len(self.samples)]}
+
+    def row(self, position: int, data_index: int) -> dict[str, Any]:
+        split, sample = self.samples[position]
+        names = self.splits.class_names
+        row: dict[str, Any] = {"id": sample.id, "split": split, "labels": [names[i] for i in positives(sample.target)],
+                               "data": data_index}
+        if isinstance(sample.source, (int, np.integer)):
+            row.update(path=f"{self.spec}#{sample.id}", array_row=int(sample.source))
+        else:
+            row["path"] = str(sample.source)
+        return row
+
+
+# --- which images --------------------------------------------------------------------
+
+
+def select_data(source: FeatureSource, data: str | None, split: str = "all", **overrides: Any) -> DataSelection:
+    """The images to extract: ``data`` with ``overrides``, or for a run its own data and split settings.
+
+    A run directory's own data keeps the run's seed, fractions and class filter, so
+    ``--split test`` means the images its training held out (as ``tltk evaluate`` does).
+    """
+    if split not in SPLITS:
+        raise TltkError(f"--split '{split}' is not one of {', '.join(SPLITS)}.")
+    spec, options = _data_settings(source, data, overrides)
+    splits = load_data(spec, **options)
+    if split == "all":
+        samples = [(name, s) for name in ("train", "val", "test") for s in getattr(splits, name)]
+        if not samples:
+            raise DataError(f"{spec} holds no images; check the --data spec.")
+    else:
+        samples = [(split, s) for s in splits.split(split)]
+    return DataSelection(spec, options, split, splits, samples)
+
+
+def _data_settings(source: FeatureSource, data: str | None, overrides: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    unknown = [k for k in overrides if k not in LOAD_DATA_OPTIONS]
+    if unknown:
+        raise TypeError(f"unknown data option {unknown[0]}; load_data takes {', '.join(LOAD_DATA_OPTIONS)}")
+    options: dict[str, Any] = {}
+    if source.run_config is not None:
+        saved = source.run_config.get("data", {})
+        options = {k: saved[k] for k in LOAD_DATA_OPTIONS if saved.get(k) is not None}
+        if data is None or data == saved.get("spec"):
+            data = saved.get("spec")
+        else:
+            options.pop("classes", None)
+            options.pop("train_per_class", None)
+    if data is None:
+        raise TltkError("--data is needed with a backbone as SOURCE (e.g. --data builtin:digits); only a run directory knows its own data.")
+    options.update({k: v for k, v in overrides.items() if v is not None})
+    if options.get("classes") is not None:
+        options["classes"] = list(options["classes"])
+    return data, options
+
+
+# --- features ------------------------------------------------------------------------
+
+
+def feature_chunks(
+    source: FeatureSource, layer: str, pool: str, selection: DataSelection, loading: Loading, data_index: int = 0,
+) -> Iterator[Chunk]:
+    """(vectors, metadata rows) per batch, computed only when the caller asks for the next."""
+    from tltk.data import ImageDataset
+    from tltk.train.trainer import default_workers, make_loader, resolve_device
+
+    loading.check()
+    device = resolve_device(loading.device)
+    workers = loading.workers if loading.workers is not None else default_workers(len(selection.samples))
+    dataset = ImageDataset([s for _, s in selection.samples], source_transform(source), selection.splits.arrays)
+    loader = make_loader(dataset, batch_size=loading.batch_size, shuffle=False, workers=workers, device=device)
+    source.model.to(device)
+    done = 0
+    with tap(source.model, layer, pool) as features_of:
+        for images, _ in loader:
+            vectors = features_of(images.to(device, non_blocking=True)).cpu().numpy()
+            rows = [selection.row(done + i, data_index) for i in range(len(vectors))]
+            done += len(vectors)
+            yield vectors, rows
+
+
+def embed_images(source: FeatureSource, layer: str, pool: str, images: Sequence[str | Path], loading: Loading | None = None) -> np.ndarray:
+    """(len(images), D) features of image files, as the store's rows were made."""
+    from tltk.train.trainer import resolve_device
+
+    loading = loading or Loading()
+    loading.check()
+    device = resolve_device(loading.device)
+    transform = source_transform(source)
+    source.model.to(device)
+    parts: list[np.ndarray] = []
+    with tap(source.model, layer, pool) as features_of:
+        for begin in range(0, len(images), loading.batch_size):
+            batch = torch.stack([transform(_read_query(path)) for path in images[begin:begin + loading.batch_size]])
+            parts.append(features_of(batch.to(device)).cpu().numpy())
+    return np.concatenate(parts) if parts else np.empty((0, 0), dtype=np.float32)
+
+
+def _read_query(path: str | Path) -> Any:
+    from tltk.data import load_image
+
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise DataError(f"query image {file} does not exist; pass an image file to --query.")
+    return load_image(file)
+
+
+def source_transform(source: FeatureSource) -> Callable[[Any], torch.Tensor]:
+    """The deterministic preprocessing the source's model expects (resize and normalise)."""
+    from tltk.data import build_transforms
+
+    p = source.preprocessing
+    return build_transforms(tuple(p["input_size"]), p["mean"], p["std"], "none", train=False)
+
+
+# --- stores --------------------------------------------------------------------------
+
+
+def extract(
+    source: FeatureSource,
+    layer: str,
+    out: str | Path,
+    data: str | None = None,
+    *,
+    split: str = "all",
+    pool: str = "avg",
+    metric: str = "cosine",
+    index: IndexOptions | None = None,
+    loading: Loading | None = None,
+    overwrite: bool = False,
+    progress: Progress | None = None,
+    **data_options: Any,
+) -> FeatureStore:
+    """Extract ``layer`` features of ``data`` with ``source`` into a new store at ``out``."""
+    check_pool(pool)
+    check_metric(metric)
+    resolved = resolve_layer(source.model, layer)
+    selection = select_data(source, data, split, **data_options)
+    header = {
+        "source": source.record,
+        "layer": resolved.name,
+        "module": resolved.path,
+        "pool": pool,
+        "preprocessing": source.preprocessing,
+        "class_names": list(selection.splits.class_names),
+        "task": selection.splits.task,
+        "data": [selection.entry(0)],
+        "build_key": build_key(source, resolved.name, pool, metric, selection),
+    }
+    chunks = feature_chunks(source, resolved.name, pool, selection, loading or Loading())
+    return create_store(out, chunks, header, metric=metric, index=index, overwrite=overwrite,
+                        total=len(selection.samples), progress=progress)
+
+
+def add_images(
+    store: FeatureStore,
+    data: str,
+    *,
+    split: str = "all",
+    source: FeatureSource | None = None,
+    loading: Loading | None = None,
+    progress: Progress | None = None,
+    **data_options: Any,
+) -> int:
+    """Append the images of ``data`` to ``store`` with the model that built it; returns how many.
+
+    The model is built again from the manifest (or passed as ``source``) and must have
+    the store's fingerprint; data already in the store (same images, same split) is refused.
+    """
+    source = source or source_from_record(store.manifest["source"])
+    store.check_same_model(source.fingerprint, store.layer, store.pool, source.description)
+    selection = select_data(source, data, split, **data_options)
+    for entry in store.manifest.get("data", []):
+        if entry.get("fingerprint") == selection.splits.fingerprint and entry.get("split") in (split, "all"):
+            start, stop = entry.get("rows", [0, 0])
+            raise TltkError(f"{data} (split {split}) is already in the store at {store.path} (rows {start}-{stop - 1}); add other images.")
+    data_index = len(store.manifest.get("data", []))
+    chunks = feature_chunks(source, store.layer, store.pool, selection, loading or Loading(), data_index)
+    return store.append(chunks, selection.entry(store.count), selection.splits.class_names,
+                        total=len(selection.samples), progress=progress)
+
+
+def build_key(source: FeatureSource, layer: str, pool: str, metric: str, selection: DataSelection) -> str:
+    """What makes two stores interchangeable: model, layer, pooling, metric and the same images."""
+    recipe = {"model": source.fingerprint, "layer": layer, "pool": pool, "metric": metric, "spec": selection.spec,
+              "options": selection.options, "split": selection.split, "data": selection.splits.fingerprint}
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def extract_or_reuse(
+    source: FeatureSource,
+    layer: str,
+    data: str | None = None,
+    *,
+    store_dir: str | Path | None = None,
+    split: str = "all",
+    pool: str = "avg",
+    metric: str = "cosine",
+    index: IndexOptions | None = None,
+    loading: Loading | None = None,
+    progress: Progress | None = None,
+    **data_options: Any,
+) -> tuple[FeatureStore, bool]:
+    """The store for (model, layer, pooling, metric, data): reused if one with the same key
+    exists at ``store_dir`` (default: a folder named after them), else built there.
+    Returns the store and whether it was built now.
+    """
+    resolved = resolve_layer(source.model, layer)
+    selection = select_data(source, data, split, **data_options)
+    key = build_key(source, resolved.name, pool, metric, selection)
+    path = Path(store_dir).expanduser() if store_dir is not None else default_store_dir(source, resolved.name, pool, metric, selection)
+    if is_store(path):
+        store = FeatureStore.open(path)
+        if store.manifest.get("build_key") == key:
+            return store, False
+    built = extract(source, resolved.name, path, data, split=split, pool=pool, metric=metric, index=index,
+                    loading=loading, overwrite=True, progress=progress, **data_options)
+    return built, True
+
+
+def default_store_dir(source: FeatureSource, layer: str, pool: str, metric: str, selection: DataSelection) -> Path:
+    """``RUN/features/...`` for a run; the user's cache (``$XDG_CACHE_HOME/tltk/features``) for a backbone."""
+    data_tag = hashlib.sha256(json.dumps([selection.spec, selection.options], sort_keys=True, default=str).encode()).hexdigest()[:10]
+    name = f"{_safe(layer)}-{pool}-{metric}-{selection.split}-{data_tag}"
+    if source.is_run:
+        return Path(source.record["path"]) / "features" / name
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tltk" / "features"
+    return cache / f"{_safe(source.record['name'])}-{source.fingerprint[:10]}" / name
+
+
+def _safe(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)
+
+
+# --- pixels of stored rows -------------------------------------------------------------
+
+
+def row_pictures(store: FeatureStore, rows: Sequence[int]) -> list[np.ndarray]:
+    """H x W x 3 uint8 pictures of stored rows: files read again, in-memory datasets loaded again."""
+    from tltk.data import load_image
+
+    metadata = store.metadata()
+    arrays: dict[int, np.ndarray | None] = {}
+    pictures = []
+    for row in rows:
+        meta = metadata[int(row)]
+        if "array_row" in meta:
+            entry_index = int(meta.get("data", 0))
+            if entry_index not in arrays:
+                entry = store.manifest["data"][entry_index]
+                arrays[entry_index] = load_data(entry["spec"], **entry.get("options", {})).arrays
+            picture = np.asarray(arrays[entry_index][int(meta["array_row"])])  # type: ignore[index]
+        else:
+            picture = np.asarray(load_image(meta["path"]))
+        pictures.append(picture.repeat(3, axis=-1) if picture.shape[-1] == 1 else picture)
+    return pictures
+
+
+__all__ = [
+    "DataSelection",
+    "Loading",
+    "SPLITS",
+    "add_images",
+    "build_key",
+    "default_store_dir",
+    "embed_images",
+    "extract",
+    "extract_or_reuse",
+    "feature_chunks",
+    "row_pictures",
+    "select_data",
+    "source_transform",
+]
