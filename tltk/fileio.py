@@ -13,10 +13,17 @@ from pathlib import Path
 from typing import Any, Callable
 
 
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
+
+
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """Run ``write(tmp_path)`` and move the finished file onto ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes files private; give the usual permissions
     os.close(fd)
     tmp_path = Path(tmp)
     try:
