@@ -21,6 +21,10 @@ def _data_overrides(opts: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _or(value: int | None, default: int) -> int:
+    return default if value is None else value
+
+
 def _print_paths(title: str, paths: list[str]) -> None:
     out.print(f"[bold]{title}[/]")
     for path in paths:
@@ -62,11 +66,13 @@ def filters(run: str, layer: str, out: str | None, as_json: bool) -> None:
     """The kernels of a convolution of RUN as one grid, each filter scaled on its own."""
     from tltk.viz.filters import visualize_filters
 
-    path = str(visualize_filters(run, layer, out))
+    result = visualize_filters(run, layer, out)
     if as_json:
-        print_json({"out": path, "layer": layer})
+        print_json(result.to_dict())
         return
-    _print_paths(f"{layer} filters of {run}", [path])
+    filters, channels, height, width = result.shape
+    _print_paths(f"{layer} ({result.module}): {result.shown} of {filters} filters, {channels} x {height}x{width}",
+                 [str(result.out)])
 
 
 @visualize.command()
@@ -91,12 +97,12 @@ def activations(**opts: Any) -> None:
     if opts["class_average"]:
         result = class_average_activations(
             opts["run"], opts["layer"], opts["data_spec"], opts["split"], out=opts["out"],
-            per_class=opts["per_class"], max_maps=opts["max_maps"] or 16, device=opts["device"],
+            per_class=opts["per_class"], max_maps=_or(opts["max_maps"], 16), device=opts["device"],
             **_data_overrides(opts),
         )
     else:
         result = image_activations(opts["run"], opts["image"], opts["layer"], out=opts["out"],
-                                   max_maps=opts["max_maps"] or 64, device=opts["device"])
+                                   max_maps=_or(opts["max_maps"], 64), device=opts["device"])
     if opts["as_json"]:
         print_json(result.to_dict())
         return
@@ -136,41 +142,56 @@ def misclassified(**opts: Any) -> None:
 
 # --- tltk compare ---------------------------------------------------------------------
 
-TABLE_COLUMNS = ("name", "backbone", "head", "strategy", "weights", "optimizer", "lr", "batch_size", "epochs_run")
-
 
 @main.command()
 @click.argument("runs", nargs=-1, required=True)
-@click.option("--out", default="compare.png", show_default=True, help="PNG of the runs' curves overlaid.")
+@click.option("--out", "out_png", default="compare.png", show_default=True, help="PNG of the runs' curves overlaid.")
+@click.option("--markdown", is_flag=True, help="Print the whole table (every setting and figure) as Markdown, for a report.")
 @click.option("--json", "as_json", is_flag=True)
-def compare(runs: tuple[str, ...], out: str, as_json: bool) -> None:
+def compare(runs: tuple[str, ...], out_png: str, markdown: bool, as_json: bool) -> None:
     """Side-by-side table of RUNS (settings and final figures) and their curves in one PNG."""
-    from tltk.viz.compare import write_comparison
+    from tltk.viz.compare import column_label, format_value, full_columns, markdown_table, table_layout, write_comparison
 
-    rows, path = write_comparison(list(runs), out)
+    rows, path = write_comparison(list(runs), out_png)
     if as_json:
         print_json({"plot": str(path), "rows": rows})
         return
-    print_table("runs", rows, [*TABLE_COLUMNS, *_metric_columns(rows)])
+    if markdown:
+        click.echo(markdown_table(rows, full_columns(rows)), nl=False)
+        return
+    columns, shared = table_layout(rows)
+    print_table(f"{len(rows)} runs", rows, columns)
+    if shared:
+        out.print("same in every run: " + ", ".join(f"{column_label(k)} {format_value(v)}" for k, v in shared.items()))
     _print_paths("curves", [str(path)])
 
 
-def _metric_columns(rows: list[dict[str, Any]]) -> list[str]:
-    return [key for key in rows[0] if key.startswith(("final_", "test_"))] if rows else []
+def _longest_word(text: str) -> int:
+    """The narrowest a cell can be: rich wraps text at spaces."""
+    return max((len(word) for word in text.split()), default=0)
 
 
 def print_table(title: str, rows: list[dict[str, Any]], columns: list[str]) -> None:
-    """Rows as a table; the settings that differ between rows are shown in bold."""
-    from tltk.viz.compare import differing_columns, format_value
+    """Rows as a table, numbers right-aligned; turned on its side (one column per row) when even
+    with every cell wrapped at its spaces it would not fit the terminal."""
+    from tltk.viz.compare import column_label, format_value, is_metric
 
-    differs = set(differing_columns(rows))
+    cells = [[format_value(row.get(column), metric=is_metric(column)) for column in columns] for row in rows]
+    labels = [column_label(column) for column in columns]
+    width = sum(max(_longest_word(label), *(_longest_word(r[i]) for r in cells)) + 3 for i, label in enumerate(labels))
     table = Table(title=title)
-    for column in columns:
-        label = column.removeprefix("final_")
-        table.add_column(f"[bold]{label}[/]" if column in differs and column != "name" else label,
-                         justify="right" if column.startswith(("final_", "test_", "lr")) else "left")
-    for row in rows:
-        table.add_row(*(format_value(row.get(column)) for column in columns))
+    if width <= out.width or len(rows) * 12 > out.width:
+        for index, column in enumerate(columns):
+            numeric = all(isinstance(row.get(column), (int, float)) or row.get(column) is None for row in rows)
+            table.add_column(labels[index], justify="right" if numeric else "left", overflow="fold")
+        for line in cells:
+            table.add_row(*line)
+    else:
+        table.add_column(labels[0])
+        for line in cells:
+            table.add_column(line[0], justify="right", overflow="fold")
+        for index, label in enumerate(labels[1:], start=1):
+            table.add_row(label, *(line[index] for line in cells))
     out.print(table)
 
 
@@ -213,7 +234,10 @@ def sweep_command(param: str, option: str, help_text: str) -> Callable[..., Any]
         if opts["as_json"]:
             print_json({"param": param, "out_root": opts["out_root"], "rows": rows})
             return
-        print_table(f"sweep of {param}", rows, [param, *_metric_columns(rows), "best_epoch", "run"])
+        from tltk.viz.compare import metric_columns
+
+        print_table(f"sweep of {param}: one run per value under {opts['out_root']}", rows,
+                    [param, *metric_columns(rows, headline=True), "best_epoch"])
         _print_paths("table and plot", [f"{opts['out_root']}/sweep.json", f"{opts['out_root']}/sweep.png"])
 
     skipped = {"out", param}

@@ -151,7 +151,8 @@ class TensorBoardCallback(Callback):
         was_training = model.training
         model.eval()
         try:
-            with torch.no_grad():
+            with torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the tracer's deprecation and shape notices are not the user's to act on
                 self.writer.add_graph(model, images[:1].detach())
         except Exception as exc:  # tracing fails in many ways (data-dependent control flow, ...)
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
@@ -166,8 +167,13 @@ class TensorBoardCallback(Callback):
             self.writer.add_image(f"filters/{self.filters_layer}", grid, step, dataformats="HWC")
 
 
-def conv_filter_grid(model: nn.Module, layer: str) -> Any:
-    """The filter grid of ``layer`` as an H x W x 3 uint8 array, or None when there is no such conv."""
+def conv_filter_grid(model: nn.Module, layer: str, min_size: int = 256) -> Any:
+    """The filter grid of ``layer`` as an H x W x 3 uint8 array, or None when there is no such conv.
+
+    Every grid pixel is repeated into a square block so the grid is at least ``min_size``
+    pixels wide: TensorBoard shows an image at its own size, and 32 filters of 5x5 make
+    a grid of 37 pixels.
+    """
     from tltk.errors import TltkError
     from tltk.viz.filters import MAX_FILTERS, filter_grid, find_conv
 
@@ -175,7 +181,9 @@ def conv_filter_grid(model: nn.Module, layer: str) -> Any:
         _, conv = find_conv(model, layer)  # type: ignore[arg-type]
     except (TltkError, AttributeError):
         return None
-    return filter_grid(conv.weight.detach()[:MAX_FILTERS, :3])
+    grid = filter_grid(conv.weight.detach()[:MAX_FILTERS, :3])
+    factor = max(1, -(-min_size // max(grid.shape[:2])))
+    return grid.repeat(factor, axis=0).repeat(factor, axis=1)
 
 
 def clear_events(log_dir: Path) -> None:
@@ -235,23 +243,34 @@ def watch_callbacks(
     Built before the run directory is touched: a model without a conv1 to snapshot is
     an error now, not after the run's config has been written.
     """
+    from tltk.errors import TltkError
     from tltk.viz.filters import find_conv
 
-    if filters_every:
-        find_conv(model, "conv1")  # type: ignore[arg-type]
+    if filters_every is not None:
+        if filters_every < 1:
+            raise TltkError(f"--every must be at least 1 epoch, not {filters_every}.")
+        try:
+            find_conv(model, "conv1")  # type: ignore[arg-type]
+        except TltkError:
+            name = getattr(getattr(model, "backbone", None), "name", type(model).__name__)
+            raise TltkError(f"--every saves the conv1 filters, but {name} has no convolution named conv1; drop --every.") from None
     callbacks: list[Callback] = []
     if tensorboard:
         callbacks.append(TensorBoardCallback(
             out / TENSORBOARD_DIR, histogram_every, mean=preprocessing.get("mean"), std=preprocessing.get("std"),
             notify=notify,
         ))
-    if filters_every:
+    if filters_every is not None:
         callbacks.append(FilterSnapshotCallback(out / "plots" / "filters", filters_every, title=out.name))
     return callbacks
 
 
 def tensorboard_argv(runs: Sequence[str | Path], port: int | None = None, host: str | None = None) -> list[str]:
-    """The ``tensorboard`` command line that shows the logs of ``runs`` (several: one colour each)."""
+    """The ``tensorboard`` command line that shows the logs of ``runs``.
+
+    Several runs are named as ``tltk compare`` names them (the shortest path endings that
+    tell them apart), so each gets its own colour and a readable name.
+    """
     from tltk.errors import RunDirError
     from tltk.train import rundir
 
@@ -264,11 +283,14 @@ def tensorboard_argv(runs: Sequence[str | Path], port: int | None = None, host: 
         logs = path / TENSORBOARD_DIR
         if not logs.is_dir():
             raise RunDirError(f"{path} has no {TENSORBOARD_DIR}/ logs; train it with `tltk finetune --tensorboard`.")
-        dirs.append((path.name, logs))
+        dirs.append((path, logs))
     if len(dirs) == 1:
         argv = ["tensorboard", "--logdir", str(dirs[0][1])]
     else:
-        argv = ["tensorboard", "--logdir_spec", ",".join(f"{name}:{logs}" for name, logs in dirs)]
+        from tltk.viz.compare import run_labels
+
+        names = run_labels([path for path, _ in dirs])
+        argv = ["tensorboard", "--logdir_spec", ",".join(f"{name}:{logs}" for name, (_, logs) in zip(names, dirs))]
     if port is not None:
         argv += ["--port", str(port)]
     if host is not None:

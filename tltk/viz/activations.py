@@ -19,7 +19,7 @@ from torch import nn
 
 from tltk.errors import DataError, TltkError
 from tltk.model import TransferModel
-from tltk.viz.style import new_figure, save_figure
+from tltk.viz.style import grid_shape, new_figure, save_figure, wrap
 
 MAX_LISTED = 30  # layer names shown in an error before "... and N more"
 
@@ -162,8 +162,6 @@ def mosaic(tiles: np.ndarray, pad: int = 1) -> np.ndarray:
 
 def square_tiles(maps: np.ndarray) -> np.ndarray:
     """C maps (C x h x w) arranged as a near-square rows x columns block, NaN-filled at the end."""
-    from tltk.viz.style import grid_shape
-
     rows, cols = grid_shape(len(maps))
     block = np.full((rows * cols, *maps.shape[1:]), np.nan)
     block[: len(maps)] = maps
@@ -184,7 +182,7 @@ def image_maps_figure(picture: np.ndarray, maps: np.ndarray, title: str, descrip
     left.imshow(picture, interpolation="nearest")
     left.set(title="input (as the model sees it)", xlabel="x (pixels)", ylabel="y (pixels)")
     shown = right.imshow(grid, cmap="viridis", interpolation="nearest")
-    right.set(title=title, xlabel=description, ylabel="channels, row by row")
+    right.set(title=wrap(title, 4.5), xlabel=wrap(description, 5.5), ylabel="channels, row by row")
     right.set_xticks([])
     right.set_yticks([])
     figure.colorbar(shown, ax=right, label="activation")
@@ -200,7 +198,8 @@ def class_maps_figure(means: np.ndarray, channels: Sequence[int], class_names: S
     shown = ax.imshow(grid, cmap="viridis", interpolation="nearest")
     ax.set_xticks([1 + c * (width + 1) + width / 2 - 0.5 for c in range(cols)], [str(c) for c in channels])
     ax.set_yticks([1 + r * (height + 1) + height / 2 - 0.5 for r in range(rows)], list(class_names))
-    ax.set(title=title, xlabel="channel (those whose class averages differ most)", ylabel="class")
+    ax.set(title=wrap(title, figure.get_figwidth()), xlabel="channel (those whose class averages differ most)",
+           ylabel="class (images averaged)")
     figure.colorbar(shown, ax=ax, label="mean activation")
     return figure
 
@@ -219,6 +218,11 @@ def most_different_channels(means: torch.Tensor, count: int) -> list[int]:
 # --- commands -------------------------------------------------------------------------
 
 
+def _at_least_one(option: str, value: int) -> None:
+    if value < 1:
+        raise TltkError(f"{option} must be at least 1, not {value}.")
+
+
 def image_activations(
     run: str | Path, image: str | Path, layer: str, *, out: str | Path | None = None, max_maps: int = 64,
     device: str = "auto",
@@ -230,6 +234,7 @@ def image_activations(
     from tltk.viz.curves import PLOTS, run_title
     from tltk.viz.filters import safe_name
 
+    _at_least_one("--max-maps", max_maps)
     source = Path(image).expanduser()
     if not source.is_file():
         raise DataError(f"image {source} does not exist; pass the path of an image file.")
@@ -267,6 +272,9 @@ def class_average_activations(
     from tltk.viz.filters import safe_name
     from tltk.viz.misclassified import split_dataset
 
+    _at_least_one("--max-maps", max_maps)
+    if per_class is not None:
+        _at_least_one("--per-class", per_class)
     loaded = load_run(run)
     module_path, module = resolve_layer(loaded.model, layer)
     dataset, spec = split_dataset(loaded, data, split, per_class=per_class, **data_overrides)

@@ -9,6 +9,7 @@ are not losses), so a run that logs ``val_map`` gets an mAP curve without a chan
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -16,7 +17,7 @@ from matplotlib.figure import Figure
 
 from tltk.errors import RunDirError
 from tltk.train import rundir
-from tltk.viz.style import legend_if_several, new_figure, save_figure
+from tltk.viz.style import legend_if_several, new_figure, save_figure, wrap
 
 PLOTS = "plots"
 # Keys of an epoch row that are bookkeeping, not measurements.
@@ -45,6 +46,16 @@ def metric_keys(epochs: Sequence[dict[str, Any]]) -> list[str]:
     return sorted(keys, key=lambda k: (k.split("_", 1)[1], k))
 
 
+def family(key: str) -> str:
+    """What a metric measures, for an axis label: ``val_map_voc07`` -> ``mAP``, ``val_accuracy`` -> ``accuracy``."""
+    name = key.partition("_")[2]
+    if name.startswith("map"):
+        return "mAP"
+    if name.endswith("accuracy"):
+        return "accuracy"
+    return _PRETTY.get(name, name.replace("_", " "))
+
+
 def pretty(key: str) -> str:
     """``val_map`` -> ``val mAP``: legend and axis text."""
     split, _, name = key.partition("_")
@@ -55,10 +66,14 @@ def smooth(values: Sequence[float], weight: float) -> list[float]:
     """Exponential moving average with TensorBoard's start-up correction.
 
     Without the correction the line starts near zero and climbs, which reads as a
-    loss that rises at the beginning of training.
+    loss that rises at the beginning of training. A NaN or infinite step is left out of
+    the average (and drawn as a gap), so one bad batch does not blank the rest of the line.
     """
     smoothed, last, norm = [], 0.0, 0.0
     for value in values:
+        if not math.isfinite(value):
+            smoothed.append(math.nan)
+            continue
         last = weight * last + (1.0 - weight) * value
         norm = weight * norm + (1.0 - weight)
         smoothed.append(last / norm if norm else value)
@@ -89,7 +104,7 @@ def loss_figure(rows: Sequence[dict[str, Any]], title: str) -> Figure | None:
     if validated:
         ax.plot([r["step"] for r in validated], [r["val_loss"] for r in validated], color="tab:orange",
                 marker="o", linewidth=1.5, label="val loss (per epoch)")
-    ax.set(title=f"Loss: {title}", xlabel="step", ylabel="loss")
+    ax.set(title=wrap(f"Loss: {title}", 8.0), xlabel="step", ylabel="loss")
     ax.grid(alpha=0.3)
     legend_if_several(ax)
     return figure
@@ -106,8 +121,8 @@ def metric_figure(rows: Sequence[dict[str, Any]], title: str) -> Figure | None:
         points = [(r["epoch"], r[key]) for r in epochs if isinstance(r.get(key), (int, float))]
         style = "-" if key.startswith("val_") else "--"
         ax.plot([p[0] for p in points], [p[1] for p in points], style, marker="o", label=pretty(key))
-    names = sorted({pretty(k).split(" ", 1)[1] for k in keys})
-    ax.set(title=f"Per-epoch {' and '.join(names)}: {title}", xlabel="epoch", ylabel=" / ".join(names))
+    names = list(dict.fromkeys(family(k) for k in keys))
+    ax.set(title=wrap(f"Per-epoch {' and '.join(names)}: {title}", 8.0), xlabel="epoch", ylabel=" / ".join(names))
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.grid(alpha=0.3)
     legend_if_several(ax)
@@ -115,7 +130,12 @@ def metric_figure(rows: Sequence[dict[str, Any]], title: str) -> Figure | None:
 
 
 def lr_figure(rows: Sequence[dict[str, Any]], title: str) -> Figure | None:
-    """The learning rate each step used; log scale once it spans more than a decade."""
+    """The learning rate each step used; log scale when much of the run is a decade below its peak.
+
+    Step decay and exponential schedules spend most steps decades below the start and
+    need the log scale to be read; a cosine schedule only touches zero at its very end,
+    and on a log axis that last plunge would fill the picture.
+    """
     steps, _ = split_rows(rows)
     points = [(r["step"], r["lr"]) for r in steps if isinstance(r.get("lr"), (int, float))]
     if not points:
@@ -124,11 +144,19 @@ def lr_figure(rows: Sequence[dict[str, Any]], title: str) -> Figure | None:
     values = [p[1] for p in points]
     ax.plot([p[0] for p in points], values, color="tab:green", marker="." if len(points) <= 200 else None,
             markersize=3, label="learning rate")
-    if min(values) > 0 and max(values) / min(values) > 10:
+    if needs_log_scale(values):
         ax.set_yscale("log")
-    ax.set(title=f"Learning rate: {title}", xlabel="step", ylabel="learning rate (last parameter group)")
+    ax.set(title=wrap(f"Learning rate: {title}", 8.0), xlabel="step", ylabel="learning rate (last parameter group)")
     ax.grid(alpha=0.3)
     return figure
+
+
+def needs_log_scale(values: Sequence[float]) -> bool:
+    """True when over a third of the steps run more than ten times below the peak (all values positive)."""
+    if not values or min(values) <= 0:
+        return False
+    peak = max(values)
+    return sum(value < peak / 10 for value in values) > len(values) / 3
 
 
 def run_title(run: Path) -> str:

@@ -10,7 +10,9 @@ image; others as one grey tile per input channel.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -20,32 +22,55 @@ from torch import nn
 from tltk.errors import TltkError
 from tltk.model import TransferModel
 from tltk.viz.activations import resolve_layer
-from tltk.viz.style import grid_shape, hide_ticks, new_figure, save_figure
+from tltk.viz.style import DPI, grid_shape, hide_ticks, new_figure, save_figure, wrap
 
 PAD_VALUE = 255  # white lines between tiles: a black kernel pixel stays distinguishable
 MAX_FILTERS = 64
+MAX_GREY_FILTERS = 32  # a non-RGB layer draws one row per filter: 32 rows of up to 16 tiles
 MAX_CHANNELS = 16
 
 
 def find_conv(model: TransferModel, layer: str = "conv1") -> tuple[str, nn.Conv2d]:
-    """The convolution behind ``layer``: the layer itself, or the last one before it.
+    """The convolution whose kernels ``layer`` shows: (its module path, the module).
 
     Named layers point at activations (``conv1`` is the ReLU after the first conv on
-    AlexNet, VGG and LeNet), so the kernels are those of the nearest convolution that
-    feeds it.
+    AlexNet, VGG and LeNet, ``pool5`` a max-pool), so a layer without kernels of its own
+    shows those of the convolution that feeds it, found by walking back over modules
+    without weights (activations, pooling, dropout) and BatchNorm. A block (``layer4``)
+    shows its last convolution. A fully-connected layer has no kernels to draw: asking
+    for ``fc7`` is an error, never the kernels of some earlier convolution.
     """
     path, module = resolve_layer(model, layer)
     if isinstance(module, nn.Conv2d):
         return path, module
-    last: tuple[str, nn.Conv2d] | None = None
-    for name, candidate in model.named_modules():
-        if isinstance(candidate, nn.Conv2d):
-            last = (name, candidate)
-        if candidate is module:
+    inside = [(f"{path}.{name}", m) for name, m in module.named_modules() if name and isinstance(m, nn.Conv2d)]
+    if inside:
+        return inside[-1]
+    is_leaf = not any(True for _ in module.children())
+    if is_leaf and not any(True for _ in module.parameters(recurse=False)):
+        feeding = _conv_feeding(model, module)
+        if feeding is not None:
+            return feeding
+    raise TltkError(
+        f"layer '{layer}' ({path}, {type(module).__name__}) holds no convolution and follows none directly, so it has no kernels to draw; "
+        "pick a convolutional layer such as conv1."
+    )
+
+
+def _conv_feeding(model: nn.Module, target: nn.Module) -> tuple[str, nn.Conv2d] | None:
+    """The convolution just before ``target`` in definition order, if only weightless or BatchNorm layers lie between."""
+    before: list[tuple[str, nn.Module]] = []
+    for name, module in model.named_modules():
+        if module is target:
             break
-    if last is None:
-        raise TltkError(f"layer '{layer}' ({path}) has no convolution at or before it; pick a convolutional layer such as conv1.")
-    return last
+        before.append((name, module))
+    for name, module in reversed(before):
+        if isinstance(module, nn.Conv2d):
+            return name, module
+        has_weights = any(True for _ in module.parameters(recurse=False))
+        if has_weights and not isinstance(module, nn.modules.batchnorm._BatchNorm):
+            return None
+    return None
 
 
 def normalise_each(weight: np.ndarray) -> np.ndarray:
@@ -96,35 +121,64 @@ def filter_grid(weight: torch.Tensor | np.ndarray, pad: int = 1) -> np.ndarray:
 
 
 def filters_figure(grid: np.ndarray, title: str, description: str) -> Figure:
-    """The grid drawn pixel for pixel (no smoothing), sized to the number of filters."""
-    aspect = grid.shape[1] / grid.shape[0]
-    height = float(np.clip(grid.shape[0] / 12.0, 4.0, 10.0))
-    figure, (ax,) = new_figure(float(np.clip(height * aspect, 4.0, 14.0)), height + 0.8)
+    """The grid drawn pixel for pixel (no smoothing), at a few screen pixels per kernel pixel.
+
+    The figure is at least 7 inches wide so that the title and the description below
+    the grid fit whatever the grid's shape (a tall grid of 64 filters x 16 channels, or
+    six tiles of 5x5).
+    """
+    scale = float(np.clip(700.0 / max(grid.shape[:2]), 1.0, 12.0))  # screen pixels per grid pixel
+    width_in = max(7.0, grid.shape[1] * scale / DPI + 1.0)
+    height_in = grid.shape[0] * scale / DPI + 1.8
+    figure, (ax,) = new_figure(width_in, height_in)
     ax.imshow(grid, interpolation="nearest")
     hide_ticks(ax)
-    ax.set(title=title, xlabel=description, ylabel="filters, row by row")
+    ax.set(title=wrap(title, width_in), xlabel=wrap(description, width_in * 1.2), ylabel="filters, row by row")
     return figure
 
 
+@dataclass
+class FiltersResult:
+    """What was drawn, for ``--json`` and for tests."""
+
+    out: Path
+    layer: str
+    module: str
+    shape: tuple[int, ...]  # the whole weight: (out, in, height, width)
+    shown: int  # filters in the picture
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"out": str(self.out), "layer": self.layer, "module": self.module, "shape": list(self.shape),
+                "shown": self.shown}
+
+
 def describe(path: str, weight: torch.Tensor, shown: int) -> str:
+    """The line under the grid: which module, how many filters, how they are coloured and scaled."""
     out_channels, in_channels, height, width = weight.shape
-    which = f"{shown} of {out_channels}" if shown < out_channels else str(out_channels)
-    colour = "RGB" if in_channels == 3 else f"{min(in_channels, MAX_CHANNELS)} input channels as grey tiles"
-    return f"{path}: {which} filters, {height}x{width}, {colour}; each scaled to its own min..max"
+    which = f"first {shown} of {out_channels}" if shown < out_channels else str(out_channels)
+    if in_channels == 3:
+        colour = "RGB"
+    elif in_channels > MAX_CHANNELS:
+        colour = f"first {MAX_CHANNELS} of {in_channels} input channels as grey tiles, one filter per row"
+    else:
+        colour = f"{in_channels} input channel{'s' if in_channels > 1 else ''} as grey tiles" + (
+            ", one filter per row" if in_channels > 1 else "")
+    return f"{path}: {which} filters of {height}x{width}, {colour}; each filter scaled to its own min..max"
 
 
-def write_filters(model: TransferModel, path: str | Path, layer: str = "conv1", title: str = "") -> Path:
+def write_filters(model: TransferModel, path: str | Path, layer: str = "conv1", title: str = "") -> FiltersResult:
     """Save the filter grid of ``layer`` of ``model`` as a PNG at ``path``.
 
-    At most 64 filters (and 16 input channels of a non-RGB layer) are drawn: beyond that
-    the tiles become too small to read.
+    At most 64 filters of an RGB layer (32 filters of 16 input channels of another) are
+    drawn: beyond that the tiles become too small to read.
     """
     module_path, conv = find_conv(model, layer)
     weight = conv.weight.detach()
-    shown = weight[:MAX_FILTERS, :MAX_CHANNELS]
+    shown = weight[:MAX_FILTERS] if weight.shape[1] == 3 else weight[:MAX_GREY_FILTERS, :MAX_CHANNELS]
     heading = f"{layer} filters" + (f": {title}" if title else "")
     figure = filters_figure(filter_grid(shown), heading, describe(module_path, weight, len(shown)))
-    return save_figure(figure, path)
+    saved = save_figure(figure, path)
+    return FiltersResult(saved, layer, module_path, tuple(weight.shape), len(shown))
 
 
 def safe_name(text: str) -> str:
@@ -132,7 +186,7 @@ def safe_name(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "layer"
 
 
-def visualize_filters(run: str | Path, layer: str = "conv1", out: str | Path | None = None) -> Path:
+def visualize_filters(run: str | Path, layer: str = "conv1", out: str | Path | None = None) -> FiltersResult:
     """Write RUN/plots/filters_LAYER.png (or ``out``) from the run's trained weights."""
     from tltk.train.evaluate import load_run
     from tltk.viz.curves import PLOTS, run_title

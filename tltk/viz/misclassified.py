@@ -19,7 +19,7 @@ from tltk.data import ImageDataset, Sample, build_transforms
 from tltk.errors import DataError, TltkError
 from tltk.train.evaluate import LoadedRun, _samples_for_run, load_data_for_run, load_run
 from tltk.train.metrics import confusion_matrix
-from tltk.viz.style import grid_shape, new_figure, save_figure
+from tltk.viz.style import grid_shape, new_figure, save_figure, wrap
 
 MAX_ANNOTATED_CLASSES = 30  # above this the count in each cell is unreadable
 
@@ -60,8 +60,8 @@ def split_dataset(
     """
     if loaded.config.get("train", {}).get("task", "multiclass") != "multiclass":
         raise TltkError(
-            f"{loaded.path} is a multi-label run; this picture needs one class per image "
-            f"(`tltk evaluate {loaded.path}` gives its per-class AP)."
+            f"{loaded.path} is a multi-label run, and this picture is for multi-class runs only (one true class per "
+            f"image); `tltk evaluate {loaded.path}` gives its per-class AP and chart instead."
         )
     splits = load_data_for_run(loaded, data, overrides)
     samples = _samples_for_run(splits.split(split), splits.class_names, loaded.class_names, splits.spec)
@@ -102,9 +102,10 @@ def find_mistakes(
 
 
 def mistakes_figure(pictures: Sequence[np.ndarray], mistakes: Sequence[Mistake], title: str) -> Figure:
-    """One tile per mistake, titled ``true / predicted (confidence)``."""
+    """One tile per mistake, titled ``true / predicted (confidence)``; a note where there is none."""
     rows, cols = grid_shape(max(len(mistakes), 1))
-    figure, axes = new_figure(max(4.0, 1.6 * cols), max(3.0, 1.7 * rows + 0.8), rows=rows, cols=cols)
+    width = max(6.0, 1.6 * cols)
+    figure, axes = new_figure(width, max(3.0, 1.7 * rows + 1.2), rows=rows, cols=cols)
     for ax in axes:
         ax.axis("off")
     for ax, picture, mistake in zip(axes, pictures, mistakes):
@@ -112,7 +113,7 @@ def mistakes_figure(pictures: Sequence[np.ndarray], mistakes: Sequence[Mistake],
         ax.set_title(f"{mistake.true} / {mistake.predicted}\n({mistake.confidence:.2f})", fontsize="small")
     if not mistakes:
         axes[0].text(0.5, 0.5, "no misclassified images", ha="center", va="center")
-    figure.suptitle(title)
+    figure.suptitle(wrap(title, width))
     figure.supxlabel("each image: true class / predicted class (probability of the prediction)")
     figure.supylabel("most confident mistakes first, row by row")
     return figure
@@ -131,7 +132,7 @@ def confusion_figure(confusion: np.ndarray, class_names: Sequence[str], title: s
         for (r, c), count in np.ndenumerate(confusion):
             ax.text(c, r, str(count), ha="center", va="center", fontsize="small",
                     color="white" if count > threshold else "black")
-    ax.set(title=title, xlabel="predicted class", ylabel="true class")
+    ax.set(title=wrap(title, size), xlabel="predicted class", ylabel="true class")
     figure.colorbar(shown, ax=ax, label="images")
     return figure
 
@@ -155,7 +156,10 @@ def visualize_misclassified(
     """Write misclassified_SPLIT.png (the ``n`` most confident mistakes) and confusion_SPLIT.png.
 
     Files go to RUN/plots unless ``out_dir`` is given; the result lists every mistake.
+    Multi-class runs only: a multi-label run is refused with a pointer to ``tltk evaluate``.
     """
+    if n < 1:
+        raise TltkError(f"--n must be at least 1 (the mistakes to show), not {n}.")
     from tltk.viz.activations import unnormalise
     from tltk.viz.curves import PLOTS, run_title
 
@@ -166,7 +170,7 @@ def visualize_misclassified(
     mistakes = find_mistakes(probabilities, targets, names, [s.id for s in dataset.samples])
     confusion = confusion_matrix(targets, probabilities.argmax(axis=1), len(names))
     pre = loaded.preprocessing
-    shown = mistakes[: max(n, 0)]
+    shown = mistakes[:n]
     pictures = [unnormalise(dataset[m.index][0], pre["mean"], pre["std"]) for m in shown]
     target = Path(out_dir) if out_dir is not None else loaded.path / PLOTS
     label = f"{spec} {split}, {len(targets)} images"

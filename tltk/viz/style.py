@@ -9,6 +9,7 @@ notebook the user is plotting in.
 from __future__ import annotations
 
 import math
+import textwrap
 from pathlib import Path
 from typing import Sequence
 
@@ -34,6 +35,16 @@ def save_figure(figure: Figure, path: str | Path) -> Path:
     target = Path(path)
     atomic_write(target, lambda tmp: figure.savefig(tmp, format="png", dpi=DPI))
     return target
+
+
+def wrap(text: str, inches: float) -> str:
+    """``text`` on as many lines as it needs to fit ``inches`` of figure width.
+
+    Agg clips text that runs past the figure's edge, and titles here carry run names
+    and module paths of any length. About 10 pixels per character of a title font.
+    """
+    width = max(20, int(inches * DPI / 10))
+    return "\n".join(textwrap.wrap(text, width, break_on_hyphens=False)) or text
 
 
 def legend_if_several(ax: Axes) -> None:
