@@ -7,11 +7,12 @@ TORCH_PIN := torch==2.14.1 torchvision==0.29.1
 
 .PHONY: demo test venv clean
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml plugins/tltk-example-plugin/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH_PIN)
 	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet -e plugins/tltk-example-plugin
 	touch $@
 
 venv: $(VENV)/.installed

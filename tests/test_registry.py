@@ -1,12 +1,15 @@
 """Tests for tltk.registry: names to components, and plugins found through entry points.
 
 Entry points are faked by replacing ``tltk.registry._entry_points`` with objects that have
-the three things the registry reads from a real ``importlib.metadata.EntryPoint``:
-``.name``, ``.load()`` and ``.dist`` (whose ``metadata['Name']`` and ``version`` label it).
+what the registry reads from a real ``importlib.metadata.EntryPoint``: ``.name``,
+``.value``, ``.load()`` and ``.dist`` (whose ``metadata['Name']`` and ``version`` label it).
+tests/test_plugins.py does the same with real installed packages.
 """
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -15,7 +18,7 @@ import pytest
 import tltk.registry
 from tltk.backbones import BACKBONES, backbone_info, register_backbone
 from tltk.errors import TltkError, UnknownNameError
-from tltk.registry import Registry
+from tltk.registry import BLOCKED, FAILED, NOT_LOADED, OK, PluginError, PluginPolicy, Registry, registries
 
 
 def alpha() -> str:
@@ -39,10 +42,11 @@ class FakeDist:
 class FakeEntryPoint:
     """Quacks like importlib.metadata.EntryPoint; counts how often it is loaded."""
 
-    def __init__(self, name: str, load: Callable[[], Any], dist: FakeDist | None) -> None:
+    def __init__(self, name: str, load: Callable[[], Any], dist: FakeDist | None, value: str = "") -> None:
         self.name = name
         self._load = load
         self.dist = dist
+        self.value = value
         self.loads = 0
 
     def load(self) -> Any:
@@ -70,6 +74,17 @@ def plugin_function() -> str:
 
 def raise_import_error() -> Any:
     raise ImportError("No module named 'brokenpkg.heads'")
+
+
+@pytest.fixture(autouse=True)
+def quiet_reports(monkeypatch):
+    """Collect what the registry reports instead of warning, fresh for each test."""
+    reported: list[str] = []
+    monkeypatch.setattr(tltk.registry, "_reported", set())
+    monkeypatch.setattr(tltk.registry, "_reporter", reported.append)
+    monkeypatch.delenv("TLTK_PLUGINS", raising=False)
+    monkeypatch.delenv("TLTK_DISABLE_PLUGIN_AUTOLOAD", raising=False)
+    return reported
 
 
 @pytest.fixture
@@ -197,28 +212,29 @@ def test_unknown_name_in_an_empty_registry_says_none_are_known():
         Registry("widget").get("x")
 
 
-# ----------------------------------------------------------------- entry points
+
+# ----------------------------------------------------------------- entry points: lazy discovery
 
 
-def test_entry_points_are_not_read_or_loaded_until_a_name_is_listed(fake_plugins):
+def test_listing_names_reads_entry_points_once_and_imports_none_of_them(fake_plugins):
     fake, good, broken, _ = fake_plugins
     reg: Registry[Callable[[], str]] = Registry("widget", group="tltk.widgets")
-    reg.add("alpha", alpha)  # registering in-tree does not touch the group
-    assert fake.groups_read == [] and good.loads == 0 and broken.loads == 0
-    assert reg.names() == ["alpha", "broken", "plugged"]
-    assert fake.groups_read == ["tltk.widgets"]
-    assert good.loads == 1
+    assert fake.groups_read == []  # creating a registry reads nothing
+    reg.add("alpha", alpha)
+    assert reg.names() == ["alpha", "broken", "plugged", "shadowpkg:alpha"]
+    assert "plugged" in reg and "broken" in reg
     reg.names()
-    reg.get("plugged")
-    assert fake.groups_read == ["tltk.widgets"] and good.loads == 1  # read once, cached
+    assert fake.groups_read == ["tltk.widgets"]
+    assert good.loads == 0 and broken.loads == 0
 
 
-def test_entry_points_are_loaded_by_the_first_get(fake_plugins):
-    fake, good, _, _ = fake_plugins
+def test_only_the_component_asked_for_is_loaded_and_only_once(fake_plugins):
+    fake, good, broken, shadow = fake_plugins
     reg: Registry[Callable[[], str]] = Registry("widget", group="tltk.widgets")
-    assert good.loads == 0
-    assert reg.get("plugged") is plugin_function
-    assert good.loads == 1 and fake.groups_read == ["tltk.widgets"]
+    assert reg.get("plugged")() == "from the plugin"
+    reg.get("plugged")
+    assert (good.loads, broken.loads, shadow.loads) == (1, 0, 0)
+    assert fake.groups_read == ["tltk.widgets"]
 
 
 def test_a_registry_without_a_group_never_reads_entry_points(fake_plugins):
@@ -228,11 +244,12 @@ def test_a_registry_without_a_group_never_reads_entry_points(fake_plugins):
     assert fake.groups_read == [] and good.loads == 0
 
 
-def test_plugin_entry_records_its_distribution_as_source(fake_plugins):
+def test_plugin_entry_records_its_distribution_and_status(fake_plugins):
     reg: Registry[Callable[[], str]] = Registry("widget", group="tltk.widgets")
+    assert reg.find("plugged").status == NOT_LOADED
     entry = reg.entry("plugged")
-    assert entry.source == "pkg==1.0"
-    assert entry.obj() == "from the plugin"
+    assert (entry.source, entry.package, entry.version, entry.status) == ("pkg==1.0", "pkg", "1.0", OK)
+    assert entry.obj is plugin_function
     assert entry.metadata == {}
 
 
@@ -243,13 +260,15 @@ def test_plugin_entry_point_without_a_distribution_is_labelled_unknown(monkeypat
     assert reg.entry("orphan").source == "unknown"
 
 
-def test_plugin_cannot_replace_an_in_tree_name(fake_plugins):
-    _, _, _, shadow = fake_plugins
+def test_the_same_distribution_found_twice_on_the_path_gives_one_entry(monkeypatch):
+    twice = [FakeEntryPoint("plugged", lambda: plugin_function, FakeDist("pkg", "1.0")) for _ in range(2)]
+    monkeypatch.setattr(tltk.registry, "_entry_points", FakeEntryPoints(twice))
     reg: Registry[Callable[[], str]] = Registry("widget", group="tltk.widgets")
-    reg.add("alpha", alpha)
-    assert reg.get("alpha") is alpha
-    assert reg.entry("alpha").source == "tltk"
-    assert shadow.loads == 0
+    assert reg.names() == ["plugged"]
+    assert reg.get("plugged")() == "from the plugin"
+
+
+# ----------------------------------------------------------------- broken plugins
 
 
 def test_broken_plugin_does_not_break_the_registry(fake_plugins):
@@ -259,27 +278,243 @@ def test_broken_plugin_does_not_break_the_registry(fake_plugins):
     assert "broken" in reg.names()
     assert reg.get("alpha")() == "alpha"
     assert reg.get("plugged")() == "from the plugin"
-    assert broken.loads == 1
-    entry = reg.entry("broken")
-    assert entry.source == "brokenpkg==2.0"
-    assert "No module named 'brokenpkg.heads'" in entry.metadata["broken"]
+    assert broken.loads == 0
 
 
-def test_using_a_broken_plugin_raises_a_tltk_error_naming_its_package_and_cause(fake_plugins):
+def test_using_a_broken_plugin_raises_one_sentence_naming_its_package_version_and_cause(fake_plugins):
+    _, _, broken, _ = fake_plugins
     reg: Registry[Callable[[], str]] = Registry("widget", group="tltk.widgets")
-    factory = reg.get("broken")  # looking it up works; using it explains why it cannot
-    with pytest.raises(TltkError) as info:
-        factory(pretrained=False)
+    with pytest.raises(PluginError) as info:
+        reg.get("broken")
     message = str(info.value)
-    assert "widget 'broken'" in message
-    assert "brokenpkg==2.0" in message
-    assert "No module named 'brokenpkg.heads'" in message
+    assert message.startswith("widget 'broken' from brokenpkg 2.0 failed to load (ImportError: No module named 'brokenpkg.heads')")
+    assert "\n" not in message and "TLTK_PLUGINS" in message
+    with pytest.raises(PluginError, match="brokenpkg 2.0 failed to load"):
+        reg.get("broken")  # the failure is remembered, not retried
+    assert broken.loads == 1
+    assert (reg.find("broken").status, reg.find("broken").error) == (FAILED, message)
 
 
-def test_unknown_name_message_includes_plugin_names(fake_plugins):
+def test_load_all_records_failures_on_their_entries_instead_of_raising(fake_plugins):
+    reg: Registry[Callable[[], str]] = Registry("widget", group="tltk.widgets")
+    statuses = {e.qualified_name: e.status for e in reg.load_all()}
+    assert statuses == {"pkg:plugged": OK, "brokenpkg:broken": FAILED, "shadowpkg:alpha": OK}
+
+
+def test_an_exception_from_a_plugin_component_becomes_a_plugin_error_naming_the_package(monkeypatch):
+    def explode(pretrained: bool = False) -> None:
+        raise RuntimeError("CUDA kernel image not found")
+
+    ep = FakeEntryPoint("boom", lambda: explode, FakeDist("boompkg", "0.3"))
+    monkeypatch.setattr(tltk.registry, "_entry_points", FakeEntryPoints([ep]))
+    reg: Registry[Callable[..., None]] = Registry("backbone", group="tltk.backbones")
+    with pytest.raises(PluginError) as info:
+        reg.get("boom")(pretrained=False)
+    assert str(info.value).startswith("backbone 'boom' from boompkg 0.3 raised RuntimeError: CUDA kernel image not found;")
+    assert isinstance(info.value.__cause__, RuntimeError)  # --debug shows the plugin's own traceback
+
+
+def test_a_tltk_error_from_a_plugin_component_passes_through_unchanged(monkeypatch):
+    def refuse() -> None:
+        raise TltkError("option width=0 is not at least 1.")
+
+    monkeypatch.setattr(tltk.registry, "_entry_points",
+                        FakeEntryPoints([FakeEntryPoint("picky", lambda: refuse, FakeDist("pickypkg", "1"))]))
+    reg: Registry[Callable[[], None]] = Registry("widget", group="tltk.widgets")
+    with pytest.raises(TltkError, match=r"^option width=0 is not at least 1\.$"):
+        reg.get("picky")()
+
+
+def test_a_guarded_plugin_factory_keeps_its_signature_and_declared_attributes(monkeypatch):
+    def factory(pretrained: bool = False, width: int = 16) -> None:
+        """A factory."""
+
+    factory.pretrained_available = True  # type: ignore[attr-defined]
+    monkeypatch.setattr(tltk.registry, "_entry_points",
+                        FakeEntryPoints([FakeEntryPoint("f", lambda: factory, FakeDist("p", "1"))]))
+    reg: Registry[Callable[..., None]] = Registry("backbone", group="tltk.backbones")
+    guarded = reg.get("f")
+    assert guarded is not factory and reg.get("f") is guarded
+    assert list(importlib.import_module("inspect").signature(guarded).parameters) == ["pretrained", "width"]
+    assert guarded.pretrained_available is True and guarded.__doc__ == "A factory."
+
+
+def test_an_entry_point_of_the_wrong_shape_fails_its_contract_at_load(monkeypatch):
+    def no_num_classes(in_features: int, in_channels: int | None) -> None: ...
+
+    points = [FakeEntryPoint("shapeless", lambda: no_num_classes, FakeDist("shapes", "1.2")),
+              FakeEntryPoint("constant", lambda: 42, FakeDist("shapes", "1.2"))]
+    monkeypatch.setattr(tltk.registry, "_entry_points", FakeEntryPoints(points))
+    reg: Registry[Callable[..., None]] = Registry("head", group="tltk.heads")
+    with pytest.raises(PluginError, match=r"head 'shapeless' from shapes 1\.2 does not meet the head contract: it cannot "
+                                          r"be called as f\(in_features=\.\.\., in_channels=\.\.\., num_classes=\.\.\.\).*"
+                                          r"see HeadFactory in tltk\.plugin"):
+        reg.get("shapeless")
+    with pytest.raises(PluginError, match="'constant' from shapes 1.2 does not meet the head contract: it names a int, not a callable"):
+        reg.get("constant")
+
+
+# ----------------------------------------------------------------- plugin API version
+
+
+def _module_declaring(name: str, version: object) -> Any:
+    module = type(importlib)(name)
+    module.TLTK_PLUGIN_API = version  # type: ignore[attr-defined]
+    return module
+
+
+@pytest.mark.parametrize("declared", ["2.0", "1.9", "0.4"])
+def test_a_plugin_for_an_incompatible_api_is_refused_with_what_to_upgrade(monkeypatch, declared):
+    monkeypatch.setitem(importlib.import_module("sys").modules, "futurepkg", _module_declaring("futurepkg", declared))
+    ep = FakeEntryPoint("fancy", lambda: alpha, FakeDist("futurepkg", "3.0"), value="futurepkg.heads:fancy")
+    monkeypatch.setattr(tltk.registry, "_entry_points", FakeEntryPoints([ep]))
+    reg: Registry[Callable[[], str]] = Registry("widget", group="tltk.widgets")
+    with pytest.raises(PluginError) as info:
+        reg.get("fancy")
+    assert str(info.value) == (
+        f"widget 'fancy' from futurepkg 3.0 cannot be used: it is written for tltk plugin API {declared} and this tltk "
+        f"provides plugin API 1.0; install a release of futurepkg made for plugin API 1.x, or a tltk that matches it."
+    )
+
+
+@pytest.mark.parametrize("declared", ["1.0", "1"])
+def test_a_plugin_declaring_a_compatible_api_loads(monkeypatch, declared):
+    monkeypatch.setitem(importlib.import_module("sys").modules, "nowpkg", _module_declaring("nowpkg", declared))
+    ep = FakeEntryPoint("fine", lambda: alpha, FakeDist("nowpkg", "1.0"), value="nowpkg.sub:fine")
+    monkeypatch.setattr(tltk.registry, "_entry_points", FakeEntryPoints([ep]))
+    assert Registry("widget", group="tltk.widgets").get("fine")() == "alpha"
+
+
+def test_an_import_failure_of_a_plugin_for_another_api_is_explained_by_the_api(monkeypatch):
+    # The package's __init__ declared its API, then a submodule failed importing a name this tltk lacks.
+    monkeypatch.setitem(importlib.import_module("sys").modules, "oldpkg", _module_declaring("oldpkg", "2.1"))
+
+    def fail() -> Any:
+        raise ImportError("cannot import name 'FeatureHook' from 'tltk.plugin'")
+
+    ep = FakeEntryPoint("hook", fail, FakeDist("oldpkg", "5.0"), value="oldpkg.hooks:hook")
+    monkeypatch.setattr(tltk.registry, "_entry_points", FakeEntryPoints([ep]))
+    with pytest.raises(PluginError, match=r"written for tltk plugin API 2\.1 .*\(importing it failed with ImportError: "
+                                          r"cannot import name 'FeatureHook' from 'tltk\.plugin'\)\.$"):
+        Registry("widget", group="tltk.widgets").get("hook")
+
+
+# ----------------------------------------------------------------- name clashes
+
+
+def test_a_plugin_never_replaces_a_name_registered_in_code_and_is_reachable_by_package(fake_plugins, quiet_reports):
+    _, _, _, shadow = fake_plugins
     reg: Registry[Callable[[], str]] = Registry("widget", group="tltk.widgets")
     reg.add("alpha", alpha)
-    with pytest.raises(UnknownNameError) as info:
-        reg.get("pluged")
-    assert "Did you mean 'plugged'" in str(info.value)
-    assert "alpha, broken, plugged" in str(info.value)
+    assert reg.get("alpha") is alpha
+    assert shadow.loads == 0
+    assert reg.get("shadowpkg:alpha")() == "beta"
+    assert quiet_reports == ["widget 'alpha' from shadowpkg 0.1 clashes with the one from test_registry, which keeps "
+                             "the name; use shadowpkg:alpha to pick the other."]
+
+
+def test_a_plugin_never_replaces_tltks_own_component(monkeypatch, quiet_reports):
+    own = FakeEntryPoint("simple", lambda: alpha, FakeDist("tltk", "0.1.0"))
+    rival = FakeEntryPoint("simple", lambda: beta, FakeDist("tltk-rival", "9.9"))
+    monkeypatch.setattr(tltk.registry, "_entry_points", FakeEntryPoints([rival, own]))  # the plugin comes first
+    reg: Registry[Callable[[], str]] = Registry("widget", group="tltk.widgets")
+    assert reg.get("simple")() == "alpha"
+    assert reg.get("tltk-rival:simple")() == "beta"
+    assert reg.get("tltk_Rival:simple")() == "beta"  # package names compare as pip compares them
+    assert reg.get("tltk:simple")() == "alpha"
+    assert reg.names() == ["simple", "tltk-rival:simple"]
+    assert len(quiet_reports) == 1 and "tltk-rival 9.9 clashes with the one from tltk 0.1.0" in quiet_reports[0]
+
+
+def test_two_plugins_with_one_name_both_lose_it_and_the_error_names_both(monkeypatch, quiet_reports):
+    points = [FakeEntryPoint("dup", lambda: alpha, FakeDist("pkg-a", "1")),
+              FakeEntryPoint("dup", lambda: beta, FakeDist("pkg-b", "2"))]
+    monkeypatch.setattr(tltk.registry, "_entry_points", FakeEntryPoints(points))
+    reg: Registry[Callable[[], str]] = Registry("widget", group="tltk.widgets")
+    with pytest.raises(PluginError) as info:
+        reg.get("dup")
+    assert str(info.value) == "widget 'dup' is provided by pkg-a 1 and pkg-b 2; pick one as pkg-a:dup or pkg-b:dup."
+    assert (reg.get("pkg-a:dup")(), reg.get("pkg-b:dup")()) == ("alpha", "beta")
+    assert reg.names() == ["pkg-a:dup", "pkg-b:dup"]
+    assert quiet_reports == [str(info.value)]  # reported once, not once per package
+    assert "dup" in reg  # claimed, so lookups explain rather than say 'unknown'
+
+
+def test_code_registering_the_component_an_entry_point_names_is_the_same_registration(monkeypatch):
+    ep = FakeEntryPoint("alpha", lambda: alpha, FakeDist("tltk", "0.1.0"), value=f"{__name__}:alpha")
+    monkeypatch.setattr(tltk.registry, "_entry_points", FakeEntryPoints([ep]))
+    reg: Registry[Callable[[], str]] = Registry("widget", group="tltk.widgets")
+    reg.register("alpha")(alpha)  # what the decorator in the entry point's module does on import
+    entry = reg.entry("alpha")
+    assert (entry.status, entry.obj, entry.source, ep.loads) == (OK, alpha, "tltk==0.1.0", 0)
+    with pytest.raises(TltkError, match="'alpha' is already registered by tltk==0.1.0"):
+        reg.add("alpha", beta)
+
+
+# ----------------------------------------------------------------- TLTK_PLUGINS and autoload
+
+
+def test_tltk_plugins_allows_only_the_listed_packages(fake_plugins, monkeypatch):
+    monkeypatch.setenv("TLTK_PLUGINS", "PKG, otherpkg")
+    reg: Registry[Callable[[], str]] = Registry("widget", group="tltk.widgets")
+    assert reg.names() == ["plugged"]
+    assert reg.find("plugged").status == NOT_LOADED
+    with pytest.raises(PluginError) as info:
+        reg.get("broken")
+    assert str(info.value) == ("widget 'broken' from brokenpkg 2.0 is not loaded: TLTK_PLUGINS=PKG, otherpkg does not "
+                               "list brokenpkg; add it there to use this.")
+    assert [e.status for e in reg.all_entries() if e.package != "pkg"] == [BLOCKED, BLOCKED]
+
+
+def test_disabling_autoload_blocks_every_plugin_but_not_tltks_own(monkeypatch):
+    points = [FakeEntryPoint("own", lambda: alpha, FakeDist("tltk", "0.1.0")),
+              FakeEntryPoint("plugged", lambda: plugin_function, FakeDist("pkg", "1.0"))]
+    monkeypatch.setattr(tltk.registry, "_entry_points", FakeEntryPoints(points))
+    monkeypatch.setenv("TLTK_DISABLE_PLUGIN_AUTOLOAD", "1")
+    monkeypatch.setenv("TLTK_PLUGINS", "pkg")  # the switch wins over the list
+    reg: Registry[Callable[[], str]] = Registry("widget", group="tltk.widgets")
+    assert reg.names() == ["own"]
+    with pytest.raises(PluginError, match="TLTK_DISABLE_PLUGIN_AUTOLOAD is set, so no plugin loads; unset it to use pkg"):
+        reg.get("plugged")
+    assert points[1].loads == 0
+
+
+@pytest.mark.parametrize("value, autoload", [("", True), ("0", True), ("false", True), ("1", False), ("yes", False)])
+def test_the_autoload_switch_reads_common_spellings(monkeypatch, value, autoload):
+    monkeypatch.setenv("TLTK_DISABLE_PLUGIN_AUTOLOAD", value)
+    assert PluginPolicy.from_environment().autoload is autoload
+
+
+def test_refresh_rereads_the_environment_and_keeps_registrations_from_code(fake_plugins, monkeypatch):
+    reg: Registry[Callable[[], str]] = Registry("widget", group="tltk.widgets")
+    reg.add("gamma", gamma)
+    assert "plugged" in reg.names()
+    monkeypatch.setenv("TLTK_DISABLE_PLUGIN_AUTOLOAD", "1")
+    reg.refresh()
+    assert reg.names() == ["gamma"]
+
+
+# ----------------------------------------------------------------- tltk's own entry points
+
+
+def _import_every_module(package: str) -> None:
+    module = importlib.import_module(package)
+    for info in pkgutil.walk_packages(getattr(module, "__path__", []), prefix=f"{package}."):
+        importlib.import_module(info.name)
+
+
+def test_every_component_tltk_registers_in_code_is_also_declared_as_an_entry_point():
+    for package in ("tltk.backbones", "tltk.heads", "tltk.strategies", "tltk.export", "tltk.data"):
+        _import_every_module(package)
+    for registry in registries():
+        undeclared = [e.name for e in registry.all_entries() if e.builtin and e.entry_point is None]
+        assert undeclared == [], f"add these to [project.entry-points.\"{registry.group}\"] in pyproject.toml"
+
+
+def test_every_entry_point_tltk_declares_loads_and_meets_its_contract():
+    for registry in registries():
+        own = [e for e in registry.all_entries() if e.builtin]
+        assert own, f"tltk declares nothing in {registry.group}: reinstall it (pip install -e .)"
+        for entry in own:
+            assert registry.try_load(entry).status == OK, entry.error
+            assert entry.source == "tltk==0.1.0"

@@ -1,32 +1,92 @@
-"""What `tltk list` shows: each registered component with where it came from."""
+"""What ``tltk list`` and ``tltk plugins`` show: components and the packages they came from.
+
+Listing reads package metadata only, so it imports neither torch nor any plugin.
+``catalog(kind, details=True)`` imports every component of the kind to describe it;
+``plugin_rows`` imports each plugin component's module (only that) to say whether it loads.
+"""
 
 from __future__ import annotations
 
+from importlib import metadata
 from typing import Any
 
+from tltk.registry import (
+    BACKBONES, BLOCKED, DATA_FORMATS, EXPORTERS, FAILED, HEADS, OK, STRATEGIES, Entry, PluginPolicy, Registry,
+    registries,
+)
 
-def catalog(kind: str) -> list[dict[str, Any]]:
+KINDS: dict[str, Registry[Any]] = {
+    "backbones": BACKBONES, "heads": HEADS, "strategies": STRATEGIES, "exporters": EXPORTERS, "formats": DATA_FORMATS,
+}
+
+
+def catalog(kind: str, details: bool = False) -> list[dict[str, Any]]:
+    """One row per name of ``kind`` (a key of ``KINDS``): name and ``package==version``;
+    with ``details``, also status and description (and for backbones, published weights)."""
+    registry = KINDS[kind]
+    rows = []
+    for entry in registry.entries():
+        row: dict[str, Any] = {"name": registry.listed_name(entry), "source": entry.source,
+                               "package": entry.package, "version": entry.version}
+        if details:
+            row.update(_details(kind, registry.try_load(entry)))
+        rows.append(row)
     if kind == "backbones":
-        from tltk.backbones import BACKBONES
+        rows.append(_timm_row(details))
+    return rows
 
-        return [
-            {"name": e.name, "pretrained": "yes" if getattr(e.obj, "pretrained_available", False) else "no",
-             "source": e.source, "description": getattr(e.obj, "description", "")}
-            for e in BACKBONES.entries()
-        ] + [{"name": "timm:NAME", "pretrained": "per model", "source": "timm", "description": "any timm model"}]
-    if kind == "heads":
-        from tltk.heads import HEADS
 
-        return [{"name": e.name, "source": e.source, "description": _first_line(e.obj)} for e in HEADS.entries()]
-    if kind == "strategies":
-        from tltk.strategies import STRATEGIES
+def _details(kind: str, entry: Entry[Any]) -> dict[str, Any]:
+    if entry.status != OK:
+        return {"status": entry.status, **({"pretrained": "-"} if kind == "backbones" else {}), "description": entry.error}
+    row: dict[str, Any] = {"status": OK}
+    if kind == "backbones":
+        row["pretrained"] = "yes" if getattr(entry.obj, "pretrained_available", False) else "no"
+    row["description"] = getattr(entry.obj, "description", "") or _first_line(entry.obj)
+    return row
 
-        return [{"name": e.name, "source": e.source} for e in STRATEGIES.entries()]
-    from tltk.data.formats import DATA_FORMATS
 
-    return [{"name": e.name, "source": e.source, "description": _first_line(e.obj)} for e in DATA_FORMATS.entries()]
+def _timm_row(details: bool) -> dict[str, Any]:
+    try:
+        version = metadata.version("timm")
+    except metadata.PackageNotFoundError:
+        version = ""
+    row: dict[str, Any] = {"name": "timm:NAME", "source": f"timm=={version}" if version else "timm",
+                           "package": "timm", "version": version}
+    if details:
+        row.update({"status": OK, "pretrained": "per model", "description": "any timm model, by its timm name"})
+    return row
+
+
+def plugin_rows(include_builtin: bool = False) -> list[dict[str, str]]:
+    """Every plugin component (and tltk's own with ``include_builtin``), with its status:
+    ``ok``, ``failed`` (would not load, breaks its contract, or lost its name to a clash)
+    or ``blocked`` (by TLTK_PLUGINS or TLTK_DISABLE_PLUGIN_AUTOLOAD), and why."""
+    rows = []
+    for registry in registries():
+        for entry in registry.all_entries():
+            if entry.builtin and not include_builtin:
+                continue
+            status, detail = _status(registry.try_load(entry))
+            rows.append({"group": registry.group or "", "name": entry.name, "package": entry.package,
+                         "version": entry.version, "source": entry.source, "status": status, "detail": detail})
+    return rows
+
+
+def _status(entry: Entry[Any]) -> tuple[str, str]:
+    if entry.status in (BLOCKED, FAILED):
+        return entry.status, entry.error
+    if entry.clash:
+        return FAILED, entry.clash
+    return entry.status, ""
+
+
+def policy_note() -> str | None:
+    """What TLTK_PLUGINS / TLTK_DISABLE_PLUGIN_AUTOLOAD restrict, if anything."""
+    return PluginPolicy.from_environment().describe()
 
 
 def _first_line(obj: Any) -> str:
+    """The docstring's first paragraph, on one line."""
     doc = (getattr(obj, "__doc__", None) or "").strip()
-    return doc.splitlines()[0] if doc else ""
+    return " ".join(doc.split("\n\n")[0].split())

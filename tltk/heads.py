@@ -3,8 +3,8 @@
 A head factory receives the backbone's feature-vector size, the channels of its last
 spatial map, the number of outputs and its own options, and returns a module. A head
 that reads the spatial map instead of the vector says so with ``uses_spatial = True``.
-Custom heads come from entry points or an import path (``pkg.mod:factory`` or
-``path/to/file.py:Factory``).
+Custom heads come from the ``tltk.heads`` entry-point group (``package:name`` picks one
+explicitly) or an import path (``pkg.mod:factory`` or ``path/to/file.py:Factory``).
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ from typing import Any, Callable
 from torch import nn
 
 from tltk.errors import TltkError
-from tltk.registry import Registry
+from tltk.fileio import user_path
+from tltk.registry import HEADS
 
 HeadFactory = Callable[..., nn.Module]
-HEADS: Registry[HeadFactory] = Registry("head", group="tltk.heads")
 
 
 @HEADS.register("linear")
@@ -75,8 +75,9 @@ def conv_head(
 
 
 def resolve_head(name: str) -> HeadFactory:
-    """A registered head, or one named by import path: ``pkg.mod:factory``, ``file.py:Factory``."""
-    if ":" in name and name.split(":", 1)[0] not in ("", *HEADS.names()):
+    """A registered head (``name`` or ``package:name``), or one named by import path:
+    ``pkg.mod:factory``, ``file.py:Factory``."""
+    if ":" in name and name not in HEADS:
         return _import_factory(name)
     return HEADS.get(name)
 
@@ -116,7 +117,7 @@ def _import_factory(spec: str) -> HeadFactory:
 
 def _load_module(location: str):  # type: ignore[no-untyped-def]
     if location.endswith(".py"):
-        path = Path(location).expanduser()
+        path = user_path(location)
         spec = importlib.util.spec_from_file_location(f"tltk_custom_head_{path.stem}", path)
         if spec is None or spec.loader is None:
             raise ImportError(f"{path} is not a Python file")

@@ -2,18 +2,25 @@
 
 A strategy decides three things: which parameter groups the optimizer gets (and their
 learning rates), what is frozen at the start, and what changes at an epoch boundary.
+Other packages add strategies through the ``tltk.strategies`` entry-point group (the
+contract is ``TrainingStrategy`` in ``tltk.plugin``). This module imports no torch, so
+that plugins can subclass ``Strategy`` in a module that is cheap to import.
 """
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
-from typing import Any, Callable
-
-from torch import nn
+from typing import TYPE_CHECKING, Any, Callable
 
 from tltk.errors import TltkError
-from tltk.model import TransferModel
-from tltk.registry import Registry
+from tltk.plugin import strategy_problems
+from tltk.registry import STRATEGIES, PluginError
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from tltk.model import TransferModel
 
 
 class Strategy:
@@ -39,11 +46,11 @@ class Strategy:
 
 
 StrategyFactory = Callable[..., Strategy]
-STRATEGIES: Registry[StrategyFactory] = Registry("strategy", group="tltk.strategies")
 
 
 @STRATEGIES.register("finetune")
 def finetune(**_: Any) -> Strategy:
+    """Every parameter trains at the base learning rate."""
     return Strategy()
 
 
@@ -61,6 +68,7 @@ class Freeze(Strategy):
 
 @STRATEGIES.register("freeze")
 def freeze(**_: Any) -> Strategy:
+    """Only the head trains; the backbone, BatchNorm statistics included, stays as loaded."""
     return Freeze()
 
 
@@ -93,6 +101,7 @@ class FreezeUnfreeze(Strategy):
 
 @STRATEGIES.register("freeze-unfreeze")
 def freeze_unfreeze(unfreeze_epoch: int = 1, backbone_lr_mult: float = 0.1, **_: Any) -> Strategy:
+    """The head alone for --unfreeze-epoch epochs, then everything, the backbone at --backbone-lr-mult."""
     return FreezeUnfreeze(unfreeze_epoch, backbone_lr_mult)
 
 
@@ -117,13 +126,31 @@ class Discriminative(Strategy):
 
 @STRATEGIES.register("discriminative")
 def discriminative(layer_decay: float = 0.75, **_: Any) -> Strategy:
+    """Layer-wise learning rates: each stage nearer the input learns --layer-decay times slower."""
     if not 0 < layer_decay <= 1:
         raise TltkError(f"--layer-decay must be in (0, 1], not {layer_decay}.")
     return Discriminative(layer_decay)
 
 
 def build_strategy(name: str, **options: Any) -> Strategy:
-    return STRATEGIES.get(name)(**{k: v for k, v in options.items() if v is not None})
+    """The named strategy with the options it declares (the rest belong to other strategies)."""
+    factory = STRATEGIES.get(name)
+    strategy = factory(**_declared_options(factory, options))
+    problems = strategy_problems(strategy)
+    if problems:
+        raise PluginError(
+            f"strategy '{name}' from {STRATEGIES.origin(name)} does not meet the strategy contract: "
+            f"{'; '.join(problems)}; see TrainingStrategy in tltk.plugin."
+        )
+    return strategy
+
+
+def _declared_options(factory: StrategyFactory, options: dict[str, Any]) -> dict[str, Any]:
+    given = {k: v for k, v in options.items() if v is not None}
+    params = inspect.signature(factory).parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return given
+    return {k: v for k, v in given.items() if k in {p.name for p in params}}
 
 
 def trainable_parameters(groups: list[dict[str, Any]]) -> list[nn.Parameter]:

@@ -1,33 +1,39 @@
 """Backbone registry: names people type (``resnet18``, ``timm:convnext_tiny``) to networks.
 
-Built-in families live one per module and register with ``register_backbone`` next to
-their factories; other packages add theirs through the ``tltk.backbones`` entry-point
-group. Factories import their library (torchvision, timm) only when called, so listing
-names stays fast.
+Built-in families live one per module; each factory carries ``register_backbone`` and is
+also named in tltk's pyproject.toml under the ``tltk.backbones`` entry-point group, the
+group through which other packages add theirs. Nothing here imports torch: listing names
+reads package metadata only, and a family's module is imported when one of its
+backbones is built.
 """
 
 from __future__ import annotations
 
+import importlib
 import inspect
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-from tltk.backbones.base import Backbone, BackboneInfo, Preprocessing
 from tltk.errors import TltkError
-from tltk.registry import Registry
+from tltk.plugin import backbone_factory, backbone_problems
+from tltk.registry import BACKBONES, PluginError
 
-BACKBONES: Registry[BackboneInfo] = Registry("backbone", group="tltk.backbones")
+if TYPE_CHECKING:
+    from tltk.backbones.base import Backbone, BackboneInfo, Preprocessing
+
 TIMM_PREFIX = "timm:"
 
-Factory = Callable[..., Backbone]
+Factory = Callable[..., "Backbone"]
 
 
 def register_backbone(
     name: str, *, pretrained: bool, description: str = ""
 ) -> Callable[[Factory], Factory]:
-    """Decorator for a factory ``(pretrained: bool, **options) -> Backbone``."""
+    """Decorator for a factory ``(pretrained: bool, **options) -> Backbone``: marks it the
+    way ``tltk.plugin.backbone_factory`` marks a plugin's, and registers it from code."""
 
     def decorator(factory: Factory) -> Factory:
-        BACKBONES.add(name, BackboneInfo(name, factory, pretrained, description))
+        backbone_factory(pretrained=pretrained, description=description)(factory)
+        BACKBONES.add(name, factory)
         return factory
 
     return decorator
@@ -38,12 +44,11 @@ def backbone_info(name: str) -> BackboneInfo:
         from tltk.backbones.timm_nets import timm_backbone_info
 
         return timm_backbone_info(name[len(TIMM_PREFIX):])
-    entry = BACKBONES.get(name)
-    if isinstance(entry, BackboneInfo):
-        return entry
-    if callable(entry):  # a plugin may register a bare factory
-        return BackboneInfo(name, entry, bool(getattr(entry, "pretrained_available", False)))
-    raise TltkError(f"backbone '{name}' is registered with a {type(entry).__name__}, not a factory.")
+    from tltk.backbones.base import BackboneInfo
+
+    factory = BACKBONES.get(name)
+    pretrained = bool(getattr(factory, "pretrained_available", False))
+    return BackboneInfo(name, factory, pretrained, str(getattr(factory, "description", "") or ""))
 
 
 def build_backbone(name: str, *, pretrained: bool = False, **options: Any) -> Backbone:
@@ -56,6 +61,13 @@ def build_backbone(name: str, *, pretrained: bool = False, **options: Any) -> Ba
         )
     _check_options(name, info.factory, options)
     backbone = info.factory(pretrained=pretrained, **options)
+    problems = backbone_problems(backbone)
+    if problems:
+        origin = "timm" if name.startswith(TIMM_PREFIX) else BACKBONES.origin(name)
+        raise PluginError(
+            f"backbone '{name}' from {origin} does not meet the backbone contract: {'; '.join(problems)}; "
+            f"see BackboneModule in tltk.plugin."
+        )
     backbone.name = name
     return backbone
 
@@ -72,10 +84,13 @@ def _check_options(name: str, factory: Factory, options: dict[str, Any]) -> None
         raise TltkError(f"backbone '{name}' has no option '{unknown[0]}'; it takes: {takes}.")
 
 
-def _register_builtins() -> None:
-    from tltk.backbones import course, sequence, small, timm_nets, torchvision_nets  # noqa: F401
+_LAZY = {"Backbone", "BackboneInfo", "Preprocessing"}
 
 
-_register_builtins()
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:  # torch comes with them, so they load on first use
+        return getattr(importlib.import_module("tltk.backbones.base"), name)
+    raise AttributeError(f"module 'tltk.backbones' has no attribute '{name}'")
+
 
 __all__ = ["BACKBONES", "Backbone", "BackboneInfo", "Preprocessing", "backbone_info", "build_backbone", "register_backbone"]

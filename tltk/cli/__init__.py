@@ -8,6 +8,8 @@ this package registers them all on ``main``.
 from tltk.cli.app import main
 from tltk.cli import core  # noqa: F401  (registers the commands)
 from tltk.cli import predict  # noqa: F401
+from tltk.cli import plugins  # noqa: F401
 from tltk.cli import viz  # noqa: F401
+from tltk.cli import features  # noqa: F401
 
 __all__ = ["main"]

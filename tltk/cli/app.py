@@ -7,8 +7,10 @@ from typing import Any
 
 import click
 from rich.console import Console
+from rich.markup import escape
 
 from tltk.errors import TltkError
+from tltk.registry import set_reporter
 
 out = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
@@ -23,7 +25,7 @@ class TltkGroup(click.Group):
         except TltkError as exc:
             if ctx.obj and ctx.obj.get("debug"):
                 raise
-            err.print(f"[bold red]error:[/] {exc}", soft_wrap=True)
+            err.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)
             ctx.exit(exc.exit_code)
 
 
@@ -34,6 +36,12 @@ class TltkGroup(click.Group):
 def main(ctx: click.Context, debug: bool) -> None:
     """Transfer learning for image classification: fine-tune, evaluate, look inside."""
     ctx.obj = {"debug": debug}
+    set_reporter(report_plugin_problem)
+
+
+def report_plugin_problem(message: str) -> None:
+    """A broken plugin found on the way (a name clash): one line on stderr, and tltk carries on."""
+    err.print(f"[yellow]warning:[/] {escape(message)}", soft_wrap=True)
 
 
 def print_json(obj: Any) -> None:

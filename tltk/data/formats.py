@@ -25,14 +25,12 @@ import numpy as np
 from tltk.data.images import is_hidden, scan_image_files, validate_images
 from tltk.data.samples import RawDataset, Sample, relative_id
 from tltk.errors import DataError, printable
-from tltk.registry import Registry
+from tltk.registry import DATA_FORMATS  # the registry of the tltk.datasets entry-point group
 
 
 class FormatReader(Protocol):
     def __call__(self, path: Path, *, image_root: Path | None, strict: bool) -> RawDataset: ...
 
-
-DATA_FORMATS: Registry[FormatReader] = Registry("data format", group="tltk.datasets")
 
 
 # --------------------------------------------------------------------------- folder

@@ -1,7 +1,8 @@
 """Exporters: predictions to files people hand in or feed to other tools.
 
 An exporter is ``(predictions, out, **options) -> None`` registered in ``EXPORTERS``;
-other packages add theirs through the ``tltk.exporters`` entry-point group. Options an
+tltk's own are named in its pyproject.toml under the ``tltk.exporters`` entry-point
+group, where other packages add theirs (the contract is ``Exporter`` in ``tltk.plugin``). Options an
 exporter does not declare are refused by name, so ``--sample-submission`` with
 ``--format jsonl`` is an error rather than silently ignored. Every exporter writes its
 file atomically and checks everything before writing.
@@ -15,12 +16,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 from tltk.errors import TltkError
-from tltk.fileio import write_text
+from tltk.fileio import user_path, write_text
 from tltk.predict import Predictions
-from tltk.registry import Registry
+from tltk.registry import EXPORTERS, PluginError
 
 Exporter = Callable[..., None]
-EXPORTERS: Registry[Exporter] = Registry("exporter", group="tltk.exporters")
 ID_SOURCES = ("stem", "path", "index")
 
 
@@ -32,8 +32,11 @@ def export(predictions: Predictions, out: str | Path, format: str = "csv", **opt
         unknown = [k for k in given if k not in accepted]
         if unknown:
             raise TltkError(f"--{unknown[0].replace('_', '-')} does not apply to --format {format}; drop it.")
-    path = Path(out).expanduser()
+    path = user_path(out)
     exporter(predictions, path, **given)
+    if not path.is_file():
+        raise PluginError(f"exporter '{format}' from {EXPORTERS.origin(format)} wrote no file at {path}; "
+                          f"an exporter must write the file it is given.")
     return path
 
 
@@ -85,10 +88,3 @@ def jsonl_exporter(predictions: Predictions, out: Path, *, threshold: float = 0.
                   "probabilities": {name: float(p) for name, p in zip(predictions.class_names, probs)}}
         lines.append(json.dumps(record))
     write_text(out, "\n".join(lines) + ("\n" if lines else ""))
-
-
-def _register_builtins() -> None:
-    from tltk.export import kaggle  # noqa: F401
-
-
-_register_builtins()
