@@ -10,16 +10,23 @@ from __future__ import annotations
 
 
 class TltkError(Exception):
-    """A problem with the user's input, reported as one sentence and a non-zero exit."""
+    """A problem with the user's input, reported as one sentence and a non-zero exit.
+
+    Messages quote paths, labels and names from the user's files; any newline or control
+    character in those is shown escaped, so the message stays one line.
+    """
 
     exit_code: int = 2
+
+    def __str__(self) -> str:
+        return printable(super().__str__())
 
 
 class UnknownNameError(TltkError, KeyError):
     """A registry lookup for a name nobody registered."""
 
     def __str__(self) -> str:  # KeyError would quote the message otherwise
-        return str(self.args[0]) if self.args else ""
+        return printable(str(self.args[0])) if self.args else ""
 
 
 class DataError(TltkError):

@@ -54,3 +54,13 @@ def write_safetensors(path: Path, tensors: dict, metadata: dict[str, str] | None
 
     contiguous = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     atomic_write(path, lambda tmp: save_file(contiguous, str(tmp), metadata=metadata))
+
+
+def user_path(text: str) -> Path:
+    """``text`` as a path with ``~`` and ``~user`` expanded; an unknown user is a TltkError."""
+    from tltk.errors import TltkError
+
+    try:
+        return Path(text).expanduser()
+    except RuntimeError as exc:  # pathlib's answer to ~nosuchuser
+        raise TltkError(f"cannot expand '{text}': {exc.args[0] if exc.args else exc}; write the path out in full.") from exc

@@ -16,6 +16,7 @@ from torch import nn
 
 from tltk.backbones import Backbone, backbone_info, build_backbone
 from tltk.errors import TltkError
+from tltk.fileio import user_path
 from tltk.heads import build_head, head_uses_spatial
 from tltk.weights import apply_init, load_backbone_weights
 
@@ -85,7 +86,7 @@ def build_model(spec: ModelSpec, *, load_weights: bool = True) -> TransferModel:
         spec.backbone, pretrained=load_weights and choice == "imagenet", **spec.backbone_options
     )
     if load_weights and choice not in ("imagenet", "none"):
-        backbone.pretrained_source = load_backbone_weights(backbone, Path(choice).expanduser())
+        backbone.pretrained_source = load_backbone_weights(backbone, user_path(choice))
     head = build_head(
         spec.head, backbone.feature_dim, backbone.spatial_channels, spec.num_classes, **spec.head_options
     )

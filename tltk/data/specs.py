@@ -24,6 +24,7 @@ from tltk.data.splits import (
     resolve_ignored,
 )
 from tltk.errors import DataError
+from tltk.fileio import user_path
 
 _FORMAT_HINT = "folder:PATH, cifar10:PATH, mnist:PATH, voc:PATH, csv:FILE, builtin:digits"
 
@@ -46,7 +47,7 @@ def resolve_spec(spec: str) -> tuple[str, Path]:
     format_name, location = parse_spec(spec)
     if format_name == "builtin":
         return format_name, Path(location)
-    path = Path(location).expanduser()
+    path = user_path(location)
     if format_name is not None:
         return format_name, path
     if not path.exists():
@@ -105,7 +106,7 @@ def load_data(
     check_fraction(test_split, "--test-split")
     format_name, path = resolve_spec(spec)
     reader = DATA_FORMATS.get(format_name)
-    root = Path(image_root).expanduser() if image_root is not None else None
+    root = user_path(image_root) if image_root is not None else None
     raw = reader(path, image_root=root, strict=strict)
     check_classes(raw)
     if classes:
