@@ -18,6 +18,19 @@ PYTHON_API = {
     "summary": "tltk.summary.summarize(tltk.build_model(ModelSpec(...)), input_size)",
     "finetune": "tltk.finetune(FinetuneConfig(...), out)",
     "evaluate": "tltk.evaluate(run, data, split)",
+    "predict": "tltk.predict.predict(run, data) then tltk.export.export(predictions, out, fmt)",
+    "plugins": "tltk.catalog.plugin_rows(...)",
+    "plot": "tltk.viz.curves.write_curves(run)",
+    "visualize": "tltk.viz.filters.visualize_filters / activations.image_activations / misclassified.visualize_misclassified",
+    "compare": "tltk.viz.compare.write_comparison(runs, out)",
+    "sweep": "tltk.sweep.sweep(base_config, param, values, out_root)",
+    "tensorboard": "tltk.train.tensorboard.launch_tensorboard(argv)",
+    "layers": "tltk.layers.list_layers(backbone)",
+    "extract": "tltk.features.extract.extract(load_source(...), layer, out, data)",
+    "index": "tltk.features.store.FeatureStore(path); tltk.features.extract.add_images(...)",
+    "neighbors": "tltk.features.neighbors.neighbours_of_images / neighbours_of_rows",
+    "evaluate-retrieval": "tltk.features.retrieval.evaluate_retrieval(store)",
+    "tsne": "tltk.viz.tsne.write_tsne(FeatureStore(path), out)",
 }
 
 HEADER = """# tltk command reference

@@ -179,3 +179,20 @@ def test_a_module_that_never_runs_is_listed_without_a_shape() -> None:
     model.net.unused = nn.Linear(2, 2)
     info = {i.name: i for i in layer_shapes(model, ["unused", "fc7"])}
     assert info["unused"].shape is None and info["fc7"].shape == (84,)
+
+
+def test_cli_list_layers_shows_the_same_rows_as_tltk_layers():
+    import json
+
+    from click.testing import CliRunner
+
+    from tltk.cli import main
+
+    runner = CliRunner()
+    listed = runner.invoke(main, ["list", "layers", "--backbone", "lenet5", "--json"])
+    direct = runner.invoke(main, ["layers", "--backbone", "lenet5", "--json"])
+    assert listed.exit_code == 0, listed.output
+    assert json.loads(listed.output) == json.loads(direct.output)
+    assert {"conv1", "fc7"} <= {row["layer"] for row in json.loads(listed.output)}
+    missing = runner.invoke(main, ["list", "layers"])
+    assert missing.exit_code == 2 and "needs --backbone" in missing.output

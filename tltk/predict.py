@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -18,7 +18,16 @@ from tltk.data import ImageDataset, Sample, build_transforms, scan_image_files, 
 from tltk.data.images import is_image_file
 from tltk.errors import DataError
 from tltk.train.evaluate import LoadedRun, load_data_for_run, load_run
-from tltk.train.trainer import iterate_logits, make_loader, resolve_device, resolve_precision
+from tltk.train.trainer import (
+    TrainConfig,
+    default_workers,
+    iterate_logits,
+    make_loader,
+    memory_format,
+    resolve_device,
+    resolve_precision,
+    use_channels_last,
+)
 
 
 @dataclass
@@ -47,21 +56,68 @@ def predict(
     *,
     device: str = "auto",
     batch_size: int = 64,
+    workers: int | None = None,
     **data_overrides: Any,
 ) -> Predictions:
+    """Every image's probabilities, filled batch by batch into one preallocated array."""
     loaded = run if isinstance(run, LoadedRun) else load_run(run)
     samples, arrays = _input_samples(loaded, data, split, data_overrides)
+    probabilities = np.zeros((len(samples), len(loaded.class_names)), np.float32)
+    done = 0
+    for chunk in _probability_batches(loaded, samples, arrays, device, batch_size, workers):
+        probabilities[done:done + len(chunk)] = chunk
+        done += len(chunk)
+    paths = [s.source if isinstance(s.source, str) else "" for s in samples]
+    return Predictions([s.id for s in samples], paths, probabilities, loaded.class_names, _task(loaded))
+
+
+def iter_predictions(
+    run: str | Path | LoadedRun,
+    data: str | None = None,
+    split: str = "test",
+    *,
+    device: str = "auto",
+    batch_size: int = 64,
+    workers: int | None = None,
+    **data_overrides: Any,
+) -> Iterator[Predictions]:
+    """The same predictions as ``predict``, one batch at a time, in the same order.
+
+    For writing predictions out as they come: memory holds one batch, however many
+    images there are.
+    """
+    loaded = run if isinstance(run, LoadedRun) else load_run(run)
+    samples, arrays = _input_samples(loaded, data, split, data_overrides)
+    done = 0
+    for chunk in _probability_batches(loaded, samples, arrays, device, batch_size, workers):
+        part = samples[done:done + len(chunk)]
+        done += len(chunk)
+        paths = [s.source if isinstance(s.source, str) else "" for s in part]
+        yield Predictions([s.id for s in part], paths, chunk, loaded.class_names, _task(loaded))
+
+
+def _probability_batches(
+    loaded: LoadedRun, samples: list[Sample], arrays: np.ndarray | None, device: str, batch_size: int,
+    workers: int | None,
+) -> Iterator[np.ndarray]:
+    """Probabilities per batch, with the run's precision and training's loader defaults."""
     pre = loaded.preprocessing
     transform = build_transforms(tuple(pre["input_size"]), pre["mean"], pre["std"], "none", train=False)
     dev = resolve_device(device)
-    loader = make_loader(ImageDataset(samples, transform, arrays), batch_size=batch_size, shuffle=False, workers=0, device=dev)
-    task = loaded.config["train"].get("task", "multiclass")
+    workers = workers if workers is not None else default_workers(len(samples))
+    loader = make_loader(ImageDataset(samples, transform, arrays), batch_size=batch_size, shuffle=False,
+                         workers=workers, device=dev)
+    train = TrainConfig(**loaded.config["train"])
+    amp = resolve_precision(train.precision, dev)
+    channels_last = use_channels_last(train.channels_last, loaded.model)
     loaded.model.to(dev)
-    amp = resolve_precision(loaded.config["train"].get("precision", "auto"), dev)
-    chunks = [_probabilities(logits, task) for logits, _ in iterate_logits(loaded.model, loader, dev, amp)]
-    probabilities = np.concatenate(chunks) if chunks else np.zeros((0, len(loaded.class_names)), np.float32)
-    paths = [s.source if isinstance(s.source, str) else "" for s in samples]
-    return Predictions([s.id for s in samples], paths, probabilities, loaded.class_names, task)
+    with memory_format(loaded.model, channels_last):
+        for logits, _ in iterate_logits(loaded.model, loader, dev, amp, channels_last):
+            yield _probabilities(logits, _task(loaded))
+
+
+def _task(loaded: LoadedRun) -> str:
+    return str(loaded.config["train"].get("task", "multiclass"))
 
 
 def _probabilities(logits: torch.Tensor, task: str) -> np.ndarray:

@@ -5,32 +5,49 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import click
+from rich.markup import escape
 from rich.table import Table
 
 from tltk.cli.app import backbone_opt, err, main, out, parse_options, print_json
+from tltk.errors import TltkError
 
 
 # --- tltk list ------------------------------------------------------------------------
 
-LISTABLE = ("backbones", "heads", "strategies", "formats")
+LISTABLE = ("backbones", "heads", "strategies", "exporters", "formats", "layers")
 
 
 @main.command("list")
 @click.argument("what", type=click.Choice(LISTABLE), default="backbones")
+@click.option("--details", is_flag=True,
+              help="Import each component to show its status and description (slower: loads torch).")
+@click.option("--backbone", default=None, help="list layers: the backbone whose layers to show (as `tltk layers`).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
-def list_command(what: str, as_json: bool) -> None:
-    """List registered backbones, heads, strategies or data formats."""
+@click.pass_context
+def list_command(ctx: click.Context, what: str, details: bool, backbone: str | None, as_json: bool) -> None:
+    """List registered backbones, heads, strategies, exporters or data formats, each with the
+    package and version it came from. Reads package metadata only, unless --details.
+    `tltk list layers --backbone NAME` lists a backbone's named layers with their shapes."""
     from tltk.catalog import catalog
 
-    rows = catalog(what)
+    if what == "layers":
+        if backbone is None:
+            raise TltkError("`tltk list layers` needs --backbone NAME (e.g. --backbone vgg16).")
+        from tltk.cli.features import layers
+
+        ctx.invoke(layers, backbone=backbone, as_json=as_json)
+        return
+    rows = catalog(what, details=details)
     if as_json:
         print_json(rows)
         return
+    columns = ["name", "source", *(["status", "pretrained", "description"] if details else [])]
     table = Table(title=what)
-    for column in rows[0] if rows else ["name"]:
-        table.add_column(column)
+    for column in columns:
+        if not rows or column in rows[0]:
+            table.add_column("package" if column == "source" else column, no_wrap=column != "description")
     for row in rows:
-        table.add_row(*(str(v) for v in row.values()))
+        table.add_row(*(escape(str(row[c])) for c in columns if c in row))
     out.print(table)
 
 
@@ -106,7 +123,7 @@ def split_classes(classes: str | None) -> list[str] | None:
 @click.option("--weights", default="auto", show_default=True,
               help="imagenet, none, FILE (.safetensors/.pth) or RUN_DIR; auto = imagenet where published, else none.")
 @click.option("--init", "init", default="default", show_default=True, help="Random init: default, xavier, kaiming, gaussian.")
-@click.option("--data", "data_spec", required=True, help="folder:PATH, cifar10:PATH, mnist:PATH, csv:FILE, builtin:digits, or a path.")
+@click.option("--data", "data_spec", required=True, help="folder:PATH, cifar10:PATH, mnist:PATH, voc:PATH, csv:FILE, builtin:digits, or a path.")
 @click.option("--out", required=True, help="Run directory to create.")
 @click.option("--overwrite", is_flag=True, help="Replace a run already in --out.")
 @data_options
@@ -131,8 +148,17 @@ def split_classes(classes: str | None) -> list[str] | None:
               help="Multi-label: weight positives by negatives/positives per class.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N.")
-@click.option("--precision", default="auto", show_default=True, type=click.Choice(["auto", "fp32", "bf16", "fp16"]))
+@click.option("--precision", default="auto", show_default=True, type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
+              help="auto: bf16 where the CPU or GPU computes it natively, else fp32.")
 @click.option("--workers", type=int, default=None, help="DataLoader workers; default from the data size and CPU count.")
+@click.option("--cache/--no-cache", "cache", default=True, show_default=True,
+              help="Frozen backbone and no augmentation: compute its features once and train the head on them.")
+@click.option("--cache-mem", default="auto", show_default=True,
+              help="Cached features up to this size stay in memory (e.g. 2GB, 0), beyond it they are memory-mapped "
+                   "on disk; auto: a quarter of the free memory.")
+@click.option("--channels-last", default="auto", show_default=True, type=click.Choice(["auto", "on", "off"]),
+              help="Channels-last memory layout; auto: for backbones with 2-D convolutions.")
+@click.option("--compile", "compile", is_flag=True, help="torch.compile the network (slower start, faster steps).")
 @click.option("--augment", default="none", show_default=True, type=click.Choice(["none", "light", "standard"]))
 @click.option("--input-size", type=int, default=None, help="Square input size; default: the backbone's.")
 @backbone_opt

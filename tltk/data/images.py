@@ -98,13 +98,17 @@ def validate_images(paths: Sequence[Path], *, strict: bool) -> tuple[list[Path],
 
 
 def load_image(source: str | Path) -> Image.Image:
-    """Open an image file as 8-bit RGB, rotated upright according to its EXIF tag."""
+    """Open an image file as 8-bit RGB, rotated upright according to its EXIF tag.
+
+    The decoded image is turned upright in place and copied once, by ``to_rgb``: every
+    image of every epoch passes through here, and a full-size copy per step is not free.
+    """
     path = Path(source)
     try:
         with Image.open(path) as img:
             img.load()
-            upright = _exif_upright(img)
-            return to_rgb(upright)
+            _exif_upright_in_place(img)
+            return to_rgb(img)
     except DataError:
         raise
     except Exception as exc:
@@ -113,12 +117,12 @@ def load_image(source: str | Path) -> Image.Image:
         ) from exc
 
 
-def _exif_upright(img: Image.Image) -> Image.Image:
+def _exif_upright_in_place(img: Image.Image) -> None:
     """Apply the EXIF Orientation tag; a malformed EXIF block leaves the image as stored."""
     try:
-        return ImageOps.exif_transpose(img)
+        ImageOps.exif_transpose(img, in_place=True)
     except Exception:
-        return img.copy()
+        pass
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

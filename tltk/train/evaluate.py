@@ -14,8 +14,18 @@ from tltk.errors import DataError, RunDirError
 from tltk.model import ModelSpec, TransferModel, build_model
 from tltk.strategies import build_strategy
 from tltk.train import rundir
-from tltk.train.metrics import classification_report, multilabel_report
-from tltk.train.trainer import TrainConfig, make_loader, predict_logits, resolve_device, resolve_precision
+from tltk.train.metrics import confusion_matrix, multilabel_report, per_class_accuracy, top_k_accuracy
+from tltk.train.trainer import (
+    TrainConfig,
+    default_workers,
+    iterate_logits,
+    make_loader,
+    memory_format,
+    predict_logits,
+    resolve_device,
+    resolve_precision,
+    use_channels_last,
+)
 
 
 @dataclass
@@ -122,15 +132,72 @@ def evaluate_model(
     preprocessing: dict[str, Any],
     train: TrainConfig,
 ) -> dict[str, Any]:
+    """The evaluation report of ``model`` on ``samples``, with the run's precision and the
+    loader defaults of training (workers from the CPU count, channels-last for conv nets).
+
+    Multi-class figures are tallied batch by batch, so memory does not grow with the
+    split; multi-label AP ranks every score of a class, so those are kept (one
+    preallocated array, nothing more).
+    """
     device = resolve_device(train.device)
     transform = build_transforms(
         tuple(preprocessing["input_size"]), preprocessing["mean"], preprocessing["std"], "none", train=False
     )
     dataset = ImageDataset(list(samples), transform, arrays)
-    workers = train.workers if train.workers is not None else 0
+    workers = train.workers if train.workers is not None else default_workers(len(dataset))
     loader = make_loader(dataset, batch_size=train.batch_size, shuffle=False, workers=workers, device=device)
+    amp_dtype = resolve_precision(train.precision, device)
+    channels_last = use_channels_last(train.channels_last, model)
     model.to(device)
-    logits, targets = predict_logits(model, loader, device, resolve_precision(train.precision, device))
-    if train.task == "multilabel":
-        return multilabel_report(targets.numpy(), torch.sigmoid(logits).numpy(), class_names)
-    return classification_report(targets.numpy(), logits.numpy(), class_names)
+    with memory_format(model, channels_last):
+        if train.task == "multilabel":
+            logits, targets = predict_logits(model, loader, device, amp_dtype, channels_last)
+            return multilabel_report(targets.numpy(), torch.sigmoid(logits).numpy(), class_names)
+        tally = ClassificationTally(len(class_names))
+        for logits, batch_targets in iterate_logits(model, loader, device, amp_dtype, channels_last):
+            tally.add(torch.as_tensor(batch_targets).numpy(), logits.numpy())
+    return tally.report(class_names)
+
+
+class ClassificationTally:
+    """Multi-class figures accumulated one batch at a time.
+
+    A confusion matrix and a count of top-5 hits hold everything
+    ``tltk.train.metrics.classification_report`` derives from the full arrays, so the
+    report is the same (the tests compare them) while memory stays at classes x classes.
+    """
+
+    TOP_K = 5
+
+    def __init__(self, num_classes: int) -> None:
+        self.num_classes = num_classes
+        self.confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
+        self.top_k_hits = 0
+
+    @property
+    def n(self) -> int:
+        return int(self.confusion.sum())
+
+    def add(self, targets: np.ndarray, scores: np.ndarray) -> None:
+        if not len(targets):
+            return
+        self.confusion += confusion_matrix(targets, scores.argmax(axis=1), self.num_classes)
+        if self.num_classes > self.TOP_K:
+            self.top_k_hits += int(round(top_k_accuracy(targets, scores, self.TOP_K) * len(targets)))
+
+    def report(self, class_names: list[str]) -> dict[str, Any]:
+        n = self.n
+        report: dict[str, Any] = {
+            "n": n,
+            "task": "multiclass",
+            "accuracy": float(np.trace(self.confusion) / n) if n else float("nan"),
+            "per_class_accuracy": {
+                name: (None if np.isnan(v) else float(v)) for name, v in zip(class_names, per_class_accuracy(self.confusion))
+            },
+            "support": {name: int(count) for name, count in zip(class_names, self.confusion.sum(axis=1))},
+            "confusion_matrix": self.confusion.tolist(),
+            "class_names": list(class_names),
+        }
+        if self.num_classes > self.TOP_K:
+            report["top5_accuracy"] = self.top_k_hits / n if n else float("nan")
+        return report

@@ -110,7 +110,8 @@ def finetune(
     train_set, val_set = _datasets(data, preprocessing, config.train.augment)
     log = rundir.MetricsLog.open(out)
     try:
-        fitted = fit(model, strategy, train_set, val_set, config.train, log=log, reporter=reporter, callbacks=callbacks, loss_fn=loss_fn)
+        fitted = fit(model, strategy, train_set, val_set, config.train, log=log, reporter=reporter, callbacks=callbacks,
+                     loss_fn=loss_fn, cache_dir=out)
     finally:
         log.close()
     rundir.save_weights(out, model)
@@ -198,6 +199,8 @@ def _summary(
         "seconds": fitted.seconds,
         "stopped_early": fitted.stopped_early,
         "best_epoch": fitted.best_epoch,
+        "precision": fitted.precision,
+        "feature_cache": fitted.feature_cache,
         "task": train.task,
         "monitor": train.monitored,
         "best_" + train.monitored: fitted.best_metric,

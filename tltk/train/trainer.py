@@ -3,6 +3,11 @@
 Readable top to bottom like a reference training script. ``fit`` trains a model in
 place and leaves it holding the weights of its best validation epoch (or the last
 epoch when there is no validation split); every step and epoch goes to a ``MetricsLog``.
+
+What makes the common case fast without flags lives here too: ``--precision auto``
+(bf16 where the CPU or GPU computes it natively), channels-last memory for conv nets,
+DataLoader workers from the CPU count, and, for a frozen backbone on deterministic
+images, training the head on cached backbone features (``tltk.train.cache``).
 """
 
 from __future__ import annotations
@@ -11,18 +16,20 @@ import math
 import os
 import random
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
-from typing import Any, ContextManager, Iterator, Protocol, Sequence
+from pathlib import Path
+from typing import Any, ContextManager, Iterable, Iterator, Protocol, Sequence
 
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Sampler
 
 from tltk.errors import TltkError
 from tltk.model import TransferModel
 from tltk.strategies import Strategy
+from tltk.train import cache
 from tltk.train.callbacks import Callback
 from tltk.train.losses import TASKS, build_loss
 from tltk.train.metrics import multilabel_report
@@ -32,6 +39,9 @@ OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("none", "step", "exp", "cosine")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 MONITORS = ("auto", "val_accuracy", "val_map", "val_loss")
+CHANNELS_LAST = ("auto", "on", "off")
+
+Batches = Iterable[tuple[torch.Tensor, Any]]  # a DataLoader, or cached features in the same shape
 
 
 @dataclass
@@ -57,11 +67,17 @@ class TrainConfig:
     workers: int | None = None
     augment: str = "none"
     clip_grad: float | None = None
+    cache: bool = True  # frozen backbone + deterministic images: train the head on cached features
+    cache_mem: str = "auto"  # features held in memory up to this size, else memory-mapped on disk
+    channels_last: str = "auto"  # auto: for backbones with 2-D convolutions
+    compile: bool = False  # torch.compile the module that trains
 
     def validate(self) -> None:
         _one_of("--optimizer", self.optimizer, OPTIMIZERS)
         _one_of("--schedule", self.schedule, SCHEDULES)
         _one_of("--precision", self.precision, PRECISIONS)
+        _one_of("--channels-last", self.channels_last, CHANNELS_LAST)
+        cache.parse_size(self.cache_mem)
         _one_of("--monitor", self.monitor, MONITORS)
         _one_of("--task", self.task, TASKS)
         if self.monitor == "val_map" and self.task != "multilabel":
@@ -72,6 +88,8 @@ class TrainConfig:
             raise TltkError(f"--batch-size must be at least 1, not {self.batch_size}.")
         if self.lr <= 0:
             raise TltkError(f"--lr must be positive, not {self.lr}.")
+        if self.workers is not None and self.workers < 0:
+            raise TltkError(f"--workers must be 0 or more, not {self.workers}.")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -116,13 +134,15 @@ class FitResult:
     stopped_early: bool
     history: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
+    precision: str = "fp32"  # what --precision resolved to on this machine
+    feature_cache: str | None = None  # "memory" or "disk" when the head trained on cached features
 
 
 # --- set-up ---------------------------------------------------------------------------
 
 
 def seed_everything(seed: int) -> torch.Generator:
-    """Seed every generator training touches; the returned one orders the data."""
+    """Seed every generator training touches; the returned one seeds DataLoader workers."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
@@ -143,7 +163,13 @@ def resolve_device(name: str) -> torch.device:
 
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype, or None for full fp32. ``auto`` is bf16/fp16 on CUDA, fp32 on CPU."""
+    """The autocast dtype, or None for full fp32.
+
+    ``auto`` is bf16 where the device computes it natively (CUDA GPUs from Ampere on, CPUs
+    with AVX512-BF16 or AMX, Arm CPUs with the BF16 extension) and fp32 elsewhere:
+    emulated bf16 is slower than fp32 (about ten times on an AVX2-only CPU), and fp16
+    needs loss scaling, so neither is a default.
+    """
     if precision == "fp32":
         return None
     if precision == "bf16":
@@ -152,20 +178,118 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
         if device.type != "cuda":
             raise TltkError("--precision fp16 needs a CUDA device; use bf16 or fp32 on the CPU.")
         return torch.float16
+    return torch.bfloat16 if has_native_bf16(device) else None
+
+
+def has_native_bf16(device: torch.device) -> bool:
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return None
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    if device.type == "cpu":
+        return cpu_has_native_bf16()
+    return False
+
+
+def cpu_has_native_bf16() -> bool:
+    """AVX512-BF16 or AMX-BF16 (x86) or the BF16 extension (Arm), as the CPU reports them."""
+    capabilities = getattr(torch.cpu, "get_capabilities", dict)()
+    if capabilities.get("avx512_bf16") or capabilities.get("amx_bf16"):
+        return True
+    return bool({"avx512_bf16", "amx_bf16", "bf16"} & cpu_flags())
+
+
+def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
+    """The feature flags in /proc/cpuinfo ("flags" on x86, "Features" on Arm); empty elsewhere."""
+    try:
+        text = cpuinfo.read_text(encoding="ascii", errors="replace")
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            return set(value.split())
+    return set()
+
+
+def precision_name(dtype: torch.dtype | None) -> str:
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None) -> ContextManager[Any]:
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
 
 
+def use_channels_last(setting: str, model: nn.Module) -> bool:
+    """Channels-last (NHWC) memory suits 2-D convolutions on CPUs and tensor-core GPUs;
+    networks without them (the recurrent backbones) gain nothing from it."""
+    if setting != "auto":
+        return setting == "on"
+    return any(isinstance(module, nn.Conv2d) for module in model.modules())
+
+
+@contextmanager
+def memory_format(model: nn.Module, channels_last: bool) -> Iterator[None]:
+    """The model in channels-last memory for the duration, contiguous again afterwards,
+    so that code which ``view``s its tensors later is not surprised."""
+    if not channels_last:
+        yield
+        return
+    model.to(memory_format=torch.channels_last)
+    try:
+        yield
+    finally:
+        model.to(memory_format=torch.contiguous_format)
+
+
+def batch_to(images: torch.Tensor, device: torch.device, channels_last: bool = False) -> torch.Tensor:
+    """A batch on ``device``; a 4-D one in channels-last memory when the model is."""
+    if channels_last and images.dim() == 4:
+        return images.to(device, non_blocking=True, memory_format=torch.channels_last)
+    return images.to(device, non_blocking=True)
+
+
+# Below this many images, starting worker processes costs more than they save.
+MIN_SAMPLES_FOR_WORKERS = 2048
+MAX_DEFAULT_WORKERS = 8
+
+
 def default_workers(num_samples: int) -> int:
-    """Worker processes pay off once there is enough data to hide their start-up."""
-    if num_samples < 2048:
+    """Worker processes from the CPUs this process may use, once there is enough data to
+    hide their start-up."""
+    if num_samples < MIN_SAMPLES_FOR_WORKERS:
         return 0
-    return max(1, min(8, (os.cpu_count() or 2)))
+    return max(1, min(MAX_DEFAULT_WORKERS, usable_cpus()))
+
+
+def usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+class EpochShuffle(Sampler[int]):
+    """A new permutation each epoch that depends only on the seed and the epoch number.
+
+    The order is therefore the same with or without worker processes, and the same for
+    cached features as for the images they came from. The trainer calls ``set_epoch``.
+    """
+
+    _PURPOSE = 7  # mixed into the seed, apart from the split carves' purposes
+
+    def __init__(self, size: int, seed: int) -> None:
+        self.size = size
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self) -> Iterator[int]:
+        rng = np.random.default_rng([self._PURPOSE, self.epoch, int(self.seed) % 2**63])
+        return iter(rng.permutation(self.size).tolist())
 
 
 def make_loader(
@@ -178,10 +302,19 @@ def make_loader(
     generator: torch.Generator | None = None,
     seed: int = 0,
 ) -> DataLoader:
+    """A DataLoader with the fast defaults: pinned memory on CUDA, workers kept alive
+    between epochs, and (shuffled) an ``EpochShuffle`` order.
+
+    The loader always has its own generator: drawing worker seeds from the global one
+    would shift every later random number (dropout) by whether a loader was made.
+    """
+    if generator is None:
+        generator = torch.Generator()
+        generator.manual_seed(seed)
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        shuffle=shuffle,
+        sampler=EpochShuffle(len(dataset), seed) if shuffle else None,  # type: ignore[arg-type]
         num_workers=workers,
         pin_memory=device.type == "cuda",
         persistent_workers=workers > 0,
@@ -230,6 +363,72 @@ def lr_factor(step: int, config: TrainConfig, steps_per_epoch: int, total_steps:
     return warmup
 
 
+# --- what the loop feeds on -----------------------------------------------------------
+
+
+@dataclass
+class Feed:
+    """What the loop iterates and calls: images through the whole model, or cached
+    backbone features through the head. Both draw their order from ``order``."""
+
+    module: nn.Module
+    train: DataLoader | cache.FeatureBatches
+    val: DataLoader | cache.FeatureBatches | None
+    order: EpochShuffle
+    feature_cache: str | None = None
+
+
+def image_feed(
+    model: TransferModel,
+    train_set: torch.utils.data.Dataset,
+    val_set: torch.utils.data.Dataset | None,
+    config: TrainConfig,
+    workers: int,
+    device: torch.device,
+    generator: torch.Generator,
+) -> Feed:
+    train = make_loader(train_set, batch_size=config.batch_size, shuffle=True, workers=workers, device=device,
+                        generator=generator, seed=config.seed)
+    val = None
+    if val_set is not None:
+        val = make_loader(val_set, batch_size=config.batch_size, shuffle=False, workers=workers, device=device)
+    return Feed(model, train, val, train.sampler)  # type: ignore[arg-type]
+
+
+def cached_feed(
+    model: TransferModel,
+    train_set: torch.utils.data.Dataset,
+    val_set: torch.utils.data.Dataset | None,
+    config: TrainConfig,
+    workers: int,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+    channels_last: bool,
+    store: cache.FeatureCache,
+    reporter: Reporter,
+) -> Feed:
+    """Run the frozen backbone once over the training and validation images."""
+
+    def to_device(images: torch.Tensor) -> torch.Tensor:
+        return batch_to(images, device, channels_last)
+
+    def features_of(dataset: torch.utils.data.Dataset) -> cache.CachedSplit:
+        loader = make_loader(dataset, batch_size=config.batch_size, shuffle=False, workers=workers, device=device)
+        return store.extract(model, loader, len(dataset), to_device, lambda: autocast(device, amp_dtype))  # type: ignore[arg-type]
+
+    train = features_of(train_set)
+    val = features_of(val_set) if val_set is not None else None
+    reporter.message(store.describe({"training": len(train), "validation": len(val) if val is not None else 0}))
+    order = EpochShuffle(len(train), config.seed)
+    return Feed(
+        cache.HeadOnFeatures(model),
+        cache.FeatureBatches(train, config.batch_size, order),
+        cache.FeatureBatches(val, config.batch_size) if val is not None else None,
+        order,
+        store.where,
+    )
+
+
 # --- the loop -------------------------------------------------------------------------
 
 
@@ -243,29 +442,64 @@ def fit(
     reporter: Reporter | None = None,
     callbacks: Sequence[Callback] = (),
     loss_fn: nn.Module | None = None,
+    cache_dir: Path | None = None,
 ) -> FitResult:
+    """Train ``model`` in place. ``cache_dir``: where features go when they are cached on
+    disk (a temporary folder inside it, removed at the end; default: the system's)."""
     config.validate()
     reporter = reporter or SilentReporter()
     generator = seed_everything(config.seed)
     device = resolve_device(config.device)
     amp_dtype = resolve_precision(config.precision, device)
+    channels_last = use_channels_last(config.channels_last, model)
     workers = config.workers if config.workers is not None else default_workers(len(train_set))
+    val_set = val_set if val_set is not None and len(val_set) > 0 else None
+    started = time.perf_counter()
 
     model.to(device)
     strategy.prepare(model)
+    decision = cache.decide(strategy, train_set, enabled=config.cache, augment=config.augment, callbacks=callbacks)
+    if decision.reason:
+        reporter.message(decision.reason)
+    with ExitStack() as stack:
+        stack.enter_context(memory_format(model, channels_last))
+        if decision.use:
+            total = len(train_set) + (len(val_set) if val_set is not None else 0)
+            store = stack.enter_context(cache.FeatureCache(total, cache.memory_budget(config.cache_mem), cache_dir))
+            feed = cached_feed(model, train_set, val_set, config, workers, device, amp_dtype, channels_last, store, reporter)
+        else:
+            feed = image_feed(model, train_set, val_set, config, workers, device, generator)
+        result, stopper = _train(model, strategy, feed, config, device, amp_dtype, channels_last, log, reporter,
+                                 callbacks, loss_fn)
+    if stopper.best_state is not None:
+        model.load_state_dict(stopper.best_state)
+        result.best_epoch, result.best_metric = stopper.best_epoch, stopper.best_value
+    result.seconds = round(time.perf_counter() - started, 3)
+    result.precision = precision_name(amp_dtype)
+    result.feature_cache = feed.feature_cache
+    reporter.finish()
+    return result
+
+
+def _train(
+    model: TransferModel,
+    strategy: Strategy,
+    feed: Feed,
+    config: TrainConfig,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+    channels_last: bool,
+    log: MetricsLog | None,
+    reporter: Reporter,
+    callbacks: Sequence[Callback],
+    loss_fn: nn.Module | None,
+) -> tuple[FitResult, "EarlyStopping"]:
+    """Epochs of training and validation over ``feed``; the best epoch is left to the caller."""
     groups = [g for g in strategy.param_groups(model, config.lr) if g["params"]]
     optimizer = build_optimizer(groups, config)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    train_loader = make_loader(
-        train_set, batch_size=config.batch_size, shuffle=True, workers=workers, device=device,
-        generator=generator, seed=config.seed,
-    )
-    val_loader = (
-        make_loader(val_set, batch_size=config.batch_size, shuffle=False, workers=workers, device=device)
-        if val_set is not None and len(val_set) > 0
-        else None
-    )
-    steps_per_epoch = len(train_loader)
+    module = torch.compile(feed.module) if config.compile else feed.module
+    steps_per_epoch = len(feed.train)
     total_steps = config.max_steps or config.epochs * steps_per_epoch
     epochs = math.ceil(total_steps / steps_per_epoch)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -274,7 +508,6 @@ def fit(
     loss_fn = (loss_fn or build_loss(config.task)).to(device)
     stopper = EarlyStopping(config.monitored, config.patience)
     result = FitResult(0, 0, None, None, False)
-    started = time.perf_counter()
     reporter.start(total_steps)
     for callback in callbacks:
         callback.on_train_start(model, total_steps)
@@ -284,17 +517,18 @@ def fit(
         change = strategy.on_epoch_start(model, epoch)
         if change:
             reporter.message(change)
+        feed.order.set_epoch(epoch)
         epoch_started = time.perf_counter()
         train_loss, train_acc, step = _train_epoch(
-            model, train_loader, optimizer, scheduler, scaler, loss_fn, device, amp_dtype, config,
-            epoch, step, total_steps, log, reporter, callbacks,
+            model, module, feed.train, optimizer, scheduler, scaler, loss_fn, device, amp_dtype, channels_last,
+            config, epoch, step, total_steps, log, reporter, callbacks,
         )
         row: dict[str, Any] = {"kind": "epoch", "epoch": epoch + 1, "step": step, "train_loss": train_loss}
         if train_acc is not None:
             row["train_accuracy"] = train_acc
         row["lr"] = optimizer.param_groups[-1]["lr"]
-        if val_loader is not None:
-            row.update(validation_metrics(model, val_loader, device, amp_dtype, loss_fn, config.task))
+        if feed.val is not None:
+            row.update(validation_metrics(module, feed.val, device, amp_dtype, loss_fn, config.task, channels_last))
         row["seconds"] = round(time.perf_counter() - epoch_started, 3)
         result.history.append(row)
         if log is not None:
@@ -304,7 +538,7 @@ def fit(
         for callback in callbacks:
             callback.on_epoch_end(model, row)
         result.epochs_run = epoch + 1
-        if val_loader is not None and stopper.update(row, model):
+        if feed.val is not None and stopper.update(row, model):
             result.stopped_early = True
             reporter.message(
                 f"early stopping after epoch {epoch + 1}: {config.monitored} did not improve for {config.patience} epochs"
@@ -315,24 +549,21 @@ def fit(
 
     for callback in callbacks:
         callback.on_train_end(model, result.history)
-    if stopper.best_state is not None:
-        model.load_state_dict(stopper.best_state)
-        result.best_epoch, result.best_metric = stopper.best_epoch, stopper.best_value
     result.steps = step
-    result.seconds = round(time.perf_counter() - started, 3)
-    reporter.finish()
-    return result
+    return result, stopper
 
 
 def _train_epoch(
     model: TransferModel,
-    loader: DataLoader,
+    module: nn.Module,
+    batches: Batches,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     scaler: torch.amp.GradScaler,
     loss_fn: nn.Module,
     device: torch.device,
     amp_dtype: torch.dtype | None,
+    channels_last: bool,
     config: TrainConfig,
     epoch: int,
     step: int,
@@ -341,13 +572,15 @@ def _train_epoch(
     reporter: Reporter,
     callbacks: Sequence[Callback] = (),
 ) -> tuple[float, float | None, int]:
-    model.train()
+    """One pass over ``batches``; ``module`` computes the logits (the model, or its head on
+    cached features), ``model`` is what callbacks are shown."""
+    module.train()
     loss_sum, correct, seen = 0.0, 0, 0
-    for images, targets in loader:
-        images = images.to(device, non_blocking=True)
+    for images, targets in batches:
+        images = batch_to(images, device, channels_last)
         targets = targets.to(device, non_blocking=True)
         with autocast(device, amp_dtype):
-            logits = model(images)
+            logits = module(images)
             loss = loss_fn(logits.float(), targets)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
@@ -405,40 +638,79 @@ class EarlyStopping:
 
 
 def iterate_logits(
-    model: nn.Module, loader: DataLoader, device: torch.device, amp_dtype: torch.dtype | None = None
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(logits, targets) per batch, in loader order, on the CPU in fp32."""
+    model: nn.Module,
+    loader: Batches,
+    device: torch.device,
+    amp_dtype: torch.dtype | None = None,
+    channels_last: bool = False,
+) -> Iterator[tuple[torch.Tensor, Any]]:
+    """(logits, targets) per batch, in loader order, on the CPU in fp32.
+
+    A generator, so callers can reduce each batch and let it go (nothing accumulates here).
+    """
     was_training = model.training
     model.eval()
     try:
         with torch.inference_mode():
             for images, targets in loader:
                 with autocast(device, amp_dtype):
-                    logits = model(images.to(device, non_blocking=True))
+                    logits = model(batch_to(images, device, channels_last))
                 yield logits.float().cpu(), targets
     finally:
         model.train(was_training)
 
 
 def predict_logits(
-    model: nn.Module, loader: DataLoader, device: torch.device, amp_dtype: torch.dtype | None = None
+    model: nn.Module,
+    loader: Batches,
+    device: torch.device,
+    amp_dtype: torch.dtype | None = None,
+    channels_last: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    parts = list(iterate_logits(model, loader, device, amp_dtype))
+    """All logits and targets, gathered into one preallocated pair of tensors where the
+    number of samples is known (no list of batches plus a copy of them all)."""
+    count = _sample_count(loader)
+    logits_all: torch.Tensor | None = None
+    targets_all: torch.Tensor | None = None
+    parts: list[tuple[torch.Tensor, torch.Tensor]] = []
+    done = 0
+    for logits, targets in iterate_logits(model, loader, device, amp_dtype, channels_last):
+        targets = torch.as_tensor(targets)
+        if count is None:
+            parts.append((logits, targets))
+            continue
+        if logits_all is None:
+            logits_all = torch.empty((count, *logits.shape[1:]), dtype=logits.dtype)
+            targets_all = torch.empty((count, *targets.shape[1:]), dtype=targets.dtype)
+        logits_all[done:done + len(logits)] = logits
+        targets_all[done:done + len(logits)] = targets  # type: ignore[index]
+        done += len(logits)
+    if logits_all is not None and targets_all is not None:
+        return logits_all[:done], targets_all[:done]
     if not parts:
         return torch.empty(0), torch.empty(0, dtype=torch.long)
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
+def _sample_count(loader: Batches) -> int | None:
+    dataset = getattr(loader, "dataset", None)
+    if dataset is not None:
+        return len(dataset)
+    split = getattr(loader, "split", None)
+    return len(split) if split is not None else None
+
+
 def validation_metrics(
     model: nn.Module,
-    loader: DataLoader,
+    loader: Batches,
     device: torch.device,
     amp_dtype: torch.dtype | None,
     loss_fn: nn.Module,
     task: str,
+    channels_last: bool = False,
 ) -> dict[str, float]:
     """val_loss plus val_accuracy (multi-class) or val_map and val_map_voc07 (multi-label)."""
-    logits, targets = predict_logits(model, loader, device, amp_dtype)
+    logits, targets = predict_logits(model, loader, device, amp_dtype, channels_last)
     loss = float(loss_fn.cpu()(logits, targets))
     loss_fn.to(device)
     if task == "multilabel":
