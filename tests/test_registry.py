@@ -518,3 +518,13 @@ def test_every_entry_point_tltk_declares_loads_and_meets_its_contract():
         for entry in own:
             assert registry.try_load(entry).status == OK, entry.error
             assert entry.source == "tltk==0.1.0"
+
+
+def test_unknown_name_message_uses_the_kinds_proper_plural():
+    from tltk.errors import UnknownNameError
+    from tltk.registry import Registry
+
+    strategies = Registry("strategy")
+    strategies.register("finetune")(lambda: None)
+    with pytest.raises(UnknownNameError, match="Known strategies: finetune"):
+        strategies.get("scratch")

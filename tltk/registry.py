@@ -434,7 +434,7 @@ class Registry(Generic[T]):
         names = self.names()
         close = difflib.get_close_matches(name, names, n=3, cutoff=0.5)
         hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-        message = f"Unknown {self.kind} '{name}'.{hint} Known {self.kind}s: {', '.join(names) or '(none)'}."
+        message = f"Unknown {self.kind} '{name}'.{hint} Known {_plural(self.kind)}: {', '.join(names) or '(none)'}."
         if self.group in GROUPS and not any(e.builtin for e in self._entries):
             message += (f" tltk's own {self.kind}s are missing from its package metadata: reinstall tltk "
                         f"(pip install -e .) and delete any stale tltk.egg-info folder on the Python path.")
@@ -603,3 +603,7 @@ DATA_FORMATS: Registry[Any] = Registry("data format", "tltk.datasets")
 def registries() -> list[Registry[Any]]:
     """Every registry tltk reads, in the order ``tltk plugins`` shows them."""
     return [BACKBONES, HEADS, STRATEGIES, EXPORTERS, DATA_FORMATS]
+
+
+def _plural(kind: str) -> str:
+    return kind[:-1] + "ies" if kind.endswith("y") else kind + "s"
