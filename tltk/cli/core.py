@@ -116,16 +116,21 @@ def split_classes(classes: str | None) -> list[str] | None:
 
 
 @main.command()
-@click.option("--backbone", required=True, help="Backbone name (tltk list backbones), or timm:NAME.")
+@click.option("--backbone", help="Backbone name (tltk list backbones), or timm:NAME.  [required]")
 @click.option("--head", default="linear", show_default=True, help="linear, mlp, conv, or pkg.mod:factory / file.py:Factory.")
 @click.option("--strategy", default="finetune", show_default=True, help="finetune, freeze, freeze-unfreeze, discriminative.")
 @click.option("--freeze", is_flag=True, help="Alias for --strategy freeze.")
 @click.option("--weights", default="auto", show_default=True,
               help="imagenet, none, FILE (.safetensors/.pth) or RUN_DIR; auto = imagenet where published, else none.")
 @click.option("--init", "init", default="default", show_default=True, help="Random init: default, xavier, kaiming, gaussian.")
-@click.option("--data", "data_spec", required=True, help="folder:PATH, cifar10:PATH, mnist:PATH, voc:PATH, csv:FILE, builtin:digits, or a path.")
-@click.option("--out", required=True, help="Run directory to create.")
+@click.option("--data", "data_spec", help="folder:PATH, cifar10:PATH, mnist:PATH, voc:PATH, csv:FILE, builtin:digits, "
+              "or a path.  [required]")
+@click.option("--out", help="Run directory to create.  [required]")
 @click.option("--overwrite", is_flag=True, help="Replace a run already in --out.")
+@click.option("--resume", metavar="RUN", default=None,
+              help="Continue the interrupted run in RUN from its checkpoint, with the settings it started with.")
+@click.option("--checkpoint-every", type=int, default=None, metavar="N",
+              help="Also save a checkpoint every N steps (one is saved after every epoch).")
 @data_options
 @click.option("--epochs", type=int, default=10, show_default=True)
 @click.option("--max-steps", type=int, default=None, help="Stop after this many optimizer steps.")
@@ -180,15 +185,39 @@ def finetune(**opts: Any) -> None:
     from tltk.progress import RichReporter
     from tltk.train.finetune import finetune as run_finetune
 
-    config = finetune_config(opts)
+    config, out = _config_and_out(opts)
     reporter = RichReporter(err, enabled=not (opts["quiet"] or opts["as_json"]))
-    result = run_finetune(config, opts["out"], overwrite=opts["overwrite"], reporter=reporter)
+    result = run_finetune(config, out, overwrite=opts["overwrite"], reporter=reporter, resume=opts["resume"] is not None,
+                          checkpoint_every=opts["checkpoint_every"])
     if result.skipped:
         err.print(skipped_message(result.skipped))
     if opts["as_json"]:
         print_json({"out": str(result.out), **result.summary})
         return
     print_run_summary(str(result.out), result.summary)
+
+
+# Options that may accompany --resume: they change how the run is shown or saved, not what it computes.
+RESUME_OPTIONS = {"resume", "checkpoint_every", "quiet", "as_json"}
+
+
+def _config_and_out(opts: dict[str, Any]) -> tuple[Any, str]:
+    """A new run's settings from the options, or an interrupted run's from its config.json."""
+    from tltk.train.finetune import config_of_run
+
+    if opts["resume"] is None:
+        for name, option in (("backbone", "--backbone"), ("data_spec", "--data"), ("out", "--out")):
+            if opts[name] is None:
+                raise TltkError(f"`tltk finetune` needs {option}, or --resume RUN to continue an interrupted run.")
+        return finetune_config(opts), opts["out"]
+    context = click.get_current_context()
+    given = sorted(name for name in opts if name not in RESUME_OPTIONS
+                   and context.get_parameter_source(name) != click.core.ParameterSource.DEFAULT)
+    if given:
+        option = next(p.opts[0] for p in context.command.params if p.name == given[0])
+        raise TltkError(f"--resume continues a run with the settings it started with; drop {option} "
+                        "(or start a new run with --out).")
+    return config_of_run(opts["resume"]), opts["resume"]
 
 
 def finetune_config(opts: dict[str, Any]) -> Any:

@@ -168,7 +168,8 @@ class FeatureBatches:
         self.order = order
 
     def __len__(self) -> int:
-        return math.ceil(len(self.split) / self.batch_size)
+        count = len(self.order) if self.order is not None else len(self.split)  # type: ignore[arg-type]
+        return math.ceil(count / self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         count = len(self.split)
@@ -176,8 +177,8 @@ class FeatureBatches:
             for start in range(0, count, self.batch_size):
                 yield self.split.features[start:start + self.batch_size], self.split.targets[start:start + self.batch_size]
             return
-        order = torch.as_tensor(list(self.order), dtype=torch.long)
-        for start in range(0, count, self.batch_size):
+        order = torch.as_tensor(list(self.order), dtype=torch.long)  # shorter than the split on a resumed epoch
+        for start in range(0, len(order), self.batch_size):
             index = order[start:start + self.batch_size]
             yield self.split.features[index], self.split.targets[index]
 

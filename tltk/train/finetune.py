@@ -13,15 +13,15 @@ from typing import Any, Sequence
 import torch
 
 from tltk.data import DataSplits, ImageDataset, build_transforms, load_data
-from tltk.errors import DataError
+from tltk.errors import DataError, RunDirError
 from tltk.model import ModelSpec, TransferModel, build_model, resolve_weights_choice
 from tltk.strategies import Strategy, build_strategy
-from tltk.train import rundir
+from tltk.train import checkpoint, rundir
 from tltk.train.callbacks import Callback
 from tltk.train.losses import TASKS, auto_pos_weight, build_loss
 from tltk.train.evaluate import evaluate_model
 from tltk.train.tensorboard import warn, watch_callbacks
-from tltk.train.trainer import FitResult, Reporter, TrainConfig, fit, seed_everything
+from tltk.train.trainer import Checkpointing, FitResult, Reporter, TrainConfig, fit, seed_everything
 from tltk.viz.curves import write_curves
 
 
@@ -66,6 +66,17 @@ class FinetuneConfig:
     histogram_every: int = 100  # steps between weight/gradient histograms
     filters_every: int | None = None  # epochs between conv1 filter snapshots in RUN/plots/filters
 
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, record: dict[str, Any]) -> "FinetuneConfig":
+        """The config ``to_dict`` wrote (into RUN/config.json, so that a run can be resumed)."""
+        values = dict(record)
+        values["data"] = DataOptions(**values["data"])
+        values["train"] = TrainConfig(**values["train"])
+        return cls(**values)
+
 
 @dataclass
 class RunResult:
@@ -82,8 +93,17 @@ def finetune(
     overwrite: bool = False,
     reporter: Reporter | None = None,
     callbacks: Sequence[Callback] = (),
+    resume: bool = False,
+    checkpoint_every: int | None = None,
 ) -> RunResult:
+    """Train and write the run directory ``out``. A checkpoint is saved there after every
+    epoch (and every ``checkpoint_every`` steps); ``resume`` continues from it, with
+    ``config`` equal to the interrupted run's (``config_of_run`` reads it back)."""
     out = Path(out).expanduser()
+    if resume:
+        check_resumable(out)
+    if checkpoint_every is not None and checkpoint_every < 1:
+        raise RunDirError(f"--checkpoint-every must be at least 1, not {checkpoint_every}.")
     config.train.validate()
     data = config.data.load()
     _check_trainable(data)
@@ -104,21 +124,50 @@ def finetune(
         out, model, tensorboard=config.tensorboard, histogram_every=config.histogram_every,
         filters_every=config.filters_every, preprocessing=preprocessing, notify=reporter.message if reporter else warn,
     )]
-    rundir.prepare_out_dir(out, overwrite)
-    rundir.write_config(out, _config_record(config, spec, strategy, data, preprocessing, model))
+    if resume:
+        checkpoint.rewind_metrics_log(out, checkpoint.read_training_state(out))
+    else:
+        rundir.prepare_out_dir(out, overwrite)
+        checkpoint.remove_checkpoint(out)
+        rundir.write_config(out, _config_record(config, spec, strategy, data, preprocessing, model))
 
     train_set, val_set = _datasets(data, preprocessing, config.train.augment)
+    checkpoints = Checkpointing(out, config.to_dict(), checkpoint_every, resume)
     log = rundir.MetricsLog.open(out)
     try:
         fitted = fit(model, strategy, train_set, val_set, config.train, log=log, reporter=reporter, callbacks=callbacks,
-                     loss_fn=loss_fn, cache_dir=out)
+                     loss_fn=loss_fn, cache_dir=out, checkpoints=checkpoints)
     finally:
         log.close()
     rundir.save_weights(out, model)
     summary = _summary(model, data, preprocessing, fitted, config.train)
     rundir.write_summary(out, summary)
     write_curves(out)
+    checkpoint.remove_checkpoint(out)  # the run is complete; a checkpoint can be as large as the model twice over
     return RunResult(out, summary, data.skipped, model)
+
+
+def check_resumable(run: Path) -> None:
+    """A run can be resumed when it holds a checkpoint; a finished one has none left."""
+    if not run.is_dir():
+        raise RunDirError(f"cannot resume {run}: no such run directory; pass the --out of an interrupted `tltk finetune`.")
+    if not checkpoint.has_checkpoint(run):
+        finished = (run / rundir.SUMMARY).is_file()
+        why = "it finished (the checkpoint is removed at the end)" if finished else "it holds no checkpoint"
+        raise RunDirError(f"cannot resume {run}: {why}; start a new run with `tltk finetune --out`.")
+
+
+def config_of_run(run: str | Path) -> FinetuneConfig:
+    """The settings an interrupted run was started with, read from RUN/config.json."""
+    run = Path(run).expanduser()
+    check_resumable(run)
+    record = rundir.read_config(run).get("finetune")
+    if not isinstance(record, dict):
+        raise RunDirError(f"{run / rundir.CONFIG} has no 'finetune' settings to resume from; start a new run.")
+    try:
+        return FinetuneConfig.from_dict(record)
+    except TypeError as exc:
+        raise RunDirError(f"{run / rundir.CONFIG} has settings this version cannot read ({exc}); start a new run.") from exc
 
 
 def resolve_task(task: str, data: DataSplits) -> str:
@@ -186,6 +235,7 @@ def _config_record(
         "class_names": list(data.class_names),
         "preprocessing": preprocessing,
         "versions": rundir.library_versions(),
+        "finetune": config.to_dict(),  # everything `tltk finetune --resume` needs to rebuild the run
     }
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import signal
 import time
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
@@ -30,6 +31,7 @@ from tltk.errors import TltkError
 from tltk.model import TransferModel
 from tltk.strategies import Strategy
 from tltk.train import cache
+from tltk.train import checkpoint as ckpt
 from tltk.train.callbacks import Callback
 from tltk.train.losses import TASKS, build_loss
 from tltk.train.metrics import multilabel_report
@@ -280,16 +282,19 @@ class EpochShuffle(Sampler[int]):
         self.size = size
         self.seed = seed
         self.epoch = 0
+        self.skip = 0
 
-    def set_epoch(self, epoch: int) -> None:
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        """``skip``: samples of this epoch already trained (a resumed run leaves them out)."""
         self.epoch = epoch
+        self.skip = skip
 
     def __len__(self) -> int:
-        return self.size
+        return self.size - self.skip
 
     def __iter__(self) -> Iterator[int]:
         rng = np.random.default_rng([self._PURPOSE, self.epoch, int(self.seed) % 2**63])
-        return iter(rng.permutation(self.size).tolist())
+        return iter(rng.permutation(self.size)[self.skip:].tolist())
 
 
 def make_loader(
@@ -376,6 +381,7 @@ class Feed:
     val: DataLoader | cache.FeatureBatches | None
     order: EpochShuffle
     feature_cache: str | None = None
+    generator: torch.Generator | None = None  # the loader's, saved with a checkpoint
 
 
 def image_feed(
@@ -392,7 +398,7 @@ def image_feed(
     val = None
     if val_set is not None:
         val = make_loader(val_set, batch_size=config.batch_size, shuffle=False, workers=workers, device=device)
-    return Feed(model, train, val, train.sampler)  # type: ignore[arg-type]
+    return Feed(model, train, val, train.sampler, generator=generator)  # type: ignore[arg-type]
 
 
 def cached_feed(
@@ -443,9 +449,11 @@ def fit(
     callbacks: Sequence[Callback] = (),
     loss_fn: nn.Module | None = None,
     cache_dir: Path | None = None,
+    checkpoints: "Checkpointing | None" = None,
 ) -> FitResult:
     """Train ``model`` in place. ``cache_dir``: where features go when they are cached on
-    disk (a temporary folder inside it, removed at the end; default: the system's)."""
+    disk (a temporary folder inside it, removed at the end; default: the system's).
+    ``checkpoints``: where and how often the run's state is saved, and whether to resume."""
     config.validate()
     reporter = reporter or SilentReporter()
     generator = seed_everything(config.seed)
@@ -469,8 +477,9 @@ def fit(
             feed = cached_feed(model, train_set, val_set, config, workers, device, amp_dtype, channels_last, store, reporter)
         else:
             feed = image_feed(model, train_set, val_set, config, workers, device, generator)
+        stack.enter_context(checkpoints.signals() if checkpoints is not None else nullcontext())
         result, stopper = _train(model, strategy, feed, config, device, amp_dtype, channels_last, log, reporter,
-                                 callbacks, loss_fn)
+                                 callbacks, loss_fn, checkpoints)
     if stopper.best_state is not None:
         model.load_state_dict(stopper.best_state)
         result.best_epoch, result.best_metric = stopper.best_epoch, stopper.best_value
@@ -493,6 +502,7 @@ def _train(
     reporter: Reporter,
     callbacks: Sequence[Callback],
     loss_fn: nn.Module | None,
+    checkpoints: "Checkpointing | None" = None,
 ) -> tuple[FitResult, "EarlyStopping"]:
     """Epochs of training and validation over ``feed``; the best epoch is left to the caller."""
     groups = [g for g in strategy.param_groups(model, config.lr) if g["params"]]
@@ -512,16 +522,19 @@ def _train(
     for callback in callbacks:
         callback.on_train_start(model, total_steps)
 
-    step = 0
-    for epoch in range(epochs):
+    saver = checkpoints.bind(model, optimizer, scheduler, scaler, stopper, feed, log) if checkpoints else None
+    start = saver.resume(strategy, result) if saver is not None else ckpt.TrainingState()
+    step = start.global_step
+    for epoch in range(start.epoch, epochs if not start.stopped_early else start.epoch):
         change = strategy.on_epoch_start(model, epoch)
         if change:
             reporter.message(change)
-        feed.order.set_epoch(epoch)
+        resumed = start if epoch == start.epoch and start.batches_done else ckpt.TrainingState(epoch=epoch)
+        feed.order.set_epoch(epoch, resumed.batches_done * config.batch_size)
         epoch_started = time.perf_counter()
         train_loss, train_acc, step = _train_epoch(
             model, module, feed.train, optimizer, scheduler, scaler, loss_fn, device, amp_dtype, channels_last,
-            config, epoch, step, total_steps, log, reporter, callbacks,
+            config, epoch, step, total_steps, log, reporter, callbacks, resumed, saver,
         )
         row: dict[str, Any] = {"kind": "epoch", "epoch": epoch + 1, "step": step, "train_loss": train_loss}
         if train_acc is not None:
@@ -543,8 +556,11 @@ def _train(
             reporter.message(
                 f"early stopping after epoch {epoch + 1}: {config.monitored} did not improve for {config.patience} epochs"
             )
-            break
-        if step >= total_steps:
+        if saver is not None:
+            saver.save(ckpt.TrainingState(epoch=epoch + 1, global_step=step, stopped_early=result.stopped_early),
+                       result.history)
+            saver.stop_if_asked(epoch, step)
+        if result.stopped_early or step >= total_steps:
             break
 
     for callback in callbacks:
@@ -571,12 +587,17 @@ def _train_epoch(
     log: MetricsLog | None,
     reporter: Reporter,
     callbacks: Sequence[Callback] = (),
+    resumed: ckpt.TrainingState | None = None,
+    saver: "BoundCheckpointing | None" = None,
 ) -> tuple[float, float | None, int]:
     """One pass over ``batches``; ``module`` computes the logits (the model, or its head on
-    cached features), ``model`` is what callbacks are shown."""
+    cached features), ``model`` is what callbacks are shown. ``resumed``: the batches of
+    this epoch already trained and their running totals (a resumed run starts from them)."""
     module.train()
-    loss_sum, correct, seen = 0.0, 0, 0
-    for images, targets in batches:
+    resumed = resumed or ckpt.TrainingState(epoch=epoch)
+    loss_sum, correct, seen = resumed.epoch_loss_sum, resumed.epoch_correct, resumed.epoch_seen
+    batches_per_epoch = resumed.batches_done + len(batches)  # type: ignore[arg-type]
+    for batch_index, (images, targets) in enumerate(batches, start=resumed.batches_done):
         images = batch_to(images, device, channels_last)
         targets = targets.to(device, non_blocking=True)
         with autocast(device, amp_dtype):
@@ -606,8 +627,113 @@ def _train_epoch(
             callback.on_step_end(model, row, images)
         if step >= total_steps:
             break
+        if saver is not None and batch_index + 1 < batches_per_epoch and saver.due(step):  # the epoch's end saves anyway
+            saver.save(ckpt.TrainingState(epoch=epoch, batches_done=batch_index + 1, global_step=step,
+                                          epoch_loss_sum=loss_sum, epoch_correct=correct, epoch_seen=seen))
+            saver.stop_if_asked(epoch, step)
     accuracy = correct / max(seen, 1) if config.task == "multiclass" else None
     return loss_sum / max(seen, 1), accuracy, step
+
+
+class Interrupted(TltkError):
+    """SIGINT or SIGTERM stopped the run between two steps, after a checkpoint was saved."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+@dataclass
+class Checkpointing:
+    """Where a run saves its state (every epoch, and every ``every`` steps), and whether it
+    starts from the state saved there. ``config`` is what a resumed run must match."""
+
+    run_dir: Path
+    config: dict[str, Any]
+    every: int | None = None
+    resume: bool = False
+    signal_received: int | None = None
+
+    @contextmanager
+    def signals(self) -> Iterator[None]:
+        """SIGINT and SIGTERM only set a flag while training: the step in progress
+        finishes, a checkpoint is written, and ``Interrupted`` is raised."""
+
+        def note(signum: int, frame: Any) -> None:
+            self.signal_received = signum
+
+        previous = {sig: signal.signal(sig, note) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def bind(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, scaler: torch.amp.GradScaler,
+             stopper: "EarlyStopping", feed: Feed, log: MetricsLog | None) -> "BoundCheckpointing":
+        return BoundCheckpointing(self, model, optimizer, scheduler, scaler, stopper, feed, log)
+
+
+@dataclass
+class BoundCheckpointing:
+    """``Checkpointing`` together with the objects whose state it saves and restores."""
+
+    plan: Checkpointing
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: torch.amp.GradScaler
+    stopper: "EarlyStopping"
+    feed: Feed
+    log: MetricsLog | None
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def generators(self) -> dict[str, torch.Generator]:
+        return {"loader": self.feed.generator} if self.feed.generator is not None else {}
+
+    def resume(self, strategy: Strategy, result: FitResult) -> ckpt.TrainingState:
+        """The saved state restored into the model, optimizer, scheduler, scaler, generators
+        and early stopper (a fresh ``TrainingState`` when not resuming). Nothing may draw a
+        random number between this and the first batch."""
+        self.history = result.history
+        if not self.plan.resume:
+            return ckpt.TrainingState()
+        for epoch in range(ckpt.read_training_state(self.plan.run_dir).epoch):
+            strategy.on_epoch_start(self.model, epoch)  # freeze-unfreeze changes the model at epoch starts
+        resumed = ckpt.load_checkpoint(self.plan.run_dir, self.model, self.optimizer, self.scheduler, self.scaler,
+                                       generators=self.generators, config=self.plan.config)
+        state = resumed.state
+        self.stopper.best_value, self.stopper.best_epoch = state.best_metric, state.best_epoch
+        self.stopper.bad_epochs = state.epochs_without_improvement
+        self.stopper.best_state = resumed.best_model
+        result.history[:] = state.history
+        result.epochs_run, result.stopped_early = state.epoch, state.stopped_early
+        return state
+
+    def due(self, step: int) -> bool:
+        every = self.plan.every
+        return self.plan.signal_received is not None or bool(every and step % every == 0)
+
+    def save(self, state: ckpt.TrainingState, history: list[dict[str, Any]] | None = None) -> None:
+        if self.log is not None:
+            self.log.flush()
+            state.metrics_bytes = self.log.handle.tell()
+        state.best_metric, state.best_epoch = self.stopper.best_value, self.stopper.best_epoch
+        state.epochs_without_improvement = self.stopper.bad_epochs
+        state.history = list(history if history is not None else self.history)
+        ckpt.save_checkpoint(self.plan.run_dir, self.model, self.optimizer, self.scheduler, self.scaler, state,
+                             generators=self.generators, best_model=self.stopper.best_state, config=self.plan.config)
+
+    def stop_if_asked(self, epoch: int, step: int) -> None:
+        signum = self.plan.signal_received
+        if signum is None:
+            return
+        raise Interrupted(
+            f"interrupted at epoch {epoch + 1} step {step}; checkpoint saved; "
+            f"resume with `tltk finetune --resume {self.plan.run_dir}`.",
+            130 if signum == signal.SIGINT else 128 + int(signum),
+        )
 
 
 @dataclass

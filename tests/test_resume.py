@@ -1,0 +1,154 @@
+"""Interrupted `tltk finetune` runs: killed, signalled or stopped runs resume to the same result."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+from tltk.cli import main
+from tltk.errors import RunDirError
+from tltk.train import checkpoint
+from tltk.train.callbacks import Callback
+from tltk.train.finetune import DataOptions, FinetuneConfig, config_of_run, finetune
+from tltk.train.trainer import TrainConfig
+
+REPO = Path(__file__).resolve().parents[1]
+# 10 images per class, 7 steps an epoch: long enough to be interrupted mid-epoch, short to run.
+COMMAND = ["finetune", "--backbone", "lenet5", "--weights", "none", "--data", "builtin:digits",
+           "--train-per-class", "10", "--batch-size", "16", "--epochs", "6", "--device", "cpu", "--workers", "0",
+           "--checkpoint-every", "2", "--quiet", "--json"]
+ENV = os.environ | {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tltk(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "tltk.cli", *args], cwd=REPO, env=ENV, capture_output=True,
+                          text=True, timeout=120)
+
+
+def start(out: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "tltk.cli", *COMMAND, "--out", str(out)], cwd=REPO, env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_checkpoint(run: Path, process: subprocess.Popen, mid_epoch: bool) -> checkpoint.TrainingState:
+    """Poll until the run has saved a checkpoint (one inside an epoch when ``mid_epoch``)."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        assert process.poll() is None, "the run ended before it could be interrupted"
+        if checkpoint.has_checkpoint(run):
+            state = checkpoint.read_training_state(run)
+            if state.batches_done > 0 or not mid_epoch:
+                return state
+        time.sleep(0.005)
+    raise AssertionError("no checkpoint appeared within 60 s")
+
+
+def metrics_rows(run: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in row.items() if k != "seconds"} for row in rows]
+
+
+def assert_same_run(run: Path, reference: Path) -> None:
+    weights, expected = load_file(run / "model.safetensors"), load_file(reference / "model.safetensors")
+    assert weights.keys() == expected.keys()
+    assert all(torch.equal(weights[k], expected[k]) for k in expected)
+    assert metrics_rows(run) == metrics_rows(reference)
+    summary, expected_summary = (json.loads((r / "summary.json").read_text()) for r in (run, reference))
+    for key in ("epochs_run", "steps", "best_epoch", "best_val_accuracy", "test"):
+        assert summary[key] == expected_summary[key], key
+    assert {k: v for k, v in summary["final"].items() if k != "seconds"} == \
+        {k: v for k, v in expected_summary["final"].items() if k != "seconds"}
+    assert not checkpoint.has_checkpoint(run), "a finished run keeps no checkpoint"
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("resume") / "uninterrupted"
+    done = CliRunner().invoke(main, [*COMMAND, "--out", str(out)])  # in this process: one start-up less
+    assert done.exit_code == 0, done.output
+    return out
+
+
+def test_run_killed_mid_epoch_and_resumed_ends_bit_identical_to_uninterrupted(reference: Path, tmp_path: Path) -> None:
+    run = tmp_path / "killed"
+    process = start(run)
+    state = wait_for_checkpoint(run, process, mid_epoch=True)
+    process.send_signal(signal.SIGKILL)
+    process.communicate()
+    assert not (run / "model.safetensors").exists() and state.batches_done > 0
+    resumed = tltk("finetune", "--resume", str(run), "--quiet", "--json")
+    assert resumed.returncode == 0, resumed.stderr
+    assert_same_run(run, reference)
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_with_how_to_resume(reference: Path, tmp_path: Path) -> None:
+    run = tmp_path / "terminated"
+    process = start(run)
+    wait_for_checkpoint(run, process, mid_epoch=False)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 128 + signal.SIGTERM
+    assert f"resume with `tltk finetune --resume {run}`" in stderr and "Traceback" not in stderr
+    assert not (run / "model.safetensors").exists()
+    finetune(config_of_run(run), run, resume=True, checkpoint_every=2)  # the checkpoint loads and the run completes
+    assert_same_run(run, reference)
+
+
+def test_resume_without_a_checkpoint_or_of_a_finished_run_is_one_clear_error(reference: Path, tmp_path: Path) -> None:
+    with pytest.raises(RunDirError, match="holds no checkpoint"):
+        config_of_run(tmp_path)
+    with pytest.raises(RunDirError, match="no such run directory"):
+        config_of_run(tmp_path / "missing")
+    result = CliRunner().invoke(main, ["finetune", "--resume", str(reference)])
+    assert result.exit_code == 2
+    assert result.output.strip().count("\n") == 0 and "it finished" in result.output
+    result = CliRunner().invoke(main, ["finetune", "--resume", str(reference), "--lr", "0.1"])
+    assert result.exit_code == 2 and "drop --lr" in result.output
+
+
+class StopAt(Callback):
+    """Stands in for a crash: raises after a given step."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, model, row, images) -> None:
+        if row["step"] == self.step:
+            raise KeyboardInterrupt
+
+
+def small_config(lr: float = 3e-3) -> FinetuneConfig:
+    data = DataOptions("builtin:digits", classes=["0", "1", "2"], train_per_class=12)
+    train = TrainConfig(epochs=2, batch_size=8, lr=lr, workers=0, device="cpu")
+    return FinetuneConfig(backbone="lenet5", data=data, weights="none", train=train)
+
+
+def test_resuming_with_different_settings_is_refused_and_changes_nothing(tmp_path: Path) -> None:
+    run = tmp_path / "crashed"
+    with pytest.raises(KeyboardInterrupt):
+        finetune(small_config(), run, checkpoint_every=2, callbacks=[StopAt(3)])
+    manifest = (checkpoint.checkpoint_dir(run) / checkpoint.MANIFEST).read_bytes()
+    assert checkpoint.read_training_state(run).global_step == 2
+    with pytest.raises(RunDirError, match="lr"):
+        finetune(small_config(lr=1e-2), run, resume=True)
+    assert (checkpoint.checkpoint_dir(run) / checkpoint.MANIFEST).read_bytes() == manifest
+    finished = finetune(small_config(), run, resume=True)
+    assert finished.summary["steps"] == 10 and not checkpoint.has_checkpoint(run)
