@@ -146,3 +146,69 @@ def _expect_result_or_tltk_error(call, result_type):
         return None
     assert isinstance(result, result_type)
     return result
+
+
+# --- the feature store's manifest --------------------------------------------------------
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-5, 10**6) | st.floats(allow_nan=False) | st.text(max_size=6),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+    max_leaves=6,
+)
+
+
+@pytest.fixture(scope="module")
+def store_manifest(workdir):
+    """A real 40-row store; each example rewrites its manifest and opens it again."""
+    import numpy as np
+
+    from tltk.features.store import create_store, iter_chunks
+
+    vectors = np.random.default_rng(0).normal(size=(40, 8)).astype(np.float32)
+    rows = [{"id": str(i), "path": f"img{i}.png", "labels": ["a"], "split": "train"} for i in range(40)]
+    header = {"source": {"fingerprint": "f" * 64, "description": "fuzz"}, "layer": "fc7", "pool": "avg",
+              "class_names": ["a"], "task": "multiclass", "data": []}
+    path = workdir / "store"
+    create_store(path, iter_chunks(vectors, rows, 16), header, metric="l2")
+    return path, (path / "manifest.json").read_text(encoding="utf-8")
+
+
+def _open_and_search(path):
+    import numpy as np
+
+    from tltk.features.store import FeatureStore
+
+    store = FeatureStore.open(path)
+    store.search(np.zeros((1, 8), np.float32), 3)
+    return store
+
+
+@FUZZ
+@given(key=st.sampled_from(["count", "dim", "metric", "format", "index", "layer", "source", "class_names", "pool"]),
+       value=json_values)
+def test_store_with_one_manifest_field_replaced_opens_or_gives_a_tltk_error(store_manifest, key, value):
+    import json
+
+    from tltk.features.store import FeatureStore
+
+    path, original = store_manifest
+    manifest = json.loads(original)
+    manifest[key] = value
+    try:
+        (path / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
+        _expect_result_or_tltk_error(lambda: _open_and_search(path), FeatureStore)
+    finally:
+        (path / "manifest.json").write_text(original, encoding="utf-8")
+
+
+@FUZZ
+@given(cut=st.integers(0, 400), junk=st.binary(max_size=20))
+def test_store_with_a_truncated_or_garbled_manifest_gives_a_tltk_error(store_manifest, cut, junk):
+    from tltk.features.store import FeatureStore
+
+    path, original = store_manifest
+    try:
+        (path / "manifest.json").write_bytes(original.encode()[:cut] + junk)
+        _expect_result_or_tltk_error(lambda: _open_and_search(path), FeatureStore)
+    finally:
+        (path / "manifest.json").write_text(original, encoding="utf-8")

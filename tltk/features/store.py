@@ -41,7 +41,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from tltk.errors import TltkError
+from tltk.errors import TltkError, printable
 from tltk.fileio import atomic_write, write_json
 
 MANIFEST = "manifest.json"
@@ -634,9 +634,48 @@ def read_manifest(path: Path) -> dict[str, Any]:
         manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
     except ValueError as exc:
         raise TltkError(f"{path / MANIFEST} is not valid JSON ({exc}); the store is damaged, extract it again.") from exc
+    if not isinstance(manifest, dict):
+        raise TltkError(f"{path / MANIFEST} holds no JSON object; the store is damaged, extract it again.")
     if manifest.get("format") != STORE_FORMAT:
-        raise TltkError(f"{path} is a feature store of format {manifest.get('format')}; this tltk reads format {STORE_FORMAT}, extract it again.")
+        raise TltkError(f"{path} is a feature store of format {printable(str(manifest.get('format')))}; "
+                        f"this tltk reads format {STORE_FORMAT}, extract it again.")
+    _check_manifest_fields(manifest, path)
     return manifest
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _is_str_list(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(item, str) for item in value)
+
+
+def _is_index_record(value: Any) -> bool:
+    return (isinstance(value, dict) and isinstance(value.get("type"), str)
+            and isinstance(value.get("params", {}), dict) and isinstance(value.get("recall"), (dict, type(None))))
+
+
+# What every reader of a manifest relies on; a hand-edited or damaged file is refused up front.
+_MANIFEST_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "count": (_is_count, "a row count"),
+    "dim": (lambda v: _is_count(v) and v > 0, "a positive vector length"),
+    "metric": (lambda v: v in ("cosine", "l2"), "cosine or l2"),
+    "layer": (lambda v: isinstance(v, str), "a layer name"),
+    "pool": (lambda v: isinstance(v, str), "a pooling name"),
+    "class_names": (_is_str_list, "a list of class names"),
+    "source": (lambda v: isinstance(v, dict) and isinstance(v.get("fingerprint"), str), "a source record with a fingerprint"),
+    "index": (_is_index_record, "an index record"),
+    "data": (lambda v: isinstance(v, list) and all(isinstance(d, dict) for d in v), "a list of data records"),
+    "metadata_bytes": (_is_count, "a byte count"),
+}
+
+
+def _check_manifest_fields(manifest: dict[str, Any], path: Path) -> None:
+    for key, (valid, meaning) in _MANIFEST_FIELDS.items():
+        if key not in manifest or not valid(manifest[key]):
+            shown = printable(json.dumps(manifest.get(key)))[:60]
+            raise TltkError(f"{path / MANIFEST} has {key} = {shown}, not {meaning}; the store is damaged, extract it again.")
 
 
 def read_index(path: Path) -> Any:
