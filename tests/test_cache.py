@@ -25,19 +25,13 @@ from tltk.model import ModelSpec, TransferModel, build_model
 from tltk.strategies import build_strategy
 from tltk.train import cache
 from tltk.train.callbacks import Callback
-from tltk.train.trainer import EpochShuffle, FitResult, TrainConfig, fit, make_loader
+from tltk.distributed import EpochOrder
+from tltk.train.trainer import FitResult, TrainConfig, fit, make_loader
 
 DIGITS = dict(classes=["0", "1", "2"], train_per_class=12)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on a small shared machine two threads wait on each other at
-    every operation while a neighbour holds a core, which makes tiny runs many times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class Recorder:
@@ -241,7 +235,7 @@ def test_sample_order_depends_on_seed_and_epoch_only_not_on_worker_processes():
         loader.sampler.set_epoch(epoch)
         return [int(t) for _, targets in loader for t in targets]
 
-    first = EpochShuffle(16, seed=3)
+    first = EpochOrder(16, seed=3)
     expected = list(first)
     first.set_epoch(1)
     assert list(first) != expected  # a new order each epoch

@@ -92,7 +92,7 @@ def make_run(optimizer: str = "sgd", seed: int = 0, classes: int = 3) -> Run:
 
 
 def epoch_order(epoch: int) -> np.ndarray:
-    """A permutation that depends on the epoch alone, as the trainer's EpochShuffle."""
+    """A permutation that depends on the epoch alone, as the trainer's EpochOrder."""
     return np.random.default_rng([7, epoch, 0]).permutation(SAMPLES)
 
 

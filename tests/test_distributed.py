@@ -59,7 +59,7 @@ def test_resuming_mid_epoch_continues_with_the_indices_not_yet_seen():
     order = EpochOrder(30, seed=5)
     order.set_epoch(2)
     full = list(order)
-    order.set_epoch(2, start=12)
+    order.set_epoch(2, skip=12)
     assert list(order) == full[12:] and len(order) == 18
 
 

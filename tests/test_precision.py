@@ -31,14 +31,7 @@ CPU = torch.device("cpu")
 CUDA = torch.device("cuda")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on a small shared machine two threads wait on each other at
-    every operation while a neighbour holds a core, which makes tiny runs many times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # --- --precision ----------------------------------------------------------------------

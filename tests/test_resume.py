@@ -30,12 +30,7 @@ COMMAND = ["finetune", "--backbone", "lenet5", "--weights", "none", "--data", "b
 ENV = os.environ | {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tltk(*args: str) -> subprocess.CompletedProcess:

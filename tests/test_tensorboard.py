@@ -27,13 +27,7 @@ STEPS, STEPS_PER_EPOCH = 10, 5
 MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.5)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy machine the second one spin-waits."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_config(*, watch: bool) -> FinetuneConfig:

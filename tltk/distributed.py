@@ -19,6 +19,7 @@ import os
 from dataclasses import dataclass
 from typing import Iterator, Mapping
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -99,44 +100,43 @@ def device_for(context: DistContext, device: torch.device) -> torch.device:
 
 
 class EpochOrder(torch.utils.data.Sampler[int]):
-    """This rank's share of one seeded permutation per epoch.
+    """This rank's share of one seeded permutation per epoch; the trainer's order too (rank 0 of 1).
 
-    The permutation is drawn from ``seed + epoch`` alone, so every rank agrees on it without
-    talking, and a resumed run can rebuild it. The listing is padded by repeating its start
-    until it divides by the world size (as DistributedSampler does), so every rank takes
-    the same number of steps; ``start`` skips the first indices of this rank's share when
-    an interrupted epoch is resumed.
+    The permutation depends on the seed and the epoch alone, so every rank agrees on it
+    without talking, the order is the same with or without worker processes and for cached
+    features as for their images, and a resumed run can rebuild it. The listing is padded by
+    repeating its start until it divides by the world size (as DistributedSampler does), so
+    every rank takes the same number of steps; ``skip`` leaves out the first indices of this
+    rank's share when an interrupted epoch is resumed.
     """
 
-    def __init__(self, num_samples: int, *, seed: int, shuffle: bool = True,
-                 rank: int = 0, world_size: int = 1) -> None:
+    _PURPOSE = 7  # mixed into the seed, apart from the split carves' purposes
+
+    def __init__(self, num_samples: int, *, seed: int, rank: int = 0, world_size: int = 1) -> None:
         self.num_samples = num_samples
         self.seed = seed
-        self.shuffle = shuffle
         self.rank = rank
         self.world_size = world_size
         self.epoch = 0
-        self.start = 0
+        self.skip = 0
 
-    def set_epoch(self, epoch: int, start: int = 0) -> None:
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        """``skip``: samples of this epoch this rank already trained on (a resumed run leaves them out)."""
         self.epoch = epoch
-        self.start = start
+        self.skip = skip
 
     def global_order(self) -> list[int]:
-        if self.shuffle:
-            generator = torch.Generator().manual_seed(self.seed + self.epoch)
-            order = torch.randperm(self.num_samples, generator=generator).tolist()
-        else:
-            order = list(range(self.num_samples))
+        rng = np.random.default_rng([self._PURPOSE, self.epoch, int(self.seed) % 2**63])
+        order = rng.permutation(self.num_samples).tolist()
         padded = math.ceil(self.num_samples / self.world_size) * self.world_size
         return (order * math.ceil(padded / max(len(order), 1)))[:padded] if order else []
 
     def __iter__(self) -> Iterator[int]:
         share = self.global_order()[self.rank::self.world_size]
-        return iter(share[self.start:])
+        return iter(share[self.skip:])
 
     def __len__(self) -> int:
-        return max(math.ceil(self.num_samples / self.world_size) - self.start, 0)
+        return max(math.ceil(self.num_samples / self.world_size) - self.skip, 0)
 
 
 def all_reduce_sums(values: dict[str, float], context: DistContext, device: torch.device) -> dict[str, float]:

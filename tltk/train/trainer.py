@@ -25,8 +25,9 @@ from typing import Any, ContextManager, Iterable, Iterator, Protocol, Sequence
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader
 
+from tltk.distributed import EpochOrder
 from tltk.errors import TltkError
 from tltk.model import TransferModel
 from tltk.strategies import Strategy
@@ -269,34 +270,6 @@ def usable_cpus() -> int:
         return os.cpu_count() or 1
 
 
-class EpochShuffle(Sampler[int]):
-    """A new permutation each epoch that depends only on the seed and the epoch number.
-
-    The order is therefore the same with or without worker processes, and the same for
-    cached features as for the images they came from. The trainer calls ``set_epoch``.
-    """
-
-    _PURPOSE = 7  # mixed into the seed, apart from the split carves' purposes
-
-    def __init__(self, size: int, seed: int) -> None:
-        self.size = size
-        self.seed = seed
-        self.epoch = 0
-        self.skip = 0
-
-    def set_epoch(self, epoch: int, skip: int = 0) -> None:
-        """``skip``: samples of this epoch already trained (a resumed run leaves them out)."""
-        self.epoch = epoch
-        self.skip = skip
-
-    def __len__(self) -> int:
-        return self.size - self.skip
-
-    def __iter__(self) -> Iterator[int]:
-        rng = np.random.default_rng([self._PURPOSE, self.epoch, int(self.seed) % 2**63])
-        return iter(rng.permutation(self.size)[self.skip:].tolist())
-
-
 def make_loader(
     dataset: torch.utils.data.Dataset,
     *,
@@ -308,7 +281,7 @@ def make_loader(
     seed: int = 0,
 ) -> DataLoader:
     """A DataLoader with the fast defaults: pinned memory on CUDA, workers kept alive
-    between epochs, and (shuffled) an ``EpochShuffle`` order.
+    between epochs, and (shuffled) an ``EpochOrder``.
 
     The loader always has its own generator: drawing worker seeds from the global one
     would shift every later random number (dropout) by whether a loader was made.
@@ -319,7 +292,7 @@ def make_loader(
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        sampler=EpochShuffle(len(dataset), seed) if shuffle else None,  # type: ignore[arg-type]
+        sampler=EpochOrder(len(dataset), seed=seed) if shuffle else None,  # type: ignore[arg-type]
         num_workers=workers,
         pin_memory=device.type == "cuda",
         persistent_workers=workers > 0,
@@ -379,7 +352,7 @@ class Feed:
     module: nn.Module
     train: DataLoader | cache.FeatureBatches
     val: DataLoader | cache.FeatureBatches | None
-    order: EpochShuffle
+    order: EpochOrder
     feature_cache: str | None = None
     generator: torch.Generator | None = None  # the loader's, saved with a checkpoint
 
@@ -425,7 +398,7 @@ def cached_feed(
     train = features_of(train_set)
     val = features_of(val_set) if val_set is not None else None
     reporter.message(store.describe({"training": len(train), "validation": len(val) if val is not None else 0}))
-    order = EpochShuffle(len(train), config.seed)
+    order = EpochOrder(len(train), seed=config.seed)
     return Feed(
         cache.HeadOnFeatures(model),
         cache.FeatureBatches(train, config.batch_size, order),
