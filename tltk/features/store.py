@@ -295,7 +295,7 @@ class FeatureStore:
         """Open a complete store; a missing, unfinished or inconsistent one is one clear error."""
         path = Path(path).expanduser()
         manifest = read_manifest(path)
-        store = cls(path, manifest, read_index(path))
+        store = cls(path, manifest, read_index(path, manifest))
         if store.index.ntotal != store.count:
             raise TltkError(
                 f"the index of {path} holds {store.index.ntotal} vectors but its manifest {store.count} "
@@ -486,7 +486,7 @@ class FeatureStore:
             writer.close()
             self.manifest, self._metadata = committed, None
             self._truncate_to_manifest()
-            self.index = read_index(self.path)
+            self.index = read_index(self.path, self.manifest)
             raise
         finally:
             part.unlink(missing_ok=True)
@@ -678,13 +678,14 @@ def _check_manifest_fields(manifest: dict[str, Any], path: Path) -> None:
             raise TltkError(f"{path / MANIFEST} has {key} = {shown}, not {meaning}; the store is damaged, extract it again.")
 
 
-def read_index(path: Path) -> Any:
+def read_index(path: Path, manifest: dict[str, Any]) -> Any:
+    """The FAISS index with the search settings (nprobe, efSearch) that ``manifest`` records."""
     import faiss
 
     if not (path / INDEX).is_file():
         raise TltkError(f"{path} has no {INDEX}; rebuild it with `tltk index {path} --rebuild`.")
     index = faiss.read_index(str(path / INDEX))
-    params = read_manifest(path)["index"].get("params", {})
+    params = manifest["index"].get("params", {})
     apply_search_params(index, params)
     return index
 
