@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator, Mapping
 
@@ -92,6 +93,28 @@ def shutdown(context: DistContext) -> None:
         dist.destroy_process_group()
 
 
+@contextmanager
+def session(device_type: str) -> Iterator[DistContext]:
+    """The process group for the duration of a job when launched by torchrun/srun (left as
+    found when the caller had already joined one); a plain launch yields the single context."""
+    joined_before = dist.is_available() and dist.is_initialized()
+    context = current_context() if joined_before else init_distributed(device_type)
+    try:
+        yield context
+    finally:
+        if not joined_before:
+            shutdown(context)
+
+
+def current_context() -> DistContext:
+    """Where this process stands in an already joined process group (single when none is)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return SINGLE
+    found = launch_env()
+    local_rank = found[2] if found is not None else 0
+    return DistContext(dist.get_rank(), dist.get_world_size(), local_rank, dist.get_backend())
+
+
 def device_for(context: DistContext, device: torch.device) -> torch.device:
     """Each process drives its own GPU (cuda:LOCAL_RANK); CPU processes share the CPU."""
     if context.active and device.type == "cuda":
@@ -161,6 +184,47 @@ def gather_rows(tensor: torch.Tensor, context: DistContext) -> torch.Tensor:
     parts = [torch.empty_like(padded) for _ in range(context.world_size)]
     dist.all_gather(parts, padded)
     return torch.cat([part[:size] for part, size in zip(parts, sizes)])
+
+
+def gather_interleaved(destination: torch.Tensor, local: torch.Tensor, context: DistContext,
+                       device: torch.device, chunk_rows: int = 4096) -> None:
+    """Fill ``destination`` with every rank's rows of an ``evaluation_shard`` split: rank r's
+    j-th row is row r + j x N. Done in chunks, so a memory-mapped destination (a feature
+    cache larger than memory) never has more than a chunk per rank in memory at once.
+    ``device``: where the collective runs (the GPU under NCCL, the CPU under gloo)."""
+    if not context.active:
+        destination[: len(local)] = local
+        return
+    world = context.world_size
+    counts = [len(range(r, len(destination), world)) for r in range(world)]
+    wire = local.view(torch.int16) if local.dtype == torch.bfloat16 else local  # gloo has no bf16
+    for start in range(0, max(counts), chunk_rows):
+        stop = min(start + chunk_rows, max(counts))
+        chunk = torch.zeros((stop - start, *wire.shape[1:]), dtype=wire.dtype, device=device)
+        mine = wire[start:min(stop, len(wire))]
+        chunk[: len(mine)] = mine.to(device)
+        parts = [torch.empty_like(chunk) for _ in range(world)]
+        dist.all_gather(parts, chunk)
+        for rank, part in enumerate(parts):
+            rows = max(min(stop, counts[rank]) - start, 0)
+            if rows:
+                received = part[:rows].view(torch.bfloat16) if local.dtype == torch.bfloat16 else part[:rows]
+                rows_of_rank = slice(rank + start * world, rank + (start + rows) * world, world)
+                destination[rows_of_rank] = received.to(destination.device)
+
+
+def any_rank(flag: bool, context: DistContext, device: torch.device) -> bool:
+    """True on every rank when it is true on any (a signal one rank received, say)."""
+    if not context.active:
+        return flag
+    tensor = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return bool(tensor.item())
+
+
+def all_ranks(flag: bool, context: DistContext, device: torch.device) -> bool:
+    """True on every rank when it is true on all of them (a decision they must share)."""
+    return not any_rank(not flag, context, device)
 
 
 def barrier(context: DistContext) -> None:

@@ -189,6 +189,8 @@ def finetune(**opts: Any) -> None:
     reporter = RichReporter(err, enabled=not (opts["quiet"] or opts["as_json"]))
     result = run_finetune(config, out, overwrite=opts["overwrite"], reporter=reporter, resume=opts["resume"] is not None,
                           checkpoint_every=opts["checkpoint_every"])
+    if not result.is_main:
+        return  # one report per data-parallel job, from rank 0
     if result.skipped:
         err.print(skipped_message(result.skipped))
     if opts["as_json"]:

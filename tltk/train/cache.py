@@ -257,6 +257,11 @@ class FeatureCache:
             return CachedSplit(torch.empty(0), torch.empty(0, dtype=torch.long))
         return CachedSplit(features[:done], targets[:done])
 
+    def allocate(self, count: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """Room for ``count`` features where this cache keeps them, for rows that arrive from
+        other processes rather than from the backbone here."""
+        return self._allocate(count, shape, dtype)
+
     def _allocate(self, count: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         per_image = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
         if self.where is None:

@@ -9,6 +9,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from tltk import distributed
 from tltk.data import DataSplits, ImageDataset, Sample, build_transforms, load_data
 from tltk.errors import DataError, RunDirError
 from tltk.model import ModelSpec, TransferModel, build_model
@@ -131,19 +132,25 @@ def evaluate_model(
     class_names: list[str],
     preprocessing: dict[str, Any],
     train: TrainConfig,
+    context: distributed.DistContext = distributed.SINGLE,
 ) -> dict[str, Any]:
     """The evaluation report of ``model`` on ``samples``, with the run's precision and the
     loader defaults of training (workers from the CPU count, channels-last for conv nets).
 
     Multi-class figures are tallied batch by batch, so memory does not grow with the
     split; multi-label AP ranks every score of a class, so those are kept (one
-    preallocated array, nothing more).
+    preallocated array, nothing more). In a data-parallel job each rank evaluates every
+    N-th sample and the tallies (or scores) are combined, so every rank returns the report
+    of the whole split.
     """
-    device = resolve_device(train.device)
+    device = distributed.device_for(context, resolve_device(train.device))
     transform = build_transforms(
         tuple(preprocessing["input_size"]), preprocessing["mean"], preprocessing["std"], "none", train=False
     )
-    dataset = ImageDataset(list(samples), transform, arrays)
+    if len(samples) < context.world_size:
+        context = distributed.SINGLE  # fewer samples than ranks: each rank evaluates them all
+    shard = [samples[i] for i in distributed.evaluation_shard(len(samples), context)] if context.active else samples
+    dataset = ImageDataset(list(shard), transform, arrays)
     workers = train.workers if train.workers is not None else default_workers(len(dataset))
     loader = make_loader(dataset, batch_size=train.batch_size, shuffle=False, workers=workers, device=device)
     amp_dtype = resolve_precision(train.precision, device)
@@ -152,11 +159,16 @@ def evaluate_model(
     with memory_format(model, channels_last):
         if train.task == "multilabel":
             logits, targets = predict_logits(model, loader, device, amp_dtype, channels_last)
+            if context.active:
+                logits = distributed.gather_rows(logits.to(device), context).cpu()
+                targets = distributed.gather_rows(targets.to(device), context).cpu()
             return multilabel_report(targets.numpy(), torch.sigmoid(logits).numpy(), class_names)
         tally = ClassificationTally(len(class_names))
         for logits, batch_targets in iterate_logits(model, loader, device, amp_dtype, channels_last):
             tally.add(torch.as_tensor(batch_targets).numpy(), logits.numpy())
+    tally.combine_ranks(context, device)
     return tally.report(class_names)
+
 
 
 class ClassificationTally:
@@ -184,6 +196,16 @@ class ClassificationTally:
         self.confusion += confusion_matrix(targets, scores.argmax(axis=1), self.num_classes)
         if self.num_classes > self.TOP_K:
             self.top_k_hits += int(round(top_k_accuracy(targets, scores, self.TOP_K) * len(targets)))
+
+    def combine_ranks(self, context: distributed.DistContext, device: torch.device) -> None:
+        """Add up every rank's tallies (each counted a different shard of the split)."""
+        if not context.active:
+            return
+        counts = torch.from_numpy(np.append(self.confusion.ravel(), self.top_k_hits)).to(device)
+        torch.distributed.all_reduce(counts)
+        counts = counts.cpu().numpy()
+        self.confusion = counts[:-1].reshape(self.confusion.shape)
+        self.top_k_hits = int(counts[-1])
 
     def report(self, class_names: list[str]) -> dict[str, Any]:
         n = self.n

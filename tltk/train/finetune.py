@@ -12,6 +12,7 @@ from typing import Any, Sequence
 
 import torch
 
+from tltk import distributed
 from tltk.data import DataSplits, ImageDataset, build_transforms, load_data
 from tltk.errors import DataError, RunDirError
 from tltk.model import ModelSpec, TransferModel, build_model, resolve_weights_choice
@@ -21,7 +22,9 @@ from tltk.train.callbacks import Callback
 from tltk.train.losses import TASKS, auto_pos_weight, build_loss
 from tltk.train.evaluate import evaluate_model
 from tltk.train.tensorboard import warn, watch_callbacks
-from tltk.train.trainer import Checkpointing, FitResult, Reporter, TrainConfig, fit, seed_everything
+from tltk.train.trainer import (
+    Checkpointing, FitResult, Reporter, SilentReporter, TrainConfig, fit, resolve_device, seed_everything,
+)
 from tltk.viz.curves import write_curves
 
 
@@ -84,6 +87,7 @@ class RunResult:
     summary: dict[str, Any]
     skipped: list[str]
     model: TransferModel
+    is_main: bool = True  # False on the other ranks of a data-parallel job: they wrote nothing
 
 
 def finetune(
@@ -98,8 +102,27 @@ def finetune(
 ) -> RunResult:
     """Train and write the run directory ``out``. A checkpoint is saved there after every
     epoch (and every ``checkpoint_every`` steps); ``resume`` continues from it, with
-    ``config`` equal to the interrupted run's (``config_of_run`` reads it back)."""
-    out = Path(out).expanduser()
+    ``config`` equal to the interrupted run's (``config_of_run`` reads it back).
+
+    Launched by torchrun or srun with several processes, this is one rank of a data-parallel
+    job (``config.train.batch_size`` per process); rank 0 alone writes ``out`` and reports."""
+    with distributed.session(resolve_device(config.train.device).type) as context:
+        if not context.is_main:
+            reporter, callbacks = None, ()
+        return _finetune(config, Path(out).expanduser(), overwrite, reporter, callbacks, resume, checkpoint_every, context)
+
+
+def _finetune(
+    config: FinetuneConfig,
+    out: Path,
+    overwrite: bool,
+    reporter: Reporter | None,
+    callbacks: Sequence[Callback],
+    resume: bool,
+    checkpoint_every: int | None,
+    context: distributed.DistContext,
+) -> RunResult:
+    main = context.is_main
     if resume:
         check_resumable(out)
     if checkpoint_every is not None and checkpoint_every < 1:
@@ -120,31 +143,43 @@ def finetune(
     model = build_model(spec)
     strategy = build_strategy(config.strategy, **config.strategy_options)
     preprocessing = _preprocessing(model, config.input_size)
-    callbacks = [*callbacks, *watch_callbacks(
-        out, model, tensorboard=config.tensorboard, histogram_every=config.histogram_every,
-        filters_every=config.filters_every, preprocessing=preprocessing, notify=reporter.message if reporter else warn,
-    )]
-    if resume:
-        checkpoint.rewind_metrics_log(out, checkpoint.read_training_state(out))
-    else:
-        rundir.prepare_out_dir(out, overwrite)
-        checkpoint.remove_checkpoint(out)
-        rundir.write_config(out, _config_record(config, spec, strategy, data, preprocessing, model))
+    if main:
+        callbacks = [*callbacks, *watch_callbacks(
+            out, model, tensorboard=config.tensorboard, histogram_every=config.histogram_every,
+            filters_every=config.filters_every, preprocessing=preprocessing,
+            notify=reporter.message if reporter else warn,
+        )]
+        _prepare_run_dir(out, resume, overwrite, _config_record(config, spec, strategy, data, preprocessing, model))
+    distributed.barrier(context)  # the run directory exists before any rank looks for a checkpoint in it
 
     train_set, val_set = _datasets(data, preprocessing, config.train.augment)
-    checkpoints = Checkpointing(out, config.to_dict(), checkpoint_every, resume)
-    log = rundir.MetricsLog.open(out)
+    # A run resumes with the number of processes it started with: the data order depends on it.
+    fingerprinted = config.to_dict() | ({"processes": context.world_size} if context.active else {})
+    checkpoints = Checkpointing(out, fingerprinted, checkpoint_every, resume, context=context)
+    log = rundir.MetricsLog.open(out) if main else None
     try:
-        fitted = fit(model, strategy, train_set, val_set, config.train, log=log, reporter=reporter, callbacks=callbacks,
-                     loss_fn=loss_fn, cache_dir=out, checkpoints=checkpoints)
+        fitted = fit(model, strategy, train_set, val_set, config.train, log=log, reporter=reporter or SilentReporter(),
+                     callbacks=callbacks, loss_fn=loss_fn, cache_dir=out, checkpoints=checkpoints, context=context)
     finally:
-        log.close()
-    rundir.save_weights(out, model)
-    summary = _summary(model, data, preprocessing, fitted, config.train)
-    rundir.write_summary(out, summary)
-    write_curves(out)
-    checkpoint.remove_checkpoint(out)  # the run is complete; a checkpoint can be as large as the model twice over
-    return RunResult(out, summary, data.skipped, model)
+        if log is not None:
+            log.close()
+    summary = _summary(model, data, preprocessing, fitted, config.train, context)
+    if main:
+        rundir.save_weights(out, model)
+        rundir.write_summary(out, summary)
+        write_curves(out)
+        checkpoint.remove_checkpoint(out)  # the run is complete; a checkpoint can be as large as the model twice over
+    distributed.barrier(context)
+    return RunResult(out, summary, data.skipped, model, main)
+
+
+def _prepare_run_dir(out: Path, resume: bool, overwrite: bool, record: dict[str, Any]) -> None:
+    if resume:
+        checkpoint.rewind_metrics_log(out, checkpoint.read_training_state(out))
+        return
+    rundir.prepare_out_dir(out, overwrite)
+    checkpoint.remove_checkpoint(out)
+    rundir.write_config(out, record)
 
 
 def check_resumable(run: Path) -> None:
@@ -240,7 +275,8 @@ def _config_record(
 
 
 def _summary(
-    model: TransferModel, data: DataSplits, pre: dict[str, Any], fitted: FitResult, train: TrainConfig
+    model: TransferModel, data: DataSplits, pre: dict[str, Any], fitted: FitResult, train: TrainConfig,
+    context: distributed.DistContext = distributed.SINGLE,
 ) -> dict[str, Any]:
     last = fitted.history[-1] if fitted.history else {}
     summary: dict[str, Any] = {
@@ -257,6 +293,6 @@ def _summary(
         "final": {k: v for k, v in last.items() if k not in ("kind",)},
     }
     if data.test:
-        report = evaluate_model(model, data.test, data.arrays, data.class_names, pre, train)
+        report = evaluate_model(model, data.test, data.arrays, data.class_names, pre, train, context)
         summary["test"] = {k: report[k] for k in ("n", "accuracy", "top5_accuracy", "map", "map_voc07") if k in report}
     return summary

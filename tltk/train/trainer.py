@@ -12,6 +12,7 @@ images, training the head on cached backbone features (``tltk.train.cache``).
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 import random
@@ -25,9 +26,11 @@ from typing import Any, ContextManager, Iterable, Iterator, Protocol, Sequence
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Subset
 
-from tltk.distributed import EpochOrder
+from tltk import distributed
+from tltk.distributed import SINGLE, DistContext, EpochOrder
 from tltk.errors import TltkError
 from tltk.model import TransferModel
 from tltk.strategies import Strategy
@@ -279,9 +282,11 @@ def make_loader(
     device: torch.device,
     generator: torch.Generator | None = None,
     seed: int = 0,
+    context: DistContext = SINGLE,
 ) -> DataLoader:
     """A DataLoader with the fast defaults: pinned memory on CUDA, workers kept alive
-    between epochs, and (shuffled) an ``EpochOrder``.
+    between epochs, and (shuffled) an ``EpochOrder``: this rank's share of it under
+    data-parallel training.
 
     The loader always has its own generator: drawing worker seeds from the global one
     would shift every later random number (dropout) by whether a loader was made.
@@ -292,23 +297,28 @@ def make_loader(
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        sampler=EpochOrder(len(dataset), seed=seed) if shuffle else None,  # type: ignore[arg-type]
+        sampler=EpochOrder(len(dataset), seed=seed, rank=context.rank, world_size=context.world_size)  # type: ignore[arg-type]
+        if shuffle else None,
         num_workers=workers,
         pin_memory=device.type == "cuda",
         persistent_workers=workers > 0,
         generator=generator,
-        worker_init_fn=_WorkerSeeder(seed) if workers > 0 else None,
+        worker_init_fn=_WorkerSeeder(seed, context.rank) if workers > 0 else None,
     )
 
 
 class _WorkerSeeder:
-    """Each worker's random modules get a seed derived from the run's (picklable for workers)."""
+    """Each worker's random modules get a seed derived from the run's and the rank's
+    (picklable for workers), so ranks do not augment their different images alike."""
 
-    def __init__(self, seed: int) -> None:
+    RANK_STRIDE = 1_000_003
+
+    def __init__(self, seed: int, rank: int = 0) -> None:
         self.seed = seed
+        self.rank = rank
 
     def __call__(self, worker_id: int) -> None:
-        worker_seed = (self.seed * 1000 + worker_id) % 2**32
+        worker_seed = (self.seed * 1000 + worker_id + self.RANK_STRIDE * self.rank) % 2**32
         random.seed(worker_seed)
         np.random.seed(worker_seed)
 
@@ -355,6 +365,7 @@ class Feed:
     order: EpochOrder
     feature_cache: str | None = None
     generator: torch.Generator | None = None  # the loader's, saved with a checkpoint
+    broadcast_buffers: bool = True  # data-parallel: rank 0's buffers (BatchNorm statistics) sent out every step
 
 
 def image_feed(
@@ -365,13 +376,28 @@ def image_feed(
     workers: int,
     device: torch.device,
     generator: torch.Generator,
+    context: DistContext = SINGLE,
 ) -> Feed:
+    """Images through the whole model; under data-parallel training each rank loads its share
+    of every epoch's order and its shard of the validation images."""
     train = make_loader(train_set, batch_size=config.batch_size, shuffle=True, workers=workers, device=device,
-                        generator=generator, seed=config.seed)
+                        generator=generator, seed=config.seed, context=context)
     val = None
     if val_set is not None:
-        val = make_loader(val_set, batch_size=config.batch_size, shuffle=False, workers=workers, device=device)
+        val = make_loader(evaluation_part(val_set, context), batch_size=config.batch_size, shuffle=False,
+                          workers=workers, device=device)
     return Feed(model, train, val, train.sampler, generator=generator)  # type: ignore[arg-type]
+
+
+def evaluation_part(dataset: torch.utils.data.Dataset, context: DistContext) -> torch.utils.data.Dataset:
+    """This rank's images of an evaluation split (every N-th): the ranks' outputs are gathered
+    before any figure is computed, so each image counts once."""
+    if not context.active:
+        return dataset
+    if len(dataset) < context.world_size:  # type: ignore[arg-type]
+        raise TltkError(f"an evaluation split of {len(dataset)} images cannot be shared by {context.world_size} "  # type: ignore[arg-type]
+                        f"processes; use fewer processes or a larger --val-split.")
+    return Subset(dataset, distributed.evaluation_shard(len(dataset), context))  # type: ignore[arg-type]
 
 
 def cached_feed(
@@ -385,8 +411,14 @@ def cached_feed(
     channels_last: bool,
     store: cache.FeatureCache,
     reporter: Reporter,
+    context: DistContext = SINGLE,
 ) -> Feed:
-    """Run the frozen backbone once over the training and validation images."""
+    """Run the frozen backbone once over the training and validation images.
+
+    Under data-parallel training each rank runs it over its shard of the images; the
+    training features are then gathered so that every rank holds all of them (each epoch's
+    order hands a rank different images), while validation stays sharded like the images.
+    """
 
     def to_device(images: torch.Tensor) -> torch.Tensor:
         return batch_to(images, device, channels_last)
@@ -395,17 +427,32 @@ def cached_feed(
         loader = make_loader(dataset, batch_size=config.batch_size, shuffle=False, workers=workers, device=device)
         return store.extract(model, loader, len(dataset), to_device, lambda: autocast(device, amp_dtype))  # type: ignore[arg-type]
 
-    train = features_of(train_set)
-    val = features_of(val_set) if val_set is not None else None
-    reporter.message(store.describe({"training": len(train), "validation": len(val) if val is not None else 0}))
-    order = EpochOrder(len(train), seed=config.seed)
+    train = features_of(evaluation_part(train_set, context))
+    if context.active:
+        train = _gathered_split(train, len(train_set), store, context, device)  # type: ignore[arg-type]
+    val = features_of(evaluation_part(val_set, context)) if val_set is not None else None
+    sizes = {"training": len(train), "validation": len(val_set) if val_set is not None else 0}  # type: ignore[arg-type]
+    reporter.message(store.describe(sizes))
+    order = EpochOrder(len(train), seed=config.seed, rank=context.rank, world_size=context.world_size)
     return Feed(
         cache.HeadOnFeatures(model),
         cache.FeatureBatches(train, config.batch_size, order),
         cache.FeatureBatches(val, config.batch_size) if val is not None else None,
         order,
         store.where,
+        broadcast_buffers=False,  # the backbone does not run again: nothing of it changes
     )
+
+
+def _gathered_split(shard: cache.CachedSplit, total: int, store: cache.FeatureCache, context: DistContext,
+                    device: torch.device) -> cache.CachedSplit:
+    """Every rank's features of an ``evaluation_part`` in dataset order, where the cache keeps
+    them (in memory, or memory-mapped on disk)."""
+    features = store.allocate(total, tuple(shard.features.shape[1:]), shard.features.dtype)
+    targets = torch.empty((total, *shard.targets.shape[1:]), dtype=shard.targets.dtype)
+    distributed.gather_interleaved(features, shard.features, context, device)
+    distributed.gather_interleaved(targets, shard.targets, context, device)
+    return cache.CachedSplit(features, targets)
 
 
 # --- the loop -------------------------------------------------------------------------
@@ -423,14 +470,19 @@ def fit(
     loss_fn: nn.Module | None = None,
     cache_dir: Path | None = None,
     checkpoints: "Checkpointing | None" = None,
+    context: DistContext | None = None,
 ) -> FitResult:
     """Train ``model`` in place. ``cache_dir``: where features go when they are cached on
     disk (a temporary folder inside it, removed at the end; default: the system's).
-    ``checkpoints``: where and how often the run's state is saved, and whether to resume."""
+    ``checkpoints``: where and how often the run's state is saved, and whether to resume.
+    ``context``: this process's place in a data-parallel job (default: the process group
+    it has joined, if any; see ``tltk.distributed.session``). ``config.batch_size`` is then
+    per process, and every rank returns the same model and figures."""
     config.validate()
+    context = context or distributed.current_context()
     reporter = reporter or SilentReporter()
-    generator = seed_everything(config.seed)
-    device = resolve_device(config.device)
+    generator = seed_everything(config.seed + context.rank)  # dropout and augmentation differ between ranks
+    device = distributed.device_for(context, resolve_device(config.device))
     amp_dtype = resolve_precision(config.precision, device)
     channels_last = use_channels_last(config.channels_last, model)
     workers = config.workers if config.workers is not None else default_workers(len(train_set))
@@ -442,17 +494,19 @@ def fit(
     decision = cache.decide(strategy, train_set, enabled=config.cache, augment=config.augment, callbacks=callbacks)
     if decision.reason:
         reporter.message(decision.reason)
+    use_cache = distributed.all_ranks(decision.use, context, device)  # only rank 0 has the run's watchers
     with ExitStack() as stack:
         stack.enter_context(memory_format(model, channels_last))
-        if decision.use:
+        if use_cache:
             total = len(train_set) + (len(val_set) if val_set is not None else 0)
             store = stack.enter_context(cache.FeatureCache(total, cache.memory_budget(config.cache_mem), cache_dir))
-            feed = cached_feed(model, train_set, val_set, config, workers, device, amp_dtype, channels_last, store, reporter)
+            feed = cached_feed(model, train_set, val_set, config, workers, device, amp_dtype, channels_last, store,
+                               reporter, context)
         else:
-            feed = image_feed(model, train_set, val_set, config, workers, device, generator)
+            feed = image_feed(model, train_set, val_set, config, workers, device, generator, context)
         stack.enter_context(checkpoints.signals() if checkpoints is not None else nullcontext())
         result, stopper = _train(model, strategy, feed, config, device, amp_dtype, channels_last, log, reporter,
-                                 callbacks, loss_fn, checkpoints)
+                                 callbacks, loss_fn, checkpoints, context)
     if stopper.best_state is not None:
         model.load_state_dict(stopper.best_state)
         result.best_epoch, result.best_metric = stopper.best_epoch, stopper.best_value
@@ -476,12 +530,14 @@ def _train(
     callbacks: Sequence[Callback],
     loss_fn: nn.Module | None,
     checkpoints: "Checkpointing | None" = None,
+    context: DistContext = SINGLE,
 ) -> tuple[FitResult, "EarlyStopping"]:
     """Epochs of training and validation over ``feed``; the best epoch is left to the caller."""
     groups = [g for g in strategy.param_groups(model, config.lr) if g["params"]]
     optimizer = build_optimizer(groups, config)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     module = torch.compile(feed.module) if config.compile else feed.module
+    trainer = data_parallel(module, context, device, feed.broadcast_buffers)
     steps_per_epoch = len(feed.train)
     total_steps = config.max_steps or config.epochs * steps_per_epoch
     epochs = math.ceil(total_steps / steps_per_epoch)
@@ -502,19 +558,21 @@ def _train(
         change = strategy.on_epoch_start(model, epoch)
         if change:
             reporter.message(change)
+            trainer = data_parallel(module, context, device, feed.broadcast_buffers)  # it syncs what trains now
         resumed = start if epoch == start.epoch and start.batches_done else ckpt.TrainingState(epoch=epoch)
         feed.order.set_epoch(epoch, resumed.batches_done * config.batch_size)
         epoch_started = time.perf_counter()
         train_loss, train_acc, step = _train_epoch(
-            model, module, feed.train, optimizer, scheduler, scaler, loss_fn, device, amp_dtype, channels_last,
-            config, epoch, step, total_steps, log, reporter, callbacks, resumed, saver,
+            model, trainer, feed.train, optimizer, scheduler, scaler, loss_fn, device, amp_dtype, channels_last,
+            config, epoch, step, total_steps, log, reporter, callbacks, resumed, saver, context,
         )
         row: dict[str, Any] = {"kind": "epoch", "epoch": epoch + 1, "step": step, "train_loss": train_loss}
         if train_acc is not None:
             row["train_accuracy"] = train_acc
         row["lr"] = optimizer.param_groups[-1]["lr"]
         if feed.val is not None:
-            row.update(validation_metrics(module, feed.val, device, amp_dtype, loss_fn, config.task, channels_last))
+            row.update(validation_metrics(module, feed.val, device, amp_dtype, loss_fn, config.task, channels_last,
+                                          context))
         row["seconds"] = round(time.perf_counter() - epoch_started, 3)
         result.history.append(row)
         if log is not None:
@@ -530,6 +588,7 @@ def _train(
                 f"early stopping after epoch {epoch + 1}: {config.monitored} did not improve for {config.patience} epochs"
             )
         if saver is not None:
+            saver.agree_on_signal(device)
             saver.save(ckpt.TrainingState(epoch=epoch + 1, global_step=step, stopped_early=result.stopped_early),
                        result.history)
             saver.stop_if_asked(epoch, step)
@@ -562,10 +621,13 @@ def _train_epoch(
     callbacks: Sequence[Callback] = (),
     resumed: ckpt.TrainingState | None = None,
     saver: "BoundCheckpointing | None" = None,
+    context: DistContext = SINGLE,
 ) -> tuple[float, float | None, int]:
     """One pass over ``batches``; ``module`` computes the logits (the model, or its head on
     cached features), ``model`` is what callbacks are shown. ``resumed``: the batches of
-    this epoch already trained and their running totals (a resumed run starts from them)."""
+    this epoch already trained and their running totals (a resumed run starts from them).
+    Under data-parallel training the step's loss and counts are summed over the ranks, so
+    every rank logs and returns the figures of the global batch."""
     module.train()
     resumed = resumed or ckpt.TrainingState(epoch=epoch)
     loss_sum, correct, seen = resumed.epoch_loss_sum, resumed.epoch_correct, resumed.epoch_seen
@@ -586,12 +648,15 @@ def _train_epoch(
         lr = optimizer.param_groups[-1]["lr"]
         scheduler.step()
         step += 1
-        batch = len(targets)
-        loss_value = float(loss.detach())
-        loss_sum += loss_value * batch
-        if config.task == "multiclass":
-            correct += int((logits.detach().argmax(1) == targets).sum())
-        seen += batch
+        hits = int((logits.detach().argmax(1) == targets).sum()) if config.task == "multiclass" else 0
+        signalled = saver is not None and saver.plan.signal_received is not None
+        totals = StepTotals(float(loss.detach()), len(targets), hits, signalled).summed(context, device)
+        if saver is not None and totals.signalled:
+            saver.plan.signal_received = saver.plan.signal_received or signal.SIGTERM  # another rank was told to stop
+        loss_value = totals.loss
+        loss_sum += loss_value * totals.samples
+        correct += totals.hits
+        seen += totals.samples
         row = {"kind": "step", "step": step, "epoch": epoch + 1, "loss": loss_value, "lr": lr}
         if log is not None:
             log.write(row)
@@ -606,6 +671,42 @@ def _train_epoch(
             saver.stop_if_asked(epoch, step)
     accuracy = correct / max(seen, 1) if config.task == "multiclass" else None
     return loss_sum / max(seen, 1), accuracy, step
+
+
+@dataclass
+class StepTotals:
+    """One step's figures on one rank; ``summed`` makes them the global batch's on every rank."""
+
+    loss: float  # the mean over this rank's batch
+    samples: int
+    hits: int
+    signalled: bool
+
+    def summed(self, context: DistContext, device: torch.device) -> "StepTotals":
+        if not context.active:
+            return self
+        values = distributed.all_reduce_sums({"loss_sum": self.loss * self.samples, "samples": self.samples,
+                                              "hits": self.hits, "signalled": float(self.signalled)}, context, device)
+        samples = int(values["samples"])
+        return StepTotals(values["loss_sum"] / max(samples, 1), samples, int(values["hits"]), values["signalled"] > 0)
+
+
+def data_parallel(module: nn.Module, context: DistContext, device: torch.device, broadcast_buffers: bool) -> nn.Module:
+    """``module`` under DistributedDataParallel when several processes train it: gradients
+    are averaged over the ranks in every backward pass, so they all take the same step."""
+    if not context.active:
+        return module
+    if not any(p.requires_grad for p in module.parameters()):
+        raise TltkError("nothing in the model trains (every parameter is frozen); data-parallel training has no "
+                        "gradients to share; check --strategy.")
+    device_ids = [device.index] if device.type == "cuda" and device.index is not None else None
+    return DistributedDataParallel(module, device_ids=device_ids, **{_BUFFER_SYNC_OPTION: broadcast_buffers})
+
+
+# Newer torch names the per-forward buffer broadcast ``forward_sync_buffers`` (buffers are synced
+# at wrap time either way); older versions call it ``broadcast_buffers``.
+_BUFFER_SYNC_OPTION = ("forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+                       else "broadcast_buffers")
 
 
 class Interrupted(TltkError):
@@ -626,6 +727,7 @@ class Checkpointing:
     every: int | None = None
     resume: bool = False
     signal_received: int | None = None
+    context: DistContext = SINGLE  # in a data-parallel job every rank restores, rank 0 alone writes
 
     @contextmanager
     def signals(self) -> Iterator[None]:
@@ -688,7 +790,15 @@ class BoundCheckpointing:
         every = self.plan.every
         return self.plan.signal_received is not None or bool(every and step % every == 0)
 
+    def agree_on_signal(self, device: torch.device) -> None:
+        """Every rank stops where one was told to (a signal may reach them at different times)."""
+        plan = self.plan
+        if distributed.any_rank(plan.signal_received is not None, plan.context, device):
+            plan.signal_received = plan.signal_received or signal.SIGTERM
+
     def save(self, state: ckpt.TrainingState, history: list[dict[str, Any]] | None = None) -> None:
+        if not self.plan.context.is_main:
+            return
         if self.log is not None:
             self.log.flush()
             state.metrics_bytes = self.log.handle.tell()
@@ -702,6 +812,7 @@ class BoundCheckpointing:
         signum = self.plan.signal_received
         if signum is None:
             return
+        distributed.barrier(self.plan.context)  # no rank leaves while rank 0 is still writing
         raise Interrupted(
             f"interrupted at epoch {epoch + 1} step {step}; checkpoint saved; "
             f"resume with `tltk finetune --resume {self.plan.run_dir}`.",
@@ -807,9 +918,16 @@ def validation_metrics(
     loss_fn: nn.Module,
     task: str,
     channels_last: bool = False,
+    context: DistContext = SINGLE,
 ) -> dict[str, float]:
-    """val_loss plus val_accuracy (multi-class) or val_map and val_map_voc07 (multi-label)."""
+    """val_loss plus val_accuracy (multi-class) or val_map and val_map_voc07 (multi-label).
+
+    Under data-parallel training ``loader`` holds this rank's shard; the ranks' logits are
+    gathered first, so every rank computes the figures of the whole split."""
     logits, targets = predict_logits(model, loader, device, amp_dtype, channels_last)
+    if context.active:
+        logits = distributed.gather_rows(logits.to(device), context).cpu()
+        targets = distributed.gather_rows(torch.as_tensor(targets).to(device), context).cpu()
     loss = float(loss_fn.cpu()(logits, targets))
     loss_fn.to(device)
     if task == "multilabel":
