@@ -21,14 +21,17 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from tltk.train import checkpoint
 from tltk.train.evaluate import evaluate
 from tltk.train.rundir import read_metrics
 from voc_fixtures import write_voc
@@ -113,3 +116,36 @@ def test_multilabel_job_gathers_every_rank_scores_for_val_and_test_map(tmp_path:
     val_map = next(r["val_map"] for r in read_metrics(job) if r["kind"] == "epoch")
     assert val_map == pytest.approx(evaluate(job, split="val", device="cpu")["map"], abs=1e-6)
     assert job_summary["test"]["map"] == pytest.approx(evaluate(job, split="test", device="cpu")["map"], abs=1e-6)
+
+
+def test_signalled_job_saves_once_and_resumes_with_as_many_processes_to_the_uninterrupted_result(tmp_path: Path) -> None:
+    args = ["--backbone", "lenet5", "--data", "builtin:digits", "--train-per-class", "20", "--weights", "none",
+            "--epochs", "12", "--batch-size", "8", "--checkpoint-every", "2", "--device", "cpu", "--workers", "0",
+            "--quiet", "--json"]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={PROCESSES}",
+                "-m", "tltk.cli", "finetune"]
+    interrupted = tmp_path / "interrupted"
+    job = subprocess.Popen([*launcher, *args, "--out", str(interrupted)], cwd=REPO, env=ENV, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 180
+    while not checkpoint.has_checkpoint(interrupted) and job.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    job.send_signal(signal.SIGTERM)  # torchrun passes it on to both ranks
+    _, stderr = job.communicate(timeout=120)
+    assert checkpoint.has_checkpoint(interrupted), stderr[-3000:]
+    assert "launched with 2 processes again" in stderr
+
+    alone = subprocess.run([sys.executable, "-m", "tltk.cli", "finetune", "--resume", str(interrupted)], cwd=REPO,
+                           env=ENV, capture_output=True, text=True, timeout=120)
+    assert alone.returncode == 2 and "processes was 2" in alone.stderr and "Traceback" not in alone.stderr
+    assert checkpoint.has_checkpoint(interrupted), "a refused resume leaves the checkpoint in place"
+
+    resumed = subprocess.run([*launcher, "--resume", str(interrupted), "--quiet", "--json"], cwd=REPO, env=ENV,
+                             capture_output=True, text=True, timeout=240)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    whole = tltk_finetune([a for a in args if a not in ("--quiet", "--json")], tmp_path / "whole", processes=PROCESSES)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    finished, reference = load_file(interrupted / "model.safetensors"), load_file(tmp_path / "whole" / "model.safetensors")
+    assert all(torch.equal(finished[name], reference[name]) for name in reference)
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
+    assert strip(read_metrics(interrupted)) == strip(read_metrics(tmp_path / "whole"))

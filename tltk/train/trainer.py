@@ -813,9 +813,11 @@ class BoundCheckpointing:
         if signum is None:
             return
         distributed.barrier(self.plan.context)  # no rank leaves while rank 0 is still writing
+        context = self.plan.context
+        launch = f", launched with {context.world_size} processes again" if context.active else ""
         raise Interrupted(
             f"interrupted at epoch {epoch + 1} step {step}; checkpoint saved; "
-            f"resume with `tltk finetune --resume {self.plan.run_dir}`.",
+            f"resume with `tltk finetune --resume {self.plan.run_dir}`{launch}.",
             130 if signum == signal.SIGINT else 128 + int(signum),
         )
 
