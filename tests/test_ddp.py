@@ -4,14 +4,13 @@ A job of N processes with --batch-size B trains on exactly the samples one proce
 with --batch-size N x B (tltk.distributed.EpochOrder), and DistributedDataParallel averages
 the ranks' gradients, so both take the same optimizer steps. What can differ is float
 rounding: the gradient of a mean over 2B samples against the average of two means over B,
-summed in another order. The tolerance stated here, relative 1e-4 on every logged loss and
-absolute 1e-4 on every weight, is far below any real difference in training (a wrong
-shard or a missing gradient average moves the first steps' losses by more than 1e-2)
-and far above float32 rounding (measured: about 1e-7).
-
-Adam's update divides by the root of the squared-gradient average, which magnifies rounding
-in gradients near zero; the multi-label run, whose small images give such gradients, uses
-SGD so that its weights can be compared at the same tolerance.
+summed in another order. The tolerances stated here are relative 1e-4 on every logged
+loss and accuracy (measured: at most 4.4e-7) and absolute 5e-4 on every weight (measured:
+6.0e-5 with AdamW, whose update divides by the root of the squared-gradient average and so
+magnifies rounding in gradients near zero; 5.7e-6 for the cached frozen probe). Checked by
+breaking the code: without the gradient average, or with both ranks on the same shard,
+the logged losses differ by 5e-3 to 2e-2 and the first test fails.
+The multi-label run, whose small images give such near-zero gradients, uses SGD.
 
 The models have no dropout and no BatchNorm, whose per-rank randomness and statistics are
 not meant to match one process.
@@ -39,7 +38,7 @@ from voc_fixtures import write_voc
 REPO = Path(__file__).resolve().parents[1]
 ENV = os.environ | {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 RELATIVE_LOSS_TOLERANCE = 1e-4
-WEIGHT_TOLERANCE = 1e-4
+WEIGHT_TOLERANCE = 5e-4
 PROCESSES = 2
 
 

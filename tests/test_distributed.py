@@ -7,6 +7,7 @@ the samples of step k of one process with batch N x B.
 from __future__ import annotations
 
 import pytest
+import torch
 
 from tltk.distributed import EpochOrder, evaluation_shard, launch_env, DistContext
 from tltk.errors import TltkError
@@ -75,3 +76,31 @@ def test_launch_env_reads_torchrun_then_slurm_and_ignores_single_process_launche
     assert launch_env({"SLURM_PROCID": "3", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1"}) == (3, 8, 1)
     with pytest.raises(TltkError, match="not integers"):
         launch_env({"RANK": "x", "WORLD_SIZE": "2"})
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int64])
+@pytest.mark.parametrize("total,world,chunk", [(10, 2, 4), (11, 3, 2), (7, 4, 100), (5, 2, 1)])
+def test_gathered_shards_land_in_dataset_order_whatever_the_chunking(monkeypatch, dtype, total, world, chunk):
+    """Rank r extracted rows r, r+N, ...; the gathered tensor is the whole split in order."""
+    import tltk.distributed as distributed
+
+    whole = (torch.arange(total * 3).reshape(total, 3) * 7 % 101).to(dtype)
+    shards = [whole[r::world] for r in range(world)]
+    calls = []
+
+    def fake_all_gather(parts, chunk_tensor):  # what each rank would send for this chunk
+        start = len(calls) * chunk
+        calls.append(start)
+        for rank, part in enumerate(parts):
+            wire = shards[rank].view(torch.int16) if dtype == torch.bfloat16 else shards[rank]
+            rows = wire[start:start + len(chunk_tensor)]
+            part.zero_()
+            part[: len(rows)] = rows
+
+    monkeypatch.setattr(distributed.dist, "all_gather", fake_all_gather)
+    for rank in range(world):
+        destination = torch.full((total, 3), -1).to(dtype)
+        context = distributed.DistContext(rank=rank, world_size=world)
+        distributed.gather_interleaved(destination, shards[rank], context, torch.device("cpu"), chunk_rows=chunk)
+        assert torch.equal(destination, whole)
+        calls.clear()
