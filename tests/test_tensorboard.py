@@ -18,6 +18,7 @@ from torch import nn
 
 from tltk.cli import main
 from tltk.errors import RunDirError
+from tltk.train.callbacks import Callback
 from tltk.train.finetune import DataOptions, FinetuneConfig, RunResult, finetune
 from tltk.train.tensorboard import TensorBoardCallback, tensorboard_argv
 from tltk.train.trainer import TrainConfig
@@ -175,3 +176,19 @@ def test_zero_steps_or_epochs_between_records_is_refused(tmp_path: Path) -> None
                         preprocessing={})
     with pytest.raises(TltkError, match="--histogram-every must be at least 1, not 0"):
         TensorBoardCallback(tmp_path, histogram_every=0)
+
+
+def test_a_run_that_fails_mid_training_closes_its_event_file_with_every_step_so_far(tmp_path: Path) -> None:
+    class FailsAtStepThree(Callback):
+        def on_step_end(self, model, row, images) -> None:
+            if row["step"] == 3:
+                raise RuntimeError("stopped on purpose")
+
+    watcher = TensorBoardCallback(tmp_path / "tensorboard", graph=False, filters_layer=None)
+    config = tiny_config(watch=False)
+    with pytest.raises(RuntimeError, match="on purpose"):
+        finetune(config, tmp_path / "run", callbacks=[watcher, FailsAtStepThree()])
+    assert watcher.writer is None, "the writer is closed although training raised"
+    accumulator = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"scalars": 0})
+    accumulator.Reload()
+    assert [event.step for event in accumulator.Scalars("train/loss")] == [1, 2, 3]

@@ -24,3 +24,7 @@ class Callback:
 
     def on_train_end(self, model: nn.Module, history: list[dict[str, Any]]) -> None:
         """After the last epoch, before the best weights are restored."""
+
+    def close(self) -> None:
+        """Release files and the like. Called last, also when training stops on an error or
+        a signal, so what was written so far is complete on disk."""

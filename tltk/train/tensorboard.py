@@ -115,6 +115,9 @@ class TensorBoardCallback(Callback):
         self.writer.flush()
 
     def on_train_end(self, model: nn.Module, history: list[dict[str, Any]]) -> None:
+        self.close()
+
+    def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
             self.writer = None

@@ -496,6 +496,8 @@ def fit(
         reporter.message(decision.reason)
     use_cache = distributed.all_ranks(decision.use, context, device)  # only rank 0 has the run's watchers
     with ExitStack() as stack:
+        for callback in callbacks:
+            stack.callback(callback.close)
         stack.enter_context(memory_format(model, channels_last))
         if use_cache:
             total = len(train_set) + (len(val_set) if val_set is not None else 0)
