@@ -18,7 +18,7 @@ import pytest
 import tltk.registry
 from tltk.backbones import BACKBONES, backbone_info, register_backbone
 from tltk.errors import TltkError, UnknownNameError
-from tltk.registry import BLOCKED, FAILED, NOT_LOADED, OK, PluginError, PluginPolicy, Registry, registries
+from tltk.registry import BLOCKED, FAILED, NOT_LOADED, OK, PluginError, PluginPolicy, Registry, registries, STRATEGIES
 
 
 def alpha() -> str:
@@ -206,6 +206,12 @@ def test_unknown_name_without_close_matches_has_no_did_you_mean_but_still_lists_
     assert "Did you mean" not in str(info.value)
     assert "Known widgets: alexnet." in str(info.value)
 
+
+def test_strategy_scratch_is_answered_with_how_tltk_trains_from_scratch():
+    with pytest.raises(UnknownNameError) as info:
+        STRATEGIES.get("scratch")
+    message = str(info.value)
+    assert "--weights none" in message and "Known strategies:" in message and "finetune" in message
 
 def test_unknown_name_in_an_empty_registry_says_none_are_known():
     with pytest.raises(UnknownNameError, match=r"Known widgets: \(none\)\."):

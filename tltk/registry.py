@@ -170,9 +170,12 @@ class Registry(Generic[T]):
     component is also reachable as ``package:name``.
     """
 
-    def __init__(self, kind: str, group: str | None = None, *, call: CallShape | None = None) -> None:
+    def __init__(self, kind: str, group: str | None = None, *, call: CallShape | None = None,
+                 aliases_elsewhere: dict[str, str] | None = None) -> None:
         self.kind = kind
         self.group = group
+        # Names people reach for that tltk spells another way: the unknown-name message says how.
+        self.aliases_elsewhere = dict(aliases_elsewhere or {})
         self.call = call or CALL_SHAPES.get(group or "", CallShape())
         self._entries: list[Entry[T]] = []
         self._discovered = group is None
@@ -434,6 +437,8 @@ class Registry(Generic[T]):
         names = self.names()
         close = difflib.get_close_matches(name, names, n=3, cutoff=0.5)
         hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+        if name in self.aliases_elsewhere:
+            hint = f" {self.aliases_elsewhere[name]}"
         message = f"Unknown {self.kind} '{name}'.{hint} Known {_plural(self.kind)}: {', '.join(names) or '(none)'}."
         if self.group in GROUPS and not any(e.builtin for e in self._entries):
             message += (f" tltk's own {self.kind}s are missing from its package metadata: reinstall tltk "
@@ -595,7 +600,10 @@ def report(message: str) -> None:
 
 BACKBONES: Registry[Any] = Registry("backbone", "tltk.backbones")
 HEADS: Registry[Any] = Registry("head", "tltk.heads")
-STRATEGIES: Registry[Any] = Registry("strategy", "tltk.strategies")
+STRATEGIES: Registry[Any] = Registry("strategy", "tltk.strategies", aliases_elsewhere={
+    "scratch": "Training from scratch is not a strategy here: use --weights none (random initial weights) "
+               "with --strategy finetune.",
+})
 EXPORTERS: Registry[Any] = Registry("exporter", "tltk.exporters")
 DATA_FORMATS: Registry[Any] = Registry("data format", "tltk.datasets")
 
