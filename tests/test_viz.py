@@ -249,7 +249,7 @@ def test_channels_that_differ_most_between_classes_are_chosen() -> None:
 
 
 def test_unknown_layer_lists_the_layers_there_are(lenet) -> None:
-    with pytest.raises(TltkError, match="choose one of conv1, pool5, fc6, fc7, logits"):
+    with pytest.raises(TltkError, match="named layers are conv1, pool5, fc6, fc7, logits"):
         activations.resolve_layer(lenet, "conv9")
 
 

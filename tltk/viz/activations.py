@@ -17,11 +17,10 @@ import torch
 from matplotlib.figure import Figure
 from torch import nn
 
+from tltk import layers
 from tltk.errors import DataError, TltkError
 from tltk.model import TransferModel
 from tltk.viz.style import grid_shape, new_figure, save_figure, wrap
-
-MAX_LISTED = 30  # layer names shown in an error before "... and N more"
 
 
 @dataclass
@@ -44,45 +43,12 @@ class ActivationResult:
 # --- layers ---------------------------------------------------------------------------
 
 
-def available_layers(model: TransferModel) -> list[str]:
-    """Named layers first (conv1, pool5, ...), then ``logits``, then every raw module name."""
-    raw = [name for name, _ in model.backbone.net.named_modules() if name]
-    return [*model.backbone.layers, "logits", *raw]
-
-
 def resolve_layer(model: TransferModel, name: str) -> tuple[str, nn.Module]:
-    """(full module path in the model, module) for a layer name a person typed.
-
-    Tried in order: the backbone's named layers, ``logits`` (the head's output), a raw
-    module name inside the backbone network (``features.3``), a full model path
-    (``backbone.net.features.3``, ``head.0``).
-    """
-    full = dict(model.named_modules())
-    prefix = _net_prefix(model)
-    if name in model.backbone.layers:
-        path = prefix + model.backbone.layers[name]
-        if path in full:
-            return path, full[path]
-    if name == "logits":
-        return "head", model.head
-    if name and prefix + name in full:
-        return prefix + name, full[prefix + name]
-    if name and name in full:
-        return name, full[name]
-    raise TltkError(f"layer '{name}' is not in {model.backbone.name}; choose one of {_listing(available_layers(model))}.")
-
-
-def _net_prefix(model: TransferModel) -> str:
-    for path, module in model.named_modules():
-        if module is model.backbone.net:
-            return path + "."
-    return "backbone.net."
-
-
-def _listing(names: Sequence[str]) -> str:
-    shown = ", ".join(names[:MAX_LISTED])
-    more = len(names) - MAX_LISTED
-    return shown + (f" and {more} more (`tltk summary` lists every module)" if more > 0 else "")
+    """(full module path in the model, module) for a layer name a person typed: a named
+    layer (``conv1``, ``fc7``), ``logits``, or a module path, as ``tltk.layers`` resolves
+    them everywhere else; the full path is what figure titles show."""
+    module = layers.resolve_layer(model, name).module
+    return next(path for path, candidate in model.named_modules() if candidate is module), module
 
 
 # --- capturing ------------------------------------------------------------------------
