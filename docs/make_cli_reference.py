@@ -26,8 +26,9 @@ PYTHON_API = {
     "sweep": "tltk.sweep.sweep(base_config, param, values, out_root)",
     "tensorboard": "tltk.train.tensorboard.launch_tensorboard(argv)",
     "layers": "tltk.layers.list_layers(backbone)",
-    "extract": "tltk.features.extract.extract(load_source(...), layer, out, data)",
-    "index": "tltk.features.store.FeatureStore(path); tltk.features.extract.add_images(...)",
+    "extract": "tltk.features.extract.extract(load_source(...), layer, out, data, shard=(i, n))",
+    "index": "tltk.features.store.FeatureStore(path); tltk.features.extract.add_images(...); "
+             "tltk.features.merge_parts(parts, out)",
     "neighbors": "tltk.features.neighbors.neighbours_of_images / neighbours_of_rows",
     "evaluate-retrieval": "tltk.features.retrieval.evaluate_retrieval(store)",
     "tsne": "tltk.viz.tsne.write_tsne(FeatureStore(path), out)",

@@ -181,7 +181,11 @@ def split_classes(classes: str | None) -> list[str] | None:
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def finetune(**opts: Any) -> None:
-    """Train a backbone + head on --data and write a run directory to --out."""
+    """Train a backbone + head on --data and write a run directory to --out.
+
+    Under `torchrun --nproc_per_node N -m tltk.cli finetune ...` (or srun) it trains
+    data-parallel, --batch-size per process; see docs/scaling.md.
+    """
     from tltk.progress import RichReporter
     from tltk.train.finetune import finetune as run_finetune
 

@@ -166,23 +166,34 @@ def layers(backbone: str, all_modules: bool, input_size: int | None, num_classes
               help="How a spatial map becomes one vector.")
 @click.option("--metric", default="cosine", show_default=True, type=click.Choice(["cosine", "l2"]),
               help="cosine: inner product of L2-normalised vectors.")
+@click.option("--shard", default=None, metavar="I/N",
+              help="Write only shard I of N (from 0; e.g. $RANK/$WORLD_SIZE) as a part; join all N with `tltk index merge`.")
 @index_options
 @model_options
 @loading_options
 @data_options
 @click.option("--json", "as_json", is_flag=True)
 def extract(source: str, layer: str, data_spec: str | None, split: str, out_dir: str, overwrite: bool, pool: str,
-            metric: str, as_json: bool, **opts: Any) -> None:
+            metric: str, shard: str | None, as_json: bool, **opts: Any) -> None:
     """Features of one layer of SOURCE (a run directory, or a backbone with --weights) into a FAISS store."""
     from tltk.features.extract import extract as run_extract
+    from tltk.features.extract import parse_shard
+    from tltk.features.store import StorePart
 
+    shard_of = parse_shard(shard) if shard is not None else None
     model = _source(source, opts)
     with _ProgressBar("extract", not as_json) as bar:
         store = run_extract(model, layer, out_dir, data_spec, split=split, pool=pool, metric=metric,
                             index=_index_config(opts), loading=_loading(opts), overwrite=overwrite, progress=bar,
-                            **_data_overrides(opts))
+                            shard=shard_of, **_data_overrides(opts))
     if as_json:
         print_json(store.summary())
+        return
+    if isinstance(store, StorePart):
+        start, stop = store.rows
+        out.print(f"wrote shard {store.index}/{store.of}: rows {start}-{stop - 1} of {store.total}, {store.dim}-d "
+                  f"{store.layer} features ({store.pool} pool, {store.metric}) from {model.description} to {store.path}; "
+                  f"join all {store.of} parts with `tltk index merge PART... --out STORE`", soft_wrap=True)
         return
     out.print(f"wrote {store.count} rows of {store.dim}-d {store.layer} features ({store.pool} pool, {store.metric}) "
               f"from {model.description} to {store.path}", soft_wrap=True)
@@ -191,8 +202,54 @@ def extract(source: str, layer: str, data_spec: str | None, split: str, out_dir:
 
 # --- tltk index -----------------------------------------------------------------------
 
+STORE_FORM = "__store__"  # the hidden subcommand behind `tltk index STORE ...`; never typed
 
-@main.command()
+
+class _StoreFormContext(click.Context):
+    """Named ``tltk index`` in usage lines and hints, not by its hidden subcommand name."""
+
+    @property
+    def command_path(self) -> str:
+        return self.parent.command_path if self.parent is not None else super().command_path
+
+
+class _StoreFormCommand(click.Command):
+    """The store form of ``tltk index``: ``tltk index [OPTIONS] STORE``."""
+
+    context_class = _StoreFormContext
+
+
+class _IndexGroup(click.Group):
+    """``tltk index STORE [OPTIONS]`` works on one store; ``tltk index merge PART... --out STORE``
+    joins the parts of a sharded extraction.
+
+    Arguments that do not begin with ``merge`` go to the store form, so every ``tltk index
+    STORE ...`` written before ``merge`` existed still means what it meant (a store directory
+    named ``merge`` is reached as ``./merge``). The help shows both forms in full.
+    """
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if not args or (args[0] not in self.commands and args[0] not in ctx.help_option_names):
+            args = [STORE_FORM, *args]
+        return super().parse_args(ctx, args)
+
+    def format_help(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        for name in (STORE_FORM, "merge"):
+            command = self.commands[name]
+            sub_ctx = command.context_class(command, info_name=name, parent=ctx)
+            if name != STORE_FORM:
+                formatter.write_paragraph()
+            command.format_usage(sub_ctx, formatter)
+            command.format_help_text(sub_ctx, formatter)
+            command.format_options(sub_ctx, formatter)
+
+
+@main.group(cls=_IndexGroup, help="Show a STORE and work on its index, or merge the parts of a sharded extraction.")
+def index() -> None:
+    pass
+
+
+@index.command(STORE_FORM, cls=_StoreFormCommand, hidden=True)
 @click.argument("store_dir", metavar="STORE")
 @click.option("--add", is_flag=True, help="Append the images of --data, with the model that built the store.")
 @click.option("--data", "data_spec", default=None, help="With --add: the images to append.")
@@ -205,8 +262,8 @@ def extract(source: str, layer: str, data_spec: str | None, split: str, out_dir:
 @loading_options
 @data_options
 @click.option("--json", "as_json", is_flag=True)
-def index(store_dir: str, add: bool, data_spec: str | None, split: str, rebuild: bool, check_recall: bool,
-          recall_k: int, recall_queries: int, as_json: bool, **opts: Any) -> None:
+def index_store(store_dir: str, add: bool, data_spec: str | None, split: str, rebuild: bool, check_recall: bool,
+                recall_k: int, recall_queries: int, as_json: bool, **opts: Any) -> None:
     """Show STORE; --add images, --rebuild its index, set --nprobe/--ef-search, or --check-recall."""
     from tltk.features.extract import add_images
     from tltk.features.store import FeatureStore
@@ -235,6 +292,25 @@ def index(store_dir: str, add: bool, data_spec: str | None, split: str, rebuild:
         from tltk.features.store import RecallReport
 
         out.print(f"check: {RecallReport(**report['check_recall']).describe()}", soft_wrap=True)
+
+
+@index.command("merge")
+@click.argument("parts", nargs=-1, required=True, metavar="PART...")
+@click.option("--out", "out_dir", required=True, help="Directory of the merged store.")
+@click.option("--overwrite", is_flag=True, help="Replace a store already in --out.")
+@click.option("--json", "as_json", is_flag=True)
+def merge(parts: tuple[str, ...], out_dir: str, overwrite: bool, as_json: bool) -> None:
+    """Join all the parts of `tltk extract --shard I/N` (any order) into the store one extraction writes."""
+    from tltk.features.store import merge_parts
+
+    with _ProgressBar("merge", not as_json) as bar:
+        store = merge_parts(parts, out_dir, overwrite=overwrite, progress=bar)
+    if as_json:
+        print_json(store.summary())
+        return
+    out.print(f"merged {len(parts)} parts into {store.path}: {store.count} rows of {store.dim}-d {store.layer} features "
+              f"({store.pool} pool, {store.metric})", soft_wrap=True)
+    _print_index(store.manifest["index"])
 
 
 def _print_store(store: Any) -> None:

@@ -5,7 +5,8 @@
 - ``extract`` / ``add_images`` / ``extract_or_reuse`` (``extract.py``): images through a
   tapped layer (``tltk.layers``), streamed into a store.
 - ``FeatureStore`` (``store.py``): the directory, its FAISS index, exact and approximate
-  search, recall checks.
+  search, recall checks; ``merge_parts`` joins the parts of a sharded extraction
+  (``extract(..., shard=(i, n))``, each a ``StorePart``) into one store.
 - ``neighbours_of_images`` / ``neighbours_of_rows`` (``neighbors.py``) and
   ``evaluate_retrieval`` (``retrieval.py``).
 """
@@ -14,7 +15,7 @@ from tltk.features.extract import Loading, add_images, extract, extract_or_reuse
 from tltk.features.neighbors import QueryResult, neighbours_of_images, neighbours_of_rows
 from tltk.features.retrieval import RetrievalReport, evaluate_retrieval
 from tltk.features.source import FeatureSource, load_source
-from tltk.features.store import FeatureStore, IndexOptions, RecallReport, create_store, is_store
+from tltk.features.store import FeatureStore, IndexOptions, RecallReport, StorePart, create_store, is_store, merge_parts
 
 __all__ = [
     "FeatureSource",
@@ -24,6 +25,7 @@ __all__ = [
     "QueryResult",
     "RecallReport",
     "RetrievalReport",
+    "StorePart",
     "add_images",
     "create_store",
     "evaluate_retrieval",
@@ -31,6 +33,7 @@ __all__ = [
     "extract_or_reuse",
     "is_store",
     "load_source",
+    "merge_parts",
     "neighbours_of_images",
     "neighbours_of_rows",
 ]
