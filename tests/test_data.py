@@ -546,3 +546,16 @@ def test_image_dataset_without_arrays_for_row_samples_is_an_error(digits):
     dataset = ImageDataset(digits.train, build_transforms((8, 8), (0.0,), (1.0,), "none", train=False))
     with pytest.raises(DataError, match="arrays"):
         dataset[0]
+
+
+def test_a_seeded_index_gives_the_same_augmentation_and_leaves_the_global_generator_alone():
+    from tltk.data import ImageDataset, build_transforms, load_data
+
+    splits = load_data("builtin:digits", classes=["0", "1"], train_per_class=2)
+    transform = build_transforms((16, 16), [0.5] * 3, [0.5] * 3, "standard", train=True)
+    dataset = ImageDataset(splits.train, transform, splits.arrays)
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    first, again, other = dataset[(0, 123)][0], dataset[(0, 123)][0], dataset[(0, 124)][0]
+    assert torch.equal(first, again) and not torch.equal(first, other)
+    assert torch.equal(torch.get_rng_state(), before)

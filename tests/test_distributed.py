@@ -104,3 +104,15 @@ def test_gathered_shards_land_in_dataset_order_whatever_the_chunking(monkeypatch
         distributed.gather_interleaved(destination, shards[rank], context, torch.device("cpu"), chunk_rows=chunk)
         assert torch.equal(destination, whole)
         calls.clear()
+
+
+def test_sample_seeds_follow_the_sample_not_the_rank_or_the_resume_position():
+    single = EpochOrder(12, seed=3, sample_seeds=True)
+    single.set_epoch(2)
+    by_index = dict(single)
+    for rank in range(3):
+        order = EpochOrder(12, seed=3, rank=rank, world_size=3, sample_seeds=True)
+        order.set_epoch(2, skip=1)
+        assert all(by_index[index] == seed for index, seed in order)
+    single.set_epoch(3)
+    assert dict(single) != by_index, "a new epoch draws new augmentations"

@@ -147,3 +147,25 @@ def test_resuming_with_different_settings_is_refused_and_changes_nothing(tmp_pat
     assert (checkpoint.checkpoint_dir(run) / checkpoint.MANIFEST).read_bytes() == manifest
     finished = finetune(small_config(), run, resume=True)
     assert finished.summary["steps"] == 10 and not checkpoint.has_checkpoint(run)
+
+
+def augmented_config(workers: int) -> FinetuneConfig:
+    config = small_config()
+    config.train.workers, config.train.augment = workers, "light"
+    return config
+
+
+def test_augmented_runs_with_worker_processes_resume_bit_identical_and_match_in_process_loading(tmp_path: Path) -> None:
+    """Each sample's augmentation is seeded from (seed, epoch, index): neither the worker
+    that loads it nor an interruption changes the images a run trains on."""
+    in_process = finetune(augmented_config(workers=0), tmp_path / "in-process")
+    with_workers = finetune(augmented_config(workers=2), tmp_path / "workers")
+    crashed = tmp_path / "crashed"
+    with pytest.raises(KeyboardInterrupt):
+        finetune(augmented_config(workers=2), crashed, checkpoint_every=2, callbacks=[StopAt(7)])
+    resumed = finetune(augmented_config(workers=2), crashed, resume=True)
+    expected = load_file(in_process.out / "model.safetensors")
+    for run in (with_workers, resumed):
+        weights = load_file(run.out / "model.safetensors")
+        assert all(torch.equal(weights[name], expected[name]) for name in expected), run.out
+        assert run.summary["final"]["train_loss"] == in_process.summary["final"]["train_loss"]

@@ -18,7 +18,7 @@ import math
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, Mapping
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -131,15 +131,23 @@ class EpochOrder(torch.utils.data.Sampler[int]):
     repeating its start until it divides by the world size (as DistributedSampler does), so
     every rank takes the same number of steps; ``skip`` leaves out the first indices of this
     rank's share when an interrupted epoch is resumed.
+
+    With ``sample_seeds`` it yields ``(index, seed)`` pairs instead: the seed of that
+    sample's random transforms in this epoch, drawn from (seed, epoch, index) alone, so an
+    augmented image is the same whichever worker process or rank loads it, and after a
+    resume (datasets that take them: ``ImageDataset``).
     """
 
     _PURPOSE = 7  # mixed into the seed, apart from the split carves' purposes
+    _AUGMENT_PURPOSE = 8
 
-    def __init__(self, num_samples: int, *, seed: int, rank: int = 0, world_size: int = 1) -> None:
+    def __init__(self, num_samples: int, *, seed: int, rank: int = 0, world_size: int = 1,
+                 sample_seeds: bool = False) -> None:
         self.num_samples = num_samples
         self.seed = seed
         self.rank = rank
         self.world_size = world_size
+        self.sample_seeds = sample_seeds
         self.epoch = 0
         self.skip = 0
 
@@ -154,9 +162,17 @@ class EpochOrder(torch.utils.data.Sampler[int]):
         padded = math.ceil(self.num_samples / self.world_size) * self.world_size
         return (order * math.ceil(padded / max(len(order), 1)))[:padded] if order else []
 
-    def __iter__(self) -> Iterator[int]:
-        share = self.global_order()[self.rank::self.world_size]
-        return iter(share[self.skip:])
+    def transform_seeds(self) -> np.ndarray:
+        """One seed per dataset index for this epoch's random transforms."""
+        rng = np.random.default_rng([self._AUGMENT_PURPOSE, self.epoch, int(self.seed) % 2**63])
+        return rng.integers(0, 2**63 - 1, size=self.num_samples, dtype=np.int64)
+
+    def __iter__(self) -> Iterator[Any]:
+        share = self.global_order()[self.rank::self.world_size][self.skip:]
+        if not self.sample_seeds:
+            return iter(share)
+        seeds = self.transform_seeds()
+        return iter([(index, int(seeds[index])) for index in share])
 
     def __len__(self) -> int:
         return max(math.ceil(self.num_samples / self.world_size) - self.skip, 0)

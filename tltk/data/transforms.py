@@ -165,7 +165,14 @@ class ImageDataset(Dataset):
 
     File samples are read with ``load_image`` (always RGB); in-memory samples are rows of
     ``arrays`` (N x H x W x C uint8), handed to the transform as a uint8 CHW image tensor.
+
+    An index may come as ``(index, seed)`` (``EpochOrder(sample_seeds=True)``): the
+    transform then draws its random numbers from a generator seeded with ``seed`` alone,
+    leaving the process's own untouched, so the augmentation of a sample in an epoch does
+    not depend on which worker process loads it or on what ran before.
     """
+
+    takes_sample_seeds = True
 
     def __init__(
         self,
@@ -180,12 +187,23 @@ class ImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int | torch.Tensor]:
+    def __getitem__(self, index: int | tuple[int, int]) -> tuple[torch.Tensor, int | torch.Tensor]:
+        seed = None
+        if isinstance(index, tuple):
+            index, seed = index
         sample = self.samples[index]
+        image = self._transformed(self._image(sample), seed)
         target = sample.target
         if isinstance(target, tuple):  # multi-label: 1 / 0 / -1 (ignored) per class
-            return self.transform(self._image(sample)), torch.tensor(target, dtype=torch.float32)
-        return self.transform(self._image(sample)), target
+            return image, torch.tensor(target, dtype=torch.float32)
+        return image, target
+
+    def _transformed(self, image: Any, seed: int | None) -> torch.Tensor:
+        if seed is None:
+            return self.transform(image)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.transform(image)
 
     def _image(self, sample: Sample) -> Any:
         if isinstance(sample.source, (int, np.integer)):

@@ -297,14 +297,20 @@ def make_loader(
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        sampler=EpochOrder(len(dataset), seed=seed, rank=context.rank, world_size=context.world_size)  # type: ignore[arg-type]
-        if shuffle else None,
+        sampler=EpochOrder(len(dataset), seed=seed, rank=context.rank, world_size=context.world_size,  # type: ignore[arg-type]
+                           sample_seeds=_seeds_transforms(dataset)) if shuffle else None,
         num_workers=workers,
         pin_memory=device.type == "cuda",
         persistent_workers=workers > 0,
         generator=generator,
         worker_init_fn=_WorkerSeeder(seed, context.rank) if workers > 0 else None,
     )
+
+
+def _seeds_transforms(dataset: torch.utils.data.Dataset) -> bool:
+    """Whether each sample's random transforms get their own seed: for datasets that take
+    one (``ImageDataset``) and whose transforms are random."""
+    return bool(getattr(dataset, "takes_sample_seeds", False)) and cache.dataset_is_deterministic(dataset) is not True
 
 
 class _WorkerSeeder:
