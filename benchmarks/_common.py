@@ -10,12 +10,15 @@ median times themselves.
 from __future__ import annotations
 
 import argparse
+import functools
+import importlib
 import os
 import platform
 import statistics
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -64,6 +67,52 @@ def interleave(cases: dict[str, Callable[[], Any]], repeats: int, warmup: bool =
             seconds[name].append(time.perf_counter() - started)
         print(f"  repeat {repeat + 1}/{repeats}: " + ", ".join(f"{n} {seconds[n][-1]:.2f}s" for n in names), flush=True)
     return seconds
+
+
+_INHERITED = object()  # a method a class inherits: removing the wrapper restores it
+
+
+@contextmanager
+def time_spent_in(functions: dict[str, str]) -> Iterator[dict[str, float]]:
+    """Wall seconds spent inside each function while the block runs, by the names given.
+
+    ``functions`` maps a name to ``"module:attribute.path"`` (``"tltk.train.cache:FeatureCache.extract"``).
+    Each is replaced where it lives by a wrapper that adds up its time, and put back on
+    exit; callers that reach it through that module or class see the wrapper. A path that
+    does not resolve is a KeyError: a breakdown must not quietly leave a part out.
+    """
+    totals = {name: 0.0 for name in functions}
+    restore: list[tuple[Any, str, Any]] = []
+
+    def timed(name: str, original: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(original)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            started = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                totals[name] += time.perf_counter() - started
+
+        return wrapper
+
+    try:
+        for name, target in functions.items():
+            module_name, _, path = target.partition(":")
+            *owner_path, attribute = path.split(".")
+            owner: Any = importlib.import_module(module_name)
+            for part in owner_path:
+                owner = getattr(owner, part)
+            if not hasattr(owner, attribute):
+                raise KeyError(f"{target} does not exist; the breakdown's list of functions needs updating")
+            restore.append((owner, attribute, vars(owner).get(attribute, _INHERITED)))
+            setattr(owner, attribute, timed(name, getattr(owner, attribute)))
+        yield totals
+    finally:
+        for owner, attribute, original in reversed(restore):
+            if original is _INHERITED:
+                delattr(owner, attribute)
+            else:
+                setattr(owner, attribute, original)
 
 
 def median_ratio(numerator: list[float], denominator: list[float]) -> float:

@@ -42,6 +42,14 @@ _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-z]*)\s*$")
 
 _REFUSAL = "not caching the frozen backbone's features: "
 
+# Input bytes per backbone pass while extracting features. Inference keeps no activations
+# for a backward pass, so it need not run at the training batch size. On one CPU thread,
+# ResNet-18 at 32 px extracted about 1.1x as many images per second in passes of 256
+# images (3 MiB of input) as in passes of 64 (benchmarks/bench_probe_cache.py
+# --extraction); much larger passes outgrow the CPU's caches and slow down again, and at
+# 64 px a batch of 64 already is 3 MiB. A pass is never smaller than one loader batch.
+PASS_INPUT_BYTES = 3 * 2**20
+
 
 # --- whether to cache ------------------------------------------------------------------
 
@@ -198,6 +206,32 @@ class HeadOnFeatures(nn.Module):
         return self.model.head(features)
 
 
+def passes(batches: Iterable[tuple[torch.Tensor, Any]], pass_bytes: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Consecutive ``(images, targets)`` batches joined into passes of at most ``pass_bytes``
+    of images, in order; a batch larger than that on its own is a pass of its own.
+
+    Memory stays bounded by the larger of ``pass_bytes`` and one batch. Batches whose
+    images differ in shape are never joined.
+    """
+    images: list[torch.Tensor] = []
+    targets: list[torch.Tensor] = []
+    held = 0
+    for batch_images, batch_targets in batches:
+        size = batch_images.numel() * batch_images.element_size()
+        if images and (held + size > pass_bytes or batch_images.shape[1:] != images[0].shape[1:]):
+            yield _joined(images), _joined(targets)
+            images, targets, held = [], [], 0
+        images.append(batch_images)
+        targets.append(torch.as_tensor(batch_targets))
+        held += size
+    if images:
+        yield _joined(images), _joined(targets)
+
+
+def _joined(parts: list[torch.Tensor]) -> torch.Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
 def head_input(model: TransferModel, images: torch.Tensor) -> torch.Tensor:
     """What the head reads: the spatial map for a spatial head, else the feature vector."""
     spatial = model.backbone.forward_spatial(images)
@@ -212,10 +246,13 @@ class FeatureCache:
     on disk are removed on exit.
     """
 
-    def __init__(self, total_images: int, budget_bytes: int, directory: Path | None = None) -> None:
+    def __init__(
+        self, total_images: int, budget_bytes: int, directory: Path | None = None, *, pass_bytes: int = PASS_INPUT_BYTES
+    ) -> None:
         self.total_images = total_images
         self.budget_bytes = budget_bytes
         self.directory = directory
+        self.pass_bytes = pass_bytes  # images per backbone pass while extracting, in bytes (at least one batch)
         self.where: str | None = None  # "memory" or "disk", once the first batch is seen
         self.bytes_needed = 0
         self._folder: Path | None = None
@@ -237,16 +274,19 @@ class FeatureCache:
         to_device: Callable[[torch.Tensor], torch.Tensor],
         autocast: Callable[[], ContextManager[Any]],
     ) -> CachedSplit:
-        """Run the backbone over ``batches`` (``count`` images, in order) and keep its outputs."""
+        """Run the backbone over ``batches`` (``count`` images, in order) and keep its outputs.
+
+        Consecutive batches are joined into passes of up to ``pass_bytes`` of images
+        (``passes``): the features are the same, computed in fewer, larger passes.
+        """
         features: torch.Tensor | None = None
         targets: torch.Tensor | None = None
         done = 0
         with torch.inference_mode():
-            for images, batch_targets in batches:
+            for images, batch_targets in passes(batches, self.pass_bytes):
                 with autocast():
                     output = head_input(model, to_device(images))
                 output = output.detach().to("cpu").contiguous()
-                batch_targets = torch.as_tensor(batch_targets)
                 if features is None:
                     features = self._allocate(count, tuple(output.shape[1:]), output.dtype)
                     targets = torch.empty((count, *batch_targets.shape[1:]), dtype=batch_targets.dtype)

@@ -5,19 +5,24 @@ spike at step 13,402 of a 20,000-step run is still there to be seen. A smoothed 
 drawn over the raw steps because the raw loss of small batches is too noisy to read.
 The metrics plotted are whatever the epoch rows hold (``train_*`` and ``val_*`` that
 are not losses), so a run that logs ``val_map`` gets an mAP curve without a change here.
+
+matplotlib is imported by the functions that draw, not with this module: the training
+code imports ``write_curves`` at start-up, and a process that never gets to drawing (a
+run stopped by bad input, the ranks of a data-parallel job other than the first) should
+not pay the better part of a second of imports for it.
 """
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Sequence
-
-from matplotlib.figure import Figure
+from typing import TYPE_CHECKING, Any, Sequence
 
 from tltk.errors import RunDirError
 from tltk.train import rundir
-from tltk.viz.style import legend_if_several, new_figure, save_figure, wrap
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 PLOTS = "plots"
 # Keys of an epoch row that are bookkeeping, not measurements.
@@ -91,6 +96,8 @@ def smoothing_weight(points: int) -> float:
 
 def loss_figure(rows: Sequence[dict[str, Any]], title: str) -> Figure | None:
     """Train loss per step (raw and smoothed) and validation loss per epoch, on one step axis."""
+    from tltk.viz.style import legend_if_several, new_figure, wrap
+
     steps, epochs = split_rows(rows)
     if not steps:
         return None
@@ -112,6 +119,8 @@ def loss_figure(rows: Sequence[dict[str, Any]], title: str) -> Figure | None:
 
 def metric_figure(rows: Sequence[dict[str, Any]], title: str) -> Figure | None:
     """Every non-loss metric per epoch (accuracy, mAP, ...), train and validation."""
+    from tltk.viz.style import legend_if_several, new_figure, wrap
+
     _, epochs = split_rows(rows)
     keys = metric_keys(epochs)
     if not keys:
@@ -136,6 +145,8 @@ def lr_figure(rows: Sequence[dict[str, Any]], title: str) -> Figure | None:
     need the log scale to be read; a cosine schedule only touches zero at its very end,
     and on a log axis that last plunge would fill the picture.
     """
+    from tltk.viz.style import new_figure, wrap
+
     steps, _ = split_rows(rows)
     points = [(r["step"], r["lr"]) for r in steps if isinstance(r.get("lr"), (int, float))]
     if not points:
@@ -181,6 +192,8 @@ def read_run_metrics(run: Path) -> list[dict[str, Any]]:
 
 def write_curves(run: str | Path, out_dir: str | Path | None = None) -> list[Path]:
     """Write loss.png, metrics.png and lr.png of ``run`` into ``out_dir`` (default RUN/plots)."""
+    from tltk.viz.style import save_figure
+
     run = Path(run).expanduser()
     rows = read_run_metrics(run)
     target = Path(out_dir) if out_dir is not None else run / PLOTS
