@@ -169,3 +169,28 @@ def test_augmented_runs_with_worker_processes_resume_bit_identical_and_match_in_
         weights = load_file(run.out / "model.safetensors")
         assert all(torch.equal(weights[name], expected[name]) for name in expected), run.out
         assert run.summary["final"]["train_loss"] == in_process.summary["final"]["train_loss"]
+
+
+@pytest.mark.parametrize("interval,saves", [(0.0, 1), (3600.0, 0)])
+def test_epoch_ends_save_once_the_interval_has_passed_and_the_last_epoch_never(monkeypatch, tmp_path: Path,
+                                                                              interval: float, saves: int) -> None:
+    """Two epochs: with interval 0 the first epoch's end saves; the second (last) never does,
+    since the finished run removes its checkpoint a moment later."""
+    saved_epochs: list[int] = []
+    real_save = checkpoint.save_checkpoint
+
+    def counting_save(run_dir, model, optimizer, scheduler, scaler, state, **kwargs):
+        saved_epochs.append(state.epoch)
+        return real_save(run_dir, model, optimizer, scheduler, scaler, state, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "save_checkpoint", counting_save)
+    result = finetune(small_config(), tmp_path / "run", checkpoint_interval=interval)
+    assert result.summary["epochs_run"] == 2
+    assert saved_epochs == [1] * saves
+
+
+def test_a_negative_checkpoint_interval_is_one_clear_error(tmp_path: Path) -> None:
+    done = CliRunner().invoke(main, ["finetune", "--backbone", "lenet5", "--weights", "none", "--data",
+                                     "builtin:digits", "--checkpoint-interval", "-1", "--out", str(tmp_path / "run")])
+    assert done.exit_code == 2 and "--checkpoint-interval must be 0 or more" in done.output
+    assert not (tmp_path / "run").exists()

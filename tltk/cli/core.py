@@ -130,7 +130,10 @@ def split_classes(classes: str | None) -> list[str] | None:
 @click.option("--resume", metavar="RUN", default=None,
               help="Continue the interrupted run in RUN from its checkpoint, with the settings it started with.")
 @click.option("--checkpoint-every", type=int, default=None, metavar="N",
-              help="Also save a checkpoint every N steps (one is saved after every epoch).")
+              help="Also save a checkpoint every N steps.")
+@click.option("--checkpoint-interval", type=float, default=60.0, show_default=True, metavar="SECONDS",
+              help="Save a checkpoint at an epoch's end once this long has passed since the last one "
+                   "(0: after every epoch). SIGINT/SIGTERM always save.")
 @data_options
 @click.option("--epochs", type=int, default=10, show_default=True)
 @click.option("--max-steps", type=int, default=None, help="Stop after this many optimizer steps.")
@@ -192,7 +195,7 @@ def finetune(**opts: Any) -> None:
     config, out = _config_and_out(opts)
     reporter = RichReporter(err, enabled=not (opts["quiet"] or opts["as_json"]))
     result = run_finetune(config, out, overwrite=opts["overwrite"], reporter=reporter, resume=opts["resume"] is not None,
-                          checkpoint_every=opts["checkpoint_every"])
+                          checkpoint_every=opts["checkpoint_every"], checkpoint_interval=opts["checkpoint_interval"])
     if not result.is_main:
         return  # one report per data-parallel job, from rank 0
     if result.skipped:
@@ -204,7 +207,7 @@ def finetune(**opts: Any) -> None:
 
 
 # Options that may accompany --resume: they change how the run is shown or saved, not what it computes.
-RESUME_OPTIONS = {"resume", "checkpoint_every", "quiet", "as_json"}
+RESUME_OPTIONS = {"resume", "checkpoint_every", "checkpoint_interval", "quiet", "as_json"}
 
 
 def _config_and_out(opts: dict[str, Any]) -> tuple[Any, str]:

@@ -23,7 +23,8 @@ from tltk.train.losses import TASKS, auto_pos_weight, build_loss
 from tltk.train.evaluate import evaluate_model
 from tltk.train.tensorboard import warn, watch_callbacks
 from tltk.train.trainer import (
-    Checkpointing, FitResult, Reporter, SilentReporter, TrainConfig, fit, resolve_device, seed_everything,
+    DEFAULT_CHECKPOINT_INTERVAL, Checkpointing, FitResult, Reporter, SilentReporter, TrainConfig, fit, resolve_device,
+    seed_everything,
 )
 from tltk.viz.curves import write_curves
 
@@ -82,6 +83,20 @@ class FinetuneConfig:
 
 
 @dataclass
+class SavePolicy:
+    """When a run saves its checkpoint, besides on a signal."""
+
+    every_steps: int | None = None
+    interval_seconds: float = DEFAULT_CHECKPOINT_INTERVAL
+
+    def check(self) -> None:
+        if self.every_steps is not None and self.every_steps < 1:
+            raise RunDirError(f"--checkpoint-every must be at least 1, not {self.every_steps}.")
+        if not self.interval_seconds >= 0:
+            raise RunDirError(f"--checkpoint-interval must be 0 or more seconds, not {self.interval_seconds}.")
+
+
+@dataclass
 class RunResult:
     out: Path
     summary: dict[str, Any]
@@ -99,17 +114,20 @@ def finetune(
     callbacks: Sequence[Callback] = (),
     resume: bool = False,
     checkpoint_every: int | None = None,
+    checkpoint_interval: float = DEFAULT_CHECKPOINT_INTERVAL,
 ) -> RunResult:
-    """Train and write the run directory ``out``. A checkpoint is saved there after every
-    epoch (and every ``checkpoint_every`` steps); ``resume`` continues from it, with
-    ``config`` equal to the interrupted run's (``config_of_run`` reads it back).
+    """Train and write the run directory ``out``. A checkpoint is saved there at the end of
+    an epoch once ``checkpoint_interval`` seconds have passed since the last one (0: every
+    epoch), every ``checkpoint_every`` steps, and on SIGINT/SIGTERM; ``resume`` continues
+    from it, with ``config`` equal to the interrupted run's (``config_of_run`` reads it back).
 
     Launched by torchrun or srun with several processes, this is one rank of a data-parallel
     job (``config.train.batch_size`` per process); rank 0 alone writes ``out`` and reports."""
     with distributed.session(resolve_device(config.train.device).type) as context:
         if not context.is_main:
             reporter, callbacks = None, ()
-        return _finetune(config, Path(out).expanduser(), overwrite, reporter, callbacks, resume, checkpoint_every, context)
+        saving = SavePolicy(checkpoint_every, checkpoint_interval)
+        return _finetune(config, Path(out).expanduser(), overwrite, reporter, callbacks, resume, saving, context)
 
 
 def _finetune(
@@ -119,14 +137,13 @@ def _finetune(
     reporter: Reporter | None,
     callbacks: Sequence[Callback],
     resume: bool,
-    checkpoint_every: int | None,
+    saving: SavePolicy,
     context: distributed.DistContext,
 ) -> RunResult:
     main = context.is_main
     if resume:
         check_resumable(out)
-    if checkpoint_every is not None and checkpoint_every < 1:
-        raise RunDirError(f"--checkpoint-every must be at least 1, not {checkpoint_every}.")
+    saving.check()
     config.train.validate()
     data = config.data.load()
     _check_trainable(data)
@@ -155,7 +172,8 @@ def _finetune(
     train_set, val_set = _datasets(data, preprocessing, config.train.augment)
     # A run resumes with the number of processes it started with: the data order depends on it.
     fingerprinted = config.to_dict() | ({"processes": context.world_size} if context.active else {})
-    checkpoints = Checkpointing(out, fingerprinted, checkpoint_every, resume, context=context)
+    checkpoints = Checkpointing(out, fingerprinted, saving.every_steps, resume, context=context,
+                                interval=saving.interval_seconds)
     log = rundir.MetricsLog.open(out) if main else None
     try:
         fitted = fit(model, strategy, train_set, val_set, config.train, log=log, reporter=reporter or SilentReporter(),

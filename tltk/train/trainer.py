@@ -253,6 +253,10 @@ def batch_to(images: torch.Tensor, device: torch.device, channels_last: bool = F
     return images.to(device, non_blocking=True)
 
 
+# Seconds of training an interrupted run may lose by default: an epoch's end saves a
+# checkpoint once this long has passed since the last one.
+DEFAULT_CHECKPOINT_INTERVAL = 60.0
+
 # Below this many images, starting worker processes costs more than they save.
 MIN_SAMPLES_FOR_WORKERS = 2048
 MAX_DEFAULT_WORKERS = 8
@@ -597,8 +601,9 @@ def _train(
             )
         if saver is not None:
             saver.agree_on_signal(device)
-            saver.save(ckpt.TrainingState(epoch=epoch + 1, global_step=step, stopped_early=result.stopped_early),
-                       result.history)
+            if saver.due_at_epoch_end(last_epoch=result.stopped_early or step >= total_steps):
+                saver.save(ckpt.TrainingState(epoch=epoch + 1, global_step=step, stopped_early=result.stopped_early),
+                           result.history)
             saver.stop_if_asked(epoch, step)
         if result.stopped_early or step >= total_steps:
             break
@@ -736,6 +741,7 @@ class Checkpointing:
     resume: bool = False
     signal_received: int | None = None
     context: DistContext = SINGLE  # in a data-parallel job every rank restores, rank 0 alone writes
+    interval: float = 0.0  # an epoch's end saves once this many seconds passed since the last save
 
     @contextmanager
     def signals(self) -> Iterator[None]:
@@ -770,6 +776,7 @@ class BoundCheckpointing:
     feed: Feed
     log: MetricsLog | None
     history: list[dict[str, Any]] = field(default_factory=list)
+    last_saved: float = field(default_factory=time.monotonic)
 
     @property
     def generators(self) -> dict[str, torch.Generator]:
@@ -798,6 +805,15 @@ class BoundCheckpointing:
         every = self.plan.every
         return self.plan.signal_received is not None or bool(every and step % every == 0)
 
+    def due_at_epoch_end(self, last_epoch: bool) -> bool:
+        """A signal always saves. Otherwise the last epoch does not (the finished run needs no
+        checkpoint), and another does once ``interval`` seconds passed since the last save:
+        a save costs about a second for a ResNet-18, which epochs of a few seconds should
+        not pay every time, while a long run keeps at most that much work at risk."""
+        if self.plan.signal_received is not None:
+            return True
+        return not last_epoch and time.monotonic() - self.last_saved >= self.plan.interval
+
     def agree_on_signal(self, device: torch.device) -> None:
         """Every rank stops where one was told to (a signal may reach them at different times)."""
         plan = self.plan
@@ -815,6 +831,7 @@ class BoundCheckpointing:
         state.history = list(history if history is not None else self.history)
         ckpt.save_checkpoint(self.plan.run_dir, self.model, self.optimizer, self.scheduler, self.scaler, state,
                              generators=self.generators, best_model=self.stopper.best_state, config=self.plan.config)
+        self.last_saved = time.monotonic()
 
     def stop_if_asked(self, epoch: int, step: int) -> None:
         signum = self.plan.signal_received
