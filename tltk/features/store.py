@@ -324,7 +324,33 @@ def _move_into_place(building: Path, path: Path) -> None:
 # --- reading --------------------------------------------------------------------------
 
 
-class FeatureStore:
+class ManifestFields:
+    """What a manifest says about the vectors, for a finished store and a shard's part alike."""
+
+    manifest: dict[str, Any]
+
+    @property
+    def count(self) -> int:
+        return int(self.manifest["count"])
+
+    @property
+    def dim(self) -> int:
+        return int(self.manifest["dim"])
+
+    @property
+    def metric(self) -> str:
+        return str(self.manifest["metric"])
+
+    @property
+    def layer(self) -> str:
+        return str(self.manifest.get("layer", ""))
+
+    @property
+    def pool(self) -> str:
+        return str(self.manifest.get("pool", ""))
+
+
+class FeatureStore(ManifestFields):
     """A finished store: its manifest, its vectors (memory-mapped) and its FAISS index."""
 
     def __init__(self, path: Path, manifest: dict[str, Any], index: Any = None) -> None:
@@ -347,26 +373,6 @@ class FeatureStore:
         return store
 
     # what the store holds
-
-    @property
-    def count(self) -> int:
-        return int(self.manifest["count"])
-
-    @property
-    def dim(self) -> int:
-        return int(self.manifest["dim"])
-
-    @property
-    def metric(self) -> str:
-        return str(self.manifest["metric"])
-
-    @property
-    def layer(self) -> str:
-        return str(self.manifest.get("layer", ""))
-
-    @property
-    def pool(self) -> str:
-        return str(self.manifest.get("pool", ""))
 
     @property
     def fingerprint(self) -> str:
@@ -796,7 +802,7 @@ def shard_record(index: int, of: int, rows: range, total: int, recipe: dict[str,
 
 
 @dataclass
-class StorePart:
+class StorePart(ManifestFields):
     """One part of a sharded extraction: its rows, vectors and metadata, and no index.
 
     It is not a store to search: neighbours among a fraction of the images would look
@@ -831,26 +837,6 @@ class StorePart:
     @property
     def fingerprint(self) -> str:
         return str(self.shard["fingerprint"])
-
-    @property
-    def count(self) -> int:
-        return int(self.manifest["count"])
-
-    @property
-    def dim(self) -> int:
-        return int(self.manifest["dim"])
-
-    @property
-    def metric(self) -> str:
-        return str(self.manifest["metric"])
-
-    @property
-    def layer(self) -> str:
-        return str(self.manifest.get("layer", ""))
-
-    @property
-    def pool(self) -> str:
-        return str(self.manifest.get("pool", ""))
 
     @property
     def name(self) -> str:
