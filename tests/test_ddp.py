@@ -128,7 +128,7 @@ def test_multilabel_job_gathers_every_rank_scores_for_val_and_test_map(tmp_path:
 
 def test_signalled_job_saves_once_and_resumes_with_as_many_processes_to_the_uninterrupted_result(tmp_path: Path) -> None:
     args = ["--backbone", "lenet5", "--data", "builtin:digits", "--train-per-class", "20", "--weights", "none",
-            "--epochs", "12", "--batch-size", "8", "--checkpoint-every", "2", "--device", "cpu", "--workers", "0",
+            "--epochs", "40", "--batch-size", "8", "--checkpoint-every", "2", "--device", "cpu", "--workers", "0",
             "--quiet", "--json"]
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={PROCESSES}",
                 "-m", "tltk.cli", "finetune"]
@@ -138,6 +138,7 @@ def test_signalled_job_saves_once_and_resumes_with_as_many_processes_to_the_unin
     deadline = time.monotonic() + 180
     while not checkpoint.has_checkpoint(interrupted) and job.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
+    # 40 epochs of 13 steps: seconds of training left when the first checkpoint (step 2) appears.
     job.send_signal(signal.SIGTERM)  # torchrun passes it on to both ranks
     _, stderr = job.communicate(timeout=120)
     assert checkpoint.has_checkpoint(interrupted), stderr[-3000:]

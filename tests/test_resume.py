@@ -194,3 +194,45 @@ def test_a_negative_checkpoint_interval_is_one_clear_error(tmp_path: Path) -> No
                                      "builtin:digits", "--checkpoint-interval", "-1", "--out", str(tmp_path / "run")])
     assert done.exit_code == 2 and "--checkpoint-interval must be 0 or more" in done.output
     assert not (tmp_path / "run").exists()
+
+
+class CrashAfterEpoch(Callback):
+    """Stands in for a crash at an epoch's end, before its checkpoint; it reads no batch
+    images, so a frozen backbone's features can still be cached."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_epoch_end(self, model, row) -> None:
+        if row["epoch"] == self.epoch:
+            raise KeyboardInterrupt
+
+
+def varied_config(strategy: str, **train: object) -> FinetuneConfig:
+    config = small_config()
+    config.strategy = strategy
+    config.train.epochs = 4
+    for name, value in train.items():
+        setattr(config.train, name, value)
+    return config
+
+
+@pytest.mark.parametrize("strategy,train,feature_cache", [
+    ("freeze", {}, "memory"),                         # the head trains on cached backbone features
+    ("freeze-unfreeze", {}, None),                    # the backbone joins in at epoch 2: replayed on resume
+    # Early stopping: best at epoch 1 (before the crash), stops after epoch 3; the resumed run
+    # must carry the best epoch, its weights and the count of epochs without improvement.
+    ("finetune", {"patience": 2, "lr": 1.0, "optimizer": "sgd", "epochs": 6}, None),
+])
+def test_cached_unfrozen_and_early_stopped_runs_resume_to_the_uninterrupted_result(
+        tmp_path: Path, strategy: str, train: dict, feature_cache: str | None) -> None:
+    whole = finetune(varied_config(strategy, **train), tmp_path / "whole")
+    if "patience" in train:
+        assert whole.summary["stopped_early"] and whole.summary["best_epoch"] == 1 and whole.summary["epochs_run"] == 3
+    crashed = tmp_path / "crashed"
+    with pytest.raises(KeyboardInterrupt):
+        finetune(varied_config(strategy, **train), crashed, checkpoint_interval=0, callbacks=[CrashAfterEpoch(2)])
+    assert checkpoint.read_training_state(crashed).epoch == 1, "the last save was at the end of epoch 1"
+    resumed = finetune(varied_config(strategy, **train), crashed, resume=True)
+    assert resumed.summary["feature_cache"] == whole.summary["feature_cache"] == feature_cache
+    assert_same_run(crashed, whole.out)
