@@ -94,6 +94,15 @@ def test_two_process_torchrun_job_trains_like_one_process_with_the_same_global_b
     assert job_summary["steps"] == single_summary["steps"] == 20
     assert job_summary["test"]["n"] == single_summary["test"]["n"] == 359  # each test image counted once
     assert job_summary["test"]["accuracy"] == pytest.approx(single_summary["test"]["accuracy"], abs=1 / 359)
+    # `tltk evaluate` under torchrun: each rank scores its shard, the report is the whole split's.
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={PROCESSES}"]
+    evaluated = subprocess.run([*launcher, "-m", "tltk.cli", "evaluate", str(job), "--device", "cpu", "--json"],
+                               cwd=REPO, env=ENV, capture_output=True, text=True, timeout=240)
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    sharded, alone = json.loads(evaluated.stdout), evaluate(job, split="test", device="cpu")
+    assert sharded["n"] == alone["n"] == 359
+    assert sharded["confusion_matrix"] == alone["confusion_matrix"]
+    assert sharded["accuracy"] == alone["accuracy"] == job_summary["test"]["accuracy"]
     # Training moved every weight tensor several times further than the two runs differ.
     config = json.loads((single / "config.json").read_text())
     seed_everything(config["train"]["seed"])  # as finetune does before building the model

@@ -68,6 +68,12 @@ def launch_env(environ: Mapping[str, str] | None = None) -> tuple[int, int, int]
     return None
 
 
+def launched_rank() -> int:
+    """This process's rank in a torchrun/srun launch (0 outside one): who reports."""
+    found = launch_env()
+    return found[0] if found is not None else 0
+
+
 def init_distributed(device_type: str) -> DistContext:
     """Join the process group when launched by torchrun/srun; a plain launch stays single-process.
 

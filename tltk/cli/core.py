@@ -302,6 +302,7 @@ def evaluate(run: str, data_spec: str | None, split: str, image_root: str | None
              test_split: float | None, classes: str | None, train_per_class: int | None, strict: bool,
              voc_difficult: str | None, device: str, batch_size: int | None, plot: str | None, as_json: bool) -> None:
     """Multi-class: accuracy, top-5, per-class accuracy, confusion matrix. Multi-label: per-class AP and mAP."""
+    from tltk.distributed import launched_rank
     from tltk.train.evaluate import evaluate as run_evaluate
 
     report = run_evaluate(
@@ -309,6 +310,8 @@ def evaluate(run: str, data_spec: str | None, split: str, image_root: str | None
         val_split=val_split, test_split=test_split, classes=split_classes(classes),
         train_per_class=train_per_class, strict=strict or None, difficult=voc_difficult,
     )
+    if launched_rank() != 0:
+        return  # under torchrun every rank holds the whole report; rank 0 shows it
     if report["task"] == "multilabel":
         from pathlib import Path
 

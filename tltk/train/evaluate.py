@@ -74,7 +74,8 @@ def evaluate(
 
     Without ``data`` the run's own dataset is used; either way the split settings
     (seed, fractions, class filter) default to the run's, so "test" means the same images
-    training held out.
+    training held out. Launched by torchrun or srun with several processes, each evaluates
+    its shard of the split and every one returns the report of the whole split.
     """
     loaded = run if isinstance(run, LoadedRun) else load_run(run)
     splits = load_data_for_run(loaded, data, data_overrides)
@@ -85,7 +86,9 @@ def evaluate(
     train.device = device
     if batch_size:
         train.batch_size = batch_size
-    report = evaluate_model(loaded.model, samples, splits.arrays, loaded.class_names, loaded.preprocessing, train)
+    with distributed.session(resolve_device(device).type) as context:
+        report = evaluate_model(loaded.model, samples, splits.arrays, loaded.class_names, loaded.preprocessing, train,
+                                context)
     report.update(run=str(loaded.path), data=splits.spec, split=split, skipped=len(splits.skipped))
     return report
 
