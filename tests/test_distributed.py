@@ -116,3 +116,54 @@ def test_sample_seeds_follow_the_sample_not_the_rank_or_the_resume_position():
         assert all(by_index[index] == seed for index, seed in order)
     single.set_epoch(3)
     assert dict(single) != by_index, "a new epoch draws new augmentations"
+
+
+@pytest.mark.parametrize("device_type,backend", [("cuda", "nccl"), ("cpu", "gloo")])
+def test_a_launch_joins_with_nccl_on_cuda_and_gloo_on_the_cpu_each_process_on_its_local_gpu(
+        monkeypatch, device_type, backend):
+    """The CUDA wiring without a GPU: the backend asked for, the device each rank drives."""
+    import tltk.distributed as distributed
+
+    joined, devices = [], []
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(distributed.dist, "init_process_group",
+                        lambda name, rank, world_size: joined.append((name, rank, world_size)))
+    monkeypatch.setattr(distributed.torch.cuda, "set_device", devices.append)
+    for key, value in {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "MASTER_ADDR": "node1",
+                       "MASTER_PORT": "29500"}.items():
+        monkeypatch.setenv(key, value)
+    context = distributed.init_distributed(device_type)
+    assert joined == [(backend, 3, 4)] and context == DistContext(3, 4, 1, backend)
+    assert devices == ([1] if device_type == "cuda" else [])
+    expected = torch.device("cuda", 1) if device_type == "cuda" else torch.device("cpu")
+    assert distributed.device_for(context, torch.device(device_type)) == expected
+
+
+def test_a_multi_process_launch_without_a_rendezvous_address_is_one_clear_error(monkeypatch):
+    import tltk.distributed as distributed
+
+    for key in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    monkeypatch.setenv("SLURM_NTASKS", "2")
+    with pytest.raises(TltkError, match="MASTER_ADDR and MASTER_PORT"):
+        distributed.init_distributed("cpu")
+
+
+def test_data_parallel_wraps_on_the_rank_gpu_and_refuses_a_model_with_nothing_to_train(monkeypatch):
+    from torch import nn
+
+    from tltk.train import trainer
+
+    made = []
+    monkeypatch.setattr(trainer, "DistributedDataParallel", lambda module, **options: made.append(options) or module)
+    context = DistContext(rank=0, world_size=2, local_rank=1, backend="nccl")
+    module = nn.Linear(2, 2)
+    assert trainer.data_parallel(module, context, torch.device("cuda", 1), broadcast_buffers=False) is module
+    assert made[0]["device_ids"] == [1] and made[0][trainer._BUFFER_SYNC_OPTION] is False
+    trainer.data_parallel(module, context, torch.device("cpu"), broadcast_buffers=True)
+    assert made[1]["device_ids"] is None  # gloo on the CPU takes no device ids
+    assert trainer.data_parallel(module, DistContext(), torch.device("cpu"), True) is module and len(made) == 2
+    module.requires_grad_(False)
+    with pytest.raises(TltkError, match="nothing in the model trains"):
+        trainer.data_parallel(module, context, torch.device("cpu"), True)
