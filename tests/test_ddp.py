@@ -120,6 +120,14 @@ def test_frozen_backbone_features_are_cached_per_rank_shard_and_train_the_same_h
     assert not list(job.glob(".feature-cache-*")), "the memory-mapped cache is removed at the end"
 
 
+def test_freeze_unfreeze_job_shares_the_backbone_gradients_once_the_backbone_joins_in(tmp_path: Path) -> None:
+    # Epoch 1 trains the head alone; from epoch 2 the backbone trains too, and the ranks'
+    # backbone gradients must be averaged from then on (the wrapper is rebuilt).
+    args = ["--backbone", "lenet5", "--strategy", "freeze-unfreeze", *DIGITS]
+    job, single, _, _ = run_both(args, 8, tmp_path)
+    assert_same_training(job, single)
+
+
 def test_multilabel_job_gathers_every_rank_scores_for_val_and_test_map(tmp_path: Path) -> None:
     voc = write_voc(tmp_path / "voc", images=48)  # 24 train, 12 val, 12 test
     args = ["--backbone", "simplecnn", "--input-size", "32", "--data", f"voc:{voc}", "--weights", "none",

@@ -491,7 +491,7 @@ def fit(
     config.validate()
     context = context or distributed.current_context()
     reporter = reporter or SilentReporter()
-    generator = seed_everything(config.seed + context.rank)  # dropout and augmentation differ between ranks
+    generator = seed_everything(config.seed + context.rank)  # ranks draw different dropout masks
     device = distributed.device_for(context, resolve_device(config.device))
     amp_dtype = resolve_precision(config.precision, device)
     channels_last = use_channels_last(config.channels_last, model)
@@ -549,7 +549,6 @@ def _train(
     optimizer = build_optimizer(groups, config)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     module = torch.compile(feed.module) if config.compile else feed.module
-    trainer = data_parallel(module, context, device, feed.broadcast_buffers)
     steps_per_epoch = len(feed.train)
     total_steps = config.max_steps or config.epochs * steps_per_epoch
     epochs = math.ceil(total_steps / steps_per_epoch)
@@ -565,6 +564,8 @@ def _train(
 
     saver = checkpoints.bind(model, optimizer, scheduler, scaler, stopper, feed, log) if checkpoints else None
     start = saver.resume(strategy, result) if saver is not None else ckpt.TrainingState()
+    # Wrapped after a resume has replayed the strategy's epochs: DDP syncs what trains at wrap time.
+    trainer = data_parallel(module, context, device, feed.broadcast_buffers)
     step = start.global_step
     for epoch in range(start.epoch, epochs if not start.stopped_early else start.epoch):
         change = strategy.on_epoch_start(model, epoch)
