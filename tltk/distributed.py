@@ -208,6 +208,16 @@ def gather_rows(tensor: torch.Tensor, context: DistContext) -> torch.Tensor:
     return torch.cat([part[:size] for part, size in zip(parts, sizes)])
 
 
+def gather_outputs(logits: torch.Tensor, targets: torch.Tensor, context: DistContext,
+                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """An evaluation shard's logits and targets joined with every other rank's, on the CPU
+    (the collective runs on ``device``: the GPU under NCCL)."""
+    if not context.active:
+        return logits, targets
+    return (gather_rows(logits.to(device), context).cpu(),
+            gather_rows(torch.as_tensor(targets).to(device), context).cpu())
+
+
 def gather_interleaved(destination: torch.Tensor, local: torch.Tensor, context: DistContext,
                        device: torch.device, chunk_rows: int = 4096) -> None:
     """Fill ``destination`` with every rank's rows of an ``evaluation_shard`` split: rank r's

@@ -161,17 +161,14 @@ def evaluate_model(
     model.to(device)
     with memory_format(model, channels_last):
         if train.task == "multilabel":
-            logits, targets = predict_logits(model, loader, device, amp_dtype, channels_last)
-            if context.active:
-                logits = distributed.gather_rows(logits.to(device), context).cpu()
-                targets = distributed.gather_rows(targets.to(device), context).cpu()
+            logits, targets = distributed.gather_outputs(
+                *predict_logits(model, loader, device, amp_dtype, channels_last), context, device)
             return multilabel_report(targets.numpy(), torch.sigmoid(logits).numpy(), class_names)
         tally = ClassificationTally(len(class_names))
         for logits, batch_targets in iterate_logits(model, loader, device, amp_dtype, channels_last):
             tally.add(torch.as_tensor(batch_targets).numpy(), logits.numpy())
     tally.combine_ranks(context, device)
     return tally.report(class_names)
-
 
 
 class ClassificationTally:

@@ -23,7 +23,7 @@ from tltk.train.losses import TASKS, auto_pos_weight, build_loss
 from tltk.train.evaluate import evaluate_model
 from tltk.train.tensorboard import warn, watch_callbacks
 from tltk.train.trainer import (
-    DEFAULT_CHECKPOINT_INTERVAL, Checkpointing, FitResult, Reporter, SilentReporter, TrainConfig, fit, resolve_device,
+    DEFAULT_CHECKPOINT_INTERVAL, Checkpointing, FitResult, Reporter, SavePolicy, TrainConfig, fit, resolve_device,
     seed_everything,
 )
 from tltk.viz.curves import write_curves
@@ -80,20 +80,6 @@ class FinetuneConfig:
         values["data"] = DataOptions(**values["data"])
         values["train"] = TrainConfig(**values["train"])
         return cls(**values)
-
-
-@dataclass
-class SavePolicy:
-    """When a run saves its checkpoint, besides on a signal."""
-
-    every_steps: int | None = None
-    interval_seconds: float = DEFAULT_CHECKPOINT_INTERVAL
-
-    def check(self) -> None:
-        if self.every_steps is not None and self.every_steps < 1:
-            raise RunDirError(f"--checkpoint-every must be at least 1, not {self.every_steps}.")
-        if not self.interval_seconds >= 0:
-            raise RunDirError(f"--checkpoint-interval must be 0 or more seconds, not {self.interval_seconds}.")
 
 
 @dataclass
@@ -172,11 +158,10 @@ def _finetune(
     train_set, val_set = _datasets(data, preprocessing, config.train.augment)
     # A run resumes with the number of processes it started with: the data order depends on it.
     fingerprinted = config.to_dict() | ({"processes": context.world_size} if context.active else {})
-    checkpoints = Checkpointing(out, fingerprinted, saving.every_steps, resume, context=context,
-                                interval=saving.interval_seconds)
+    checkpoints = Checkpointing(out, fingerprinted, saving, resume, context=context)
     log = rundir.MetricsLog.open(out) if main else None
     try:
-        fitted = fit(model, strategy, train_set, val_set, config.train, log=log, reporter=reporter or SilentReporter(),
+        fitted = fit(model, strategy, train_set, val_set, config.train, log=log, reporter=reporter,
                      callbacks=callbacks, loss_fn=loss_fn, cache_dir=out, checkpoints=checkpoints, context=context)
     finally:
         if log is not None:

@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, Subset
 
 from tltk import distributed
 from tltk.distributed import SINGLE, DistContext, EpochOrder
-from tltk.errors import TltkError
+from tltk.errors import RunDirError, TltkError
 from tltk.model import TransferModel
 from tltk.strategies import Strategy
 from tltk.train import cache
@@ -405,8 +405,8 @@ def evaluation_part(dataset: torch.utils.data.Dataset, context: DistContext) -> 
     if not context.active:
         return dataset
     if len(dataset) < context.world_size:  # type: ignore[arg-type]
-        raise TltkError(f"an evaluation split of {len(dataset)} images cannot be shared by {context.world_size} "  # type: ignore[arg-type]
-                        f"processes; use fewer processes or a larger --val-split.")
+        raise TltkError(f"a split of {len(dataset)} images cannot be shared by {context.world_size} "  # type: ignore[arg-type]
+                        f"processes; use fewer processes or more images (a larger --val-split for validation).")
     return Subset(dataset, distributed.evaluation_shard(len(dataset), context))  # type: ignore[arg-type]
 
 
@@ -666,7 +666,7 @@ def _train_epoch(
         signalled = saver is not None and saver.plan.signal_received is not None
         totals = StepTotals(float(loss.detach()), len(targets), hits, signalled).summed(context, device)
         if saver is not None and totals.signalled:
-            saver.plan.signal_received = saver.plan.signal_received or signal.SIGTERM  # another rank was told to stop
+            saver.plan.adopt_signal()
         loss_value = totals.loss
         loss_sum += loss_value * totals.samples
         correct += totals.hits
@@ -732,17 +732,35 @@ class Interrupted(TltkError):
 
 
 @dataclass
+class SavePolicy:
+    """When a run saves its checkpoint, besides on a signal: every ``every_steps`` steps, and
+    at an epoch's end once ``interval_seconds`` passed since the last save (0: every epoch)."""
+
+    every_steps: int | None = None
+    interval_seconds: float = DEFAULT_CHECKPOINT_INTERVAL
+
+    def check(self) -> None:
+        if self.every_steps is not None and self.every_steps < 1:
+            raise RunDirError(f"--checkpoint-every must be at least 1, not {self.every_steps}.")
+        if not self.interval_seconds >= 0:
+            raise RunDirError(f"--checkpoint-interval must be 0 or more seconds, not {self.interval_seconds}.")
+
+
+@dataclass
 class Checkpointing:
-    """Where a run saves its state (every epoch, and every ``every`` steps), and whether it
-    starts from the state saved there. ``config`` is what a resumed run must match."""
+    """Where a run saves its state and when (``saving``), and whether it starts from the
+    state saved there. ``config`` is what a resumed run must match."""
 
     run_dir: Path
     config: dict[str, Any]
-    every: int | None = None
+    saving: SavePolicy = field(default_factory=SavePolicy)
     resume: bool = False
     signal_received: int | None = None
     context: DistContext = SINGLE  # in a data-parallel job every rank restores, rank 0 alone writes
-    interval: float = 0.0  # an epoch's end saves once this many seconds passed since the last save
+
+    def adopt_signal(self) -> None:
+        """Stop as if signalled: another rank of the job was."""
+        self.signal_received = self.signal_received or signal.SIGTERM
 
     @contextmanager
     def signals(self) -> Iterator[None]:
@@ -803,7 +821,7 @@ class BoundCheckpointing:
         return state
 
     def due(self, step: int) -> bool:
-        every = self.plan.every
+        every = self.plan.saving.every_steps
         return self.plan.signal_received is not None or bool(every and step % every == 0)
 
     def due_at_epoch_end(self, last_epoch: bool) -> bool:
@@ -813,13 +831,12 @@ class BoundCheckpointing:
         not pay every time, while a long run keeps at most that much work at risk."""
         if self.plan.signal_received is not None:
             return True
-        return not last_epoch and time.monotonic() - self.last_saved >= self.plan.interval
+        return not last_epoch and time.monotonic() - self.last_saved >= self.plan.saving.interval_seconds
 
     def agree_on_signal(self, device: torch.device) -> None:
         """Every rank stops where one was told to (a signal may reach them at different times)."""
-        plan = self.plan
-        if distributed.any_rank(plan.signal_received is not None, plan.context, device):
-            plan.signal_received = plan.signal_received or signal.SIGTERM
+        if distributed.any_rank(self.plan.signal_received is not None, self.plan.context, device):
+            self.plan.adopt_signal()
 
     def save(self, state: ckpt.TrainingState, history: list[dict[str, Any]] | None = None) -> None:
         if not self.plan.context.is_main:
@@ -952,10 +969,8 @@ def validation_metrics(
 
     Under data-parallel training ``loader`` holds this rank's shard; the ranks' logits are
     gathered first, so every rank computes the figures of the whole split."""
-    logits, targets = predict_logits(model, loader, device, amp_dtype, channels_last)
-    if context.active:
-        logits = distributed.gather_rows(logits.to(device), context).cpu()
-        targets = distributed.gather_rows(torch.as_tensor(targets).to(device), context).cpu()
+    logits, targets = distributed.gather_outputs(*predict_logits(model, loader, device, amp_dtype, channels_last),
+                                                 context, device)
     loss = float(loss_fn.cpu()(logits, targets))
     loss_fn.to(device)
     if task == "multilabel":
