@@ -236,3 +236,20 @@ def test_cached_unfrozen_and_early_stopped_runs_resume_to_the_uninterrupted_resu
     resumed = finetune(varied_config(strategy, **train), crashed, resume=True)
     assert resumed.summary["feature_cache"] == whole.summary["feature_cache"] == feature_cache
     assert_same_run(crashed, whole.out)
+
+
+def test_a_signal_is_acted_on_only_where_the_ranks_agree_on_it() -> None:
+    """A signal landing between two agreement points must not make this rank save or stop
+    alone: in a data-parallel job the other ranks would wait in the next collective for ever."""
+    from tltk.train.trainer import BoundCheckpointing, Checkpointing, Interrupted, SavePolicy
+
+    plan = Checkpointing(Path("unused"), {}, SavePolicy(every_steps=None, interval_seconds=0))
+    saver = BoundCheckpointing(plan, None, None, None, None, None, None, None)
+    plan.signal_received = signal.SIGTERM  # the handler ran; no agreement point since
+    assert not saver.due(3) and not saver.due_at_epoch_end(last_epoch=True)
+    saver.stop_if_asked(0, 3)  # does not raise yet
+    plan.stop_if_signalled(True)
+    assert saver.due(3) and saver.due_at_epoch_end(last_epoch=True)
+    with pytest.raises(Interrupted) as stopped:
+        saver.stop_if_asked(0, 3)
+    assert stopped.value.exit_code == 128 + signal.SIGTERM

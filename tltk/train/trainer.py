@@ -665,8 +665,8 @@ def _train_epoch(
         hits = int((logits.detach().argmax(1) == targets).sum()) if config.task == "multiclass" else 0
         signalled = saver is not None and saver.plan.signal_received is not None
         totals = StepTotals(float(loss.detach()), len(targets), hits, signalled).summed(context, device)
-        if saver is not None and totals.signalled:
-            saver.plan.adopt_signal()
+        if saver is not None:
+            saver.plan.stop_if_signalled(totals.signalled)
         loss_value = totals.loss
         loss_sum += loss_value * totals.samples
         correct += totals.hits
@@ -755,12 +755,17 @@ class Checkpointing:
     config: dict[str, Any]
     saving: SavePolicy = field(default_factory=SavePolicy)
     resume: bool = False
-    signal_received: int | None = None
+    signal_received: int | None = None  # set by the handler, whenever the signal lands
+    stopping: int | None = None  # the signal the ranks agreed to stop on (see ``stop_if_signalled``)
     context: DistContext = SINGLE  # in a data-parallel job every rank restores, rank 0 alone writes
 
-    def adopt_signal(self) -> None:
-        """Stop as if signalled: another rank of the job was."""
-        self.signal_received = self.signal_received or signal.SIGTERM
+    def stop_if_signalled(self, signalled_anywhere: bool) -> None:
+        """Act on a signal only at points where every rank decides alike: ``signalled_anywhere``
+        is this rank's ``signal_received`` combined over the ranks at such a point. A signal
+        that lands in between waits for the next one, so no rank saves or stops while another
+        goes on into the next collective."""
+        if signalled_anywhere:
+            self.stopping = self.signal_received or signal.SIGTERM  # SIGTERM: another rank was told
 
     @contextmanager
     def signals(self) -> Iterator[None]:
@@ -822,21 +827,21 @@ class BoundCheckpointing:
 
     def due(self, step: int) -> bool:
         every = self.plan.saving.every_steps
-        return self.plan.signal_received is not None or bool(every and step % every == 0)
+        return self.plan.stopping is not None or bool(every and step % every == 0)
 
     def due_at_epoch_end(self, last_epoch: bool) -> bool:
         """A signal always saves. Otherwise the last epoch does not (the finished run needs no
         checkpoint), and another does once ``interval`` seconds passed since the last save:
         a save costs about a second for a ResNet-18, which epochs of a few seconds should
         not pay every time, while a long run keeps at most that much work at risk."""
-        if self.plan.signal_received is not None:
+        if self.plan.stopping is not None:
             return True
         return not last_epoch and time.monotonic() - self.last_saved >= self.plan.saving.interval_seconds
 
     def agree_on_signal(self, device: torch.device) -> None:
         """Every rank stops where one was told to (a signal may reach them at different times)."""
-        if distributed.any_rank(self.plan.signal_received is not None, self.plan.context, device):
-            self.plan.adopt_signal()
+        signalled = self.plan.signal_received is not None
+        self.plan.stop_if_signalled(distributed.any_rank(signalled, self.plan.context, device))
 
     def save(self, state: ckpt.TrainingState, history: list[dict[str, Any]] | None = None) -> None:
         if not self.plan.context.is_main:
@@ -852,7 +857,7 @@ class BoundCheckpointing:
         self.last_saved = time.monotonic()
 
     def stop_if_asked(self, epoch: int, step: int) -> None:
-        signum = self.plan.signal_received
+        signum = self.plan.stopping
         if signum is None:
             return
         distributed.barrier(self.plan.context)  # no rank leaves while rank 0 is still writing
