@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
-from tltk.backbones.base import Backbone
+from tltk.backbones.base import SIZE_ERRORS, Backbone, unusable_input_size
 from tltk.errors import TltkError
 
 POOLINGS = ("avg", "max", "flatten")
@@ -296,11 +296,8 @@ def _dry_run(model: nn.Module, resolved: list[ResolvedLayer], size: tuple[int, .
         with torch.inference_mode():
             for run in runners.values():
                 run(images)
-    except (RuntimeError, ValueError) as exc:
-        raise TltkError(
-            f"{backbone_of(model).name} cannot run on {size[0]}x{size[1]} images ({str(exc).splitlines()[0][:120]}); "
-            f"use its own input size {tuple(backbone_of(model).preprocessing.input_size)}."
-        ) from exc
+    except SIZE_ERRORS as exc:
+        raise unusable_input_size(backbone_of(model), size, exc) from exc
 
 
 # --- the table `tltk layers` prints -----------------------------------------------------

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from tltk.backbones.base import SIZE_ERRORS, Backbone, unusable_input_size
+
 
 @dataclass
 class LayerRow:
@@ -64,6 +66,11 @@ def summarize(model: nn.Module, input_size: tuple[int, int]) -> ModelSummary:
         model.eval()
         with torch.no_grad():
             model(torch.zeros(1, 3, *input_size))
+    except SIZE_ERRORS as exc:
+        backbone = getattr(model, "backbone", model)
+        if isinstance(backbone, Backbone):
+            raise unusable_input_size(backbone, input_size, exc) from exc
+        raise
     finally:
         for hook in hooks:
             hook.remove()

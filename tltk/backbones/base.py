@@ -11,10 +11,12 @@ so weight files written by that library load without renaming.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
+
+from tltk.errors import TltkError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -93,6 +95,38 @@ class Backbone(nn.Module):
 _NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm)
 
 
+# What a forward pass raises when the input size does not fit the layers: a dense layer
+# sized for another input (RuntimeError), a map pooled below one pixel (RuntimeError or
+# ValueError), a transformer's fixed patch grid (timm asserts).
+SIZE_ERRORS = (RuntimeError, ValueError, AssertionError)
+
+
+def unusable_input_size(backbone: Backbone, size: Sequence[int], error: BaseException) -> TltkError:
+    """The one sentence for an input size the network's layers cannot take."""
+    reason = (str(error).splitlines() or [type(error).__name__])[0][:120]
+    return TltkError(f"{backbone.name} cannot run on {size[0]}x{size[1]} images ({reason}); "
+                     f"use its own input size {tuple(backbone.preprocessing.input_size)}.")
+
+
+def check_input_size(model: nn.Module, backbone: Backbone, size: Sequence[int]) -> None:
+    """Run one blank image of ``size`` through ``model`` (in eval mode, nothing updated).
+
+    A size the layers cannot take is then refused in one sentence before a run writes
+    anything, instead of surfacing as a matrix-shape error inside the first training step.
+    """
+    parameter = next(model.parameters(), None)
+    device = parameter.device if parameter is not None else torch.device("cpu")
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.inference_mode():
+            model(torch.zeros(1, 3, int(size[0]), int(size[1]), device=device))
+    except SIZE_ERRORS as exc:
+        raise unusable_input_size(backbone, size, exc) from exc
+    finally:
+        model.train(was_training)
+
+
 def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
 
@@ -105,5 +139,8 @@ __all__ = [
     "IMAGENET_STD",
     "HALF_MEAN",
     "HALF_STD",
+    "SIZE_ERRORS",
+    "check_input_size",
     "count_parameters",
+    "unusable_input_size",
 ]

@@ -13,6 +13,7 @@ from typing import Any, Sequence
 import torch
 
 from tltk import distributed
+from tltk.backbones.base import check_input_size
 from tltk.data import DataSplits, ImageDataset, build_transforms, load_data
 from tltk.errors import DataError, RunDirError
 from tltk.model import ModelSpec, TransferModel, build_model, resolve_weights_choice
@@ -146,6 +147,7 @@ def _finetune(
     model = build_model(spec)
     strategy = build_strategy(config.strategy, **config.strategy_options)
     preprocessing = _preprocessing(model, config.input_size)
+    check_input_size(model, model.backbone, preprocessing["input_size"])
     if main:
         callbacks = [*callbacks, *watch_callbacks(
             out, model, tensorboard=config.tensorboard, histogram_every=config.histogram_every,

@@ -1,0 +1,63 @@
+"""An input size the network cannot take is refused in one sentence, before anything is written.
+
+simplecnn ends in a dense layer sized for 32x32 images: at 8x8 its last feature map has
+128 values where the layer expects 2,048, which torch reports as a matrix-shape error
+inside the first forward pass.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from tltk.backbones import build_backbone
+from tltk.backbones.base import check_input_size
+from tltk.cli import main
+from tltk.errors import TltkError
+from tltk.features.source import load_backbone_source
+from tltk.model import ModelSpec, build_model
+from tltk.summary import summarize
+from tltk.train.finetune import DataOptions, FinetuneConfig, finetune
+from tltk.train.trainer import TrainConfig
+
+REFUSAL = r"simplecnn cannot run on 8x8 images \(mat1 and mat2 shapes.*\); use its own input size \(32, 32\)\."
+
+
+def test_finetune_refuses_a_size_the_backbone_cannot_take_before_writing_the_run(tmp_path):
+    config = FinetuneConfig(backbone="simplecnn", weights="none", data=DataOptions("builtin:digits"), input_size=8,
+                            train=TrainConfig(epochs=1))
+    with pytest.raises(TltkError, match=REFUSAL):
+        finetune(config, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_cli_finetune_says_one_line_and_exits_non_zero(tmp_path):
+    result = CliRunner().invoke(main, ["finetune", "--backbone", "simplecnn", "--data", "builtin:digits",
+                                       "--input-size", "8", "--epochs", "1", "--out", str(tmp_path / "run")])
+    assert result.exit_code != 0
+    assert "Traceback" not in result.output
+    assert "simplecnn cannot run on 8x8 images" in result.output
+    assert not (tmp_path / "run").exists()
+
+
+def test_summary_refuses_the_size_in_the_same_words():
+    model = build_model(ModelSpec("simplecnn", "linear", 10, weights="none"))
+    with pytest.raises(TltkError, match=REFUSAL):
+        summarize(model, (8, 8))
+    assert summarize(model, (32, 32)).rows  # its own size runs
+
+
+def test_a_backbone_feature_source_refuses_the_size():
+    with pytest.raises(TltkError, match=REFUSAL):
+        load_backbone_source("simplecnn", "none", input_size=8)
+
+
+def test_the_check_changes_neither_the_mode_nor_the_batchnorm_statistics():
+    backbone = build_backbone("resnet18", pretrained=False)
+    backbone.train()
+    before = {name: buffer.clone() for name, buffer in backbone.named_buffers()}
+    check_input_size(backbone, backbone, (32, 32))
+    assert backbone.training
+    for name, buffer in backbone.named_buffers():
+        assert torch.equal(buffer, before[name]), name
