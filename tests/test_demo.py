@@ -1,0 +1,70 @@
+"""The transfer demo that `make demo` runs: its data halves and one short end-to-end run."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from sklearn.datasets import load_digits
+
+DEMO = Path(__file__).resolve().parents[1] / "examples" / "transfer_demo.py"
+
+
+@pytest.fixture(scope="module")
+def demo():
+    spec = importlib.util.spec_from_file_location("transfer_demo", DEMO)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _written(folder: Path) -> dict[int, tuple[str, Path]]:
+    """Digit index -> (class folder, file) of every PNG under ``folder``."""
+    return {int(path.stem.removeprefix("digit")): (path.parent.name, path) for path in folder.glob("*/*.png")}
+
+
+def test_the_halves_share_no_image_and_cover_all_of_them(demo, tmp_path):
+    source, target = demo.write_digit_folders(tmp_path / "data", seed=0)
+    in_source, in_target = _written(source), _written(target)
+    assert not set(in_source) & set(in_target)
+    assert set(in_source) | set(in_target) == set(range(1797))
+    assert abs(len(in_source) - len(in_target)) <= 1
+
+
+def test_labels_are_the_digit_in_the_source_and_its_parity_in_the_target(demo, tmp_path):
+    source, target = demo.write_digit_folders(tmp_path / "data", seed=3)
+    digits = load_digits()
+    assert all(label == str(digits.target[i]) for i, (label, _) in _written(source).items())
+    assert all(label == ("even", "odd")[digits.target[i] % 2] for i, (label, _) in _written(target).items())
+    assert {label for label, _ in _written(target).values()} == {"even", "odd"}
+
+
+def test_pixels_are_those_of_builtin_digits(demo, tmp_path):
+    from tltk.data import load_data
+
+    builtin = load_data("builtin:digits", val_split=0.0, test_split=0.0)
+    source, _ = demo.write_digit_folders(tmp_path / "data", seed=0)
+    index, (_, path) = next(iter(_written(source).items()))
+    assert np.array_equal(np.asarray(Image.open(path)), builtin.arrays[index].squeeze(-1))
+
+
+def test_another_seed_rewrites_the_folders_instead_of_mixing_halves(demo, tmp_path):
+    demo.write_digit_folders(tmp_path / "data", seed=0)
+    source, target = demo.write_digit_folders(tmp_path / "data", seed=1)
+    assert len(_written(source)) + len(_written(target)) == 1797
+
+
+def test_the_demo_runs_end_to_end_and_reports_three_test_accuracies(demo, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["transfer_demo", "--out", str(tmp_path / "demo"), "--epochs", "1",
+                                      "--per-class", "2"])
+    demo.main()
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(report) == {"transfer, frozen backbone", "transfer, fine-tuned", "from scratch"}
+    assert all(0.0 <= accuracy <= 1.0 for accuracy in report.values())
+    for run in ("source", "transfer-frozen-backbone", "transfer-fine-tuned", "from-scratch"):
+        assert (tmp_path / "demo" / run / "summary.json").is_file()
