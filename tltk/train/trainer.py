@@ -152,10 +152,25 @@ def seed_everything(seed: int) -> torch.Generator:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-    torch.use_deterministic_algorithms(True, warn_only=True)
     generator = torch.Generator()
     generator.manual_seed(seed)
     return generator
+
+
+@contextmanager
+def deterministic_algorithms() -> Iterator[None]:
+    """torch's deterministic algorithms while training (a warning where an operation has none),
+    and the caller's own setting back afterwards: a notebook that trains with tltk and then
+    runs its own code is not left switched to them. A caller who already asked for them,
+    strictly or not, keeps exactly that."""
+    if torch.are_deterministic_algorithms_enabled():
+        yield
+        return
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(False)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -508,6 +523,7 @@ def fit(
     with ExitStack() as stack:
         for callback in callbacks:
             stack.callback(callback.close)
+        stack.enter_context(deterministic_algorithms())
         stack.enter_context(memory_format(model, channels_last))
         if use_cache:
             total = len(train_set) + (len(val_set) if val_set is not None else 0)
