@@ -48,9 +48,14 @@ def test_summary_refuses_the_size_in_the_same_words():
     assert summarize(model, (32, 32)).rows  # its own size runs
 
 
-def test_a_backbone_feature_source_refuses_the_size():
+def test_extraction_from_a_backbone_refuses_the_size_before_writing_a_store(tmp_path):
+    from tltk.features import Loading, extract
+
+    source = load_backbone_source("simplecnn", "none", input_size=8)
     with pytest.raises(TltkError, match=REFUSAL):
-        load_backbone_source("simplecnn", "none", input_size=8)
+        extract(source, "fc7", tmp_path / "store", "builtin:digits", split="test",
+                loading=Loading(batch_size=32, device="cpu", workers=0), classes=["0", "1"])
+    assert not (tmp_path / "store").exists()
 
 
 def test_the_check_changes_neither_the_mode_nor_the_batchnorm_statistics():

@@ -20,7 +20,6 @@ import torch
 from torch import nn
 
 from tltk.backbones import backbone_info, build_backbone
-from tltk.backbones.base import check_input_size
 from tltk.errors import TltkError, UnknownNameError
 from tltk.train import rundir
 
@@ -115,7 +114,6 @@ def load_backbone_source(
         if input_size < 1:
             raise TltkError(f"--input-size must be at least 1, not {input_size}.")
         preprocessing["input_size"] = [input_size, input_size]
-        check_input_size(backbone, backbone, preprocessing["input_size"])
     backbone.eval()
     record = {"kind": BACKBONE, "name": name, "weights": choice, "init": init, "seed": seed, "options": options,
               "input_size": input_size}
