@@ -48,14 +48,16 @@ def test_summary_refuses_the_size_in_the_same_words():
     assert summarize(model, (32, 32)).rows  # its own size runs
 
 
-def test_extraction_from_a_backbone_refuses_the_size_before_writing_a_store(tmp_path):
+def test_extraction_refuses_a_layer_past_what_the_size_allows_before_writing_a_store(tmp_path):
+    """conv1 exists at 8x8 (extraction stops there); fc7, past the dense layer, does not."""
     from tltk.features import Loading, extract
 
     source = load_backbone_source("simplecnn", "none", input_size=8)
+    options = dict(split="test", loading=Loading(batch_size=32, device="cpu", workers=0), classes=["0", "1"])
+    assert extract(source, "conv1", tmp_path / "early", "builtin:digits", **options).dim == 32
     with pytest.raises(TltkError, match=REFUSAL):
-        extract(source, "fc7", tmp_path / "store", "builtin:digits", split="test",
-                loading=Loading(batch_size=32, device="cpu", workers=0), classes=["0", "1"])
-    assert not (tmp_path / "store").exists()
+        extract(source, "fc7", tmp_path / "late", "builtin:digits", **options)
+    assert not (tmp_path / "late").exists()
 
 
 def test_the_check_changes_neither_the_mode_nor_the_batchnorm_statistics():

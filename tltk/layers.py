@@ -228,6 +228,19 @@ def tap(model: nn.Module, layer: str, pool: str = "avg") -> LayerTap:
     return LayerTap(model, layer, pool)
 
 
+def check_layer_runs(model: nn.Module, layer: str, size: tuple[int, int]) -> None:
+    """One blank image of ``size`` through ``model`` up to ``layer``, stopping there as
+    extraction does: a size the layers before it cannot take is refused in one sentence,
+    while a size that only later layers refuse stays usable for this one."""
+    parameter = next(model.parameters(), None)
+    device = parameter.device if parameter is not None else torch.device("cpu")
+    try:
+        with tap(model, layer) as features:
+            features(torch.zeros(1, 3, int(size[0]), int(size[1]), device=device))
+    except SIZE_ERRORS as exc:
+        raise unusable_input_size(backbone_of(model), size, exc) from exc
+
+
 def _runner_for(model: nn.Module, module: nn.Module) -> Callable[[torch.Tensor], Any]:
     """Backbone layers run through the backbone alone (so ``fc7`` works whatever the head
     reads); the head's layers need the whole model."""

@@ -26,7 +26,7 @@ from tltk.errors import DataError, TltkError
 from tltk.features.source import FeatureSource, source_from_record
 from tltk.features.store import (Chunk, FeatureStore, IndexOptions, StorePart, check_metric, create_part, create_store, is_store,
                                  shard_record)
-from tltk.layers import check_pool, layer_shapes, resolve_layer, tap
+from tltk.layers import check_layer_runs, check_pool, resolve_layer, tap
 
 SPLITS = ("all", "train", "val", "test")
 LOAD_DATA_OPTIONS = tuple(name for name in inspect.signature(load_data).parameters if name != "spec")
@@ -218,8 +218,7 @@ def extract(
     loading = loading or Loading()
     loading.check()
     resolved = resolve_layer(source.model, layer)
-    # One blank image through to the layer: a size it cannot take is refused before anything is written.
-    layer_shapes(source.model, [resolved.name], tuple(source.preprocessing["input_size"]))
+    check_layer_runs(source.model, resolved.name, tuple(source.preprocessing["input_size"]))  # before anything is written
     selection = select_data(source, data, split, **data_options)
     header = {
         "source": source.record,
