@@ -68,3 +68,12 @@ def test_the_check_changes_neither_the_mode_nor_the_batchnorm_statistics():
     assert backbone.training
     for name, buffer in backbone.named_buffers():
         assert torch.equal(buffer, before[name]), name
+
+
+@pytest.mark.parametrize("size", [0, -3])
+def test_a_size_below_one_is_refused_rather_than_read_as_the_default(size, tmp_path):
+    config = FinetuneConfig(backbone="simplecnn", weights="none", data=DataOptions("builtin:digits"), input_size=size,
+                            train=TrainConfig(epochs=1))
+    with pytest.raises(TltkError, match=rf"--input-size must be at least 1, not {size}"):
+        finetune(config, tmp_path / "run")
+    assert not (tmp_path / "run").exists()

@@ -15,7 +15,7 @@ import torch
 from tltk import distributed
 from tltk.backbones.base import check_input_size
 from tltk.data import DataSplits, ImageDataset, build_transforms, load_data
-from tltk.errors import DataError, RunDirError
+from tltk.errors import DataError, RunDirError, TltkError
 from tltk.model import ModelSpec, TransferModel, build_model, resolve_weights_choice
 from tltk.strategies import Strategy, build_strategy
 from tltk.train import checkpoint, rundir
@@ -238,6 +238,8 @@ def _check_trainable(data: DataSplits) -> None:
 
 
 def _preprocessing(model: TransferModel, input_size: int | None) -> dict[str, Any]:
+    if input_size is not None and input_size < 1:
+        raise TltkError(f"--input-size must be at least 1, not {input_size}; leave it out for the backbone's own.")
     pre = model.preprocessing
     size = (input_size, input_size) if input_size else tuple(pre.input_size)
     return {"input_size": list(size), "mean": list(pre.mean), "std": list(pre.std)}

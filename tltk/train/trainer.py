@@ -96,6 +96,30 @@ class TrainConfig:
             raise TltkError(f"--lr must be positive, not {self.lr}.")
         if self.workers is not None and self.workers < 0:
             raise TltkError(f"--workers must be 0 or more, not {self.workers}.")
+        self._validate_optimizer_and_schedule()
+
+    def _validate_optimizer_and_schedule(self) -> None:
+        """Values torch would take without complaint and train wrongly with (a negative
+        --clip-grad flips every gradient; --patience 0 stops after the first epoch), or
+        refuse with a traceback (negative weight decay, Nesterov without momentum)."""
+        if not 0 <= self.momentum < 1:
+            raise TltkError(f"--momentum must be in [0, 1), not {self.momentum}.")
+        if self.nesterov and (self.optimizer != "sgd" or self.momentum == 0):
+            raise TltkError("--nesterov needs --optimizer sgd and a --momentum above 0.")
+        if self.weight_decay < 0:
+            raise TltkError(f"--weight-decay must be 0 or more, not {self.weight_decay}.")
+        if self.warmup_steps < 0:
+            raise TltkError(f"--warmup-steps must be 0 or more, not {self.warmup_steps}.")
+        if self.step_epochs < 1:
+            raise TltkError(f"--step-epochs must be at least 1, not {self.step_epochs}.")
+        if self.gamma <= 0:
+            raise TltkError(f"--gamma must be positive, not {self.gamma}.")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise TltkError(f"--max-steps must be at least 1, not {self.max_steps}; leave it out to train --epochs.")
+        if self.patience is not None and self.patience < 1:
+            raise TltkError(f"--patience must be at least 1, not {self.patience}; leave it out to train every epoch.")
+        if self.clip_grad is not None and self.clip_grad <= 0:
+            raise TltkError(f"--clip-grad must be positive, not {self.clip_grad}; leave it out not to clip.")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
