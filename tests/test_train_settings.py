@@ -47,3 +47,22 @@ def test_the_cli_says_one_line_and_writes_no_run(tmp_path):
     assert "Traceback" not in result.output
     assert "--clip-grad must be positive, not -1.0" in result.output
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("command", [
+    ["predict", "{run}", "--data", "builtin:digits", "--out", "{tmp}/p.csv", "--batch-size", "0"],
+    ["evaluate", "{run}", "--batch-size", "-1"],
+    ["evaluate", "{run}", "--batch-size", "0"],
+])
+def test_prediction_and_evaluation_refuse_a_batch_size_below_one(command, tmp_path):
+    """torch's DataLoader answers these with a traceback; 0 used to mean the run's own batch size in evaluate."""
+    from tltk.train.finetune import DataOptions, FinetuneConfig, finetune
+
+    run = tmp_path / "run"
+    finetune(FinetuneConfig(backbone="lenet5", weights="none", data=DataOptions("builtin:digits", classes=["0", "1"]),
+                            train=TrainConfig(epochs=1, workers=0)), run)
+    args = [part.format(run=run, tmp=tmp_path) for part in command]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code != 0 and "Traceback" not in result.output
+    assert "--batch-size must be at least 1" in result.output
+    assert not (tmp_path / "p.csv").exists()

@@ -20,6 +20,7 @@ from tltk.errors import DataError
 from tltk.train.evaluate import LoadedRun, load_data_for_run, load_run
 from tltk.train.trainer import (
     TrainConfig,
+    check_batch_size,
     default_workers,
     iterate_logits,
     make_loader,
@@ -60,6 +61,7 @@ def predict(
     **data_overrides: Any,
 ) -> Predictions:
     """Every image's probabilities, filled batch by batch into one preallocated array."""
+    check_batch_size(batch_size)
     loaded = run if isinstance(run, LoadedRun) else load_run(run)
     samples, arrays = _input_samples(loaded, data, split, data_overrides)
     probabilities = np.zeros((len(samples), len(loaded.class_names)), np.float32)
@@ -86,6 +88,7 @@ def iter_predictions(
     For writing predictions out as they come: memory holds one batch, however many
     images there are.
     """
+    check_batch_size(batch_size)
     loaded = run if isinstance(run, LoadedRun) else load_run(run)
     samples, arrays = _input_samples(loaded, data, split, data_overrides)
     done = 0

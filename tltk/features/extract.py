@@ -44,8 +44,9 @@ class Loading:
     workers: int | None = None  # None: from the number of images, as in training
 
     def check(self) -> None:
-        if self.batch_size < 1:
-            raise TltkError(f"--batch-size must be at least 1, not {self.batch_size}.")
+        from tltk.train.trainer import check_batch_size
+
+        check_batch_size(self.batch_size)
         if self.workers is not None and self.workers < 0:
             raise TltkError(f"--workers must be 0 or more, not {self.workers}.")
 

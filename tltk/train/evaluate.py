@@ -18,6 +18,7 @@ from tltk.train import rundir
 from tltk.train.metrics import confusion_matrix, multilabel_report, per_class_accuracy, top_k_accuracy
 from tltk.train.trainer import (
     TrainConfig,
+    check_batch_size,
     default_workers,
     iterate_logits,
     make_loader,
@@ -77,6 +78,8 @@ def evaluate(
     training held out. Launched by torchrun or srun with several processes, each evaluates
     its shard of the split and every one returns the report of the whole split.
     """
+    if batch_size is not None:
+        check_batch_size(batch_size)
     loaded = run if isinstance(run, LoadedRun) else load_run(run)
     splits = load_data_for_run(loaded, data, data_overrides)
     train = TrainConfig(**loaded.config["train"])
@@ -84,7 +87,7 @@ def evaluate(
         splits = splits.as_multilabel()
     samples = _samples_for_run(splits.split(split), splits.class_names, loaded.class_names, splits.spec)
     train.device = device
-    if batch_size:
+    if batch_size is not None:
         train.batch_size = batch_size
     with distributed.session(resolve_device(device).type) as context:
         report = evaluate_model(loaded.model, samples, splits.arrays, loaded.class_names, loaded.preprocessing, train,

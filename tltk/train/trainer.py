@@ -50,6 +50,12 @@ CHANNELS_LAST = ("auto", "on", "off")
 Batches = Iterable[tuple[torch.Tensor, Any]]  # a DataLoader, or cached features in the same shape
 
 
+def check_batch_size(batch_size: int) -> None:
+    """The sentence for a batch size below one, which torch's DataLoader answers with a traceback."""
+    if batch_size < 1:
+        raise TltkError(f"--batch-size must be at least 1, not {batch_size}.")
+
+
 @dataclass
 class TrainConfig:
     epochs: int = 10
@@ -90,8 +96,7 @@ class TrainConfig:
             raise TltkError("--monitor val_map needs a multi-label task; use val_accuracy or val_loss.")
         if self.epochs < 1 and not self.max_steps:
             raise TltkError(f"--epochs must be at least 1, not {self.epochs}.")
-        if self.batch_size < 1:
-            raise TltkError(f"--batch-size must be at least 1, not {self.batch_size}.")
+        check_batch_size(self.batch_size)
         if self.lr <= 0:
             raise TltkError(f"--lr must be positive, not {self.lr}.")
         if self.workers is not None and self.workers < 0:
