@@ -152,3 +152,10 @@ def test_tsne_figure_has_a_legend_entry_per_class_and_labelled_axes() -> None:
     (ax,) = figure.axes
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ["a (3)", "b (4)", "c (2)"]
     assert ax.get_xlabel() and ax.get_ylabel() and ax.get_title() == "t-SNE of fc7"
+
+
+def test_neighbors_refuses_k_below_one_before_building_a_store(tmp_path: Path) -> None:
+    result = tltk("neighbors", "lenet5", "--weights", "none", "--layer", "fc7", "--data", "builtin:digits",
+                  "--query-index", "0", "--k", "0", "--store", tmp_path / "store")
+    assert result.exit_code != 0 and "--k must be at least 1, not 0." in result.output
+    assert not (tmp_path / "store").exists()

@@ -353,9 +353,10 @@ def neighbors(source: str, more: tuple[str, ...], query: tuple[str, ...], query_
     SOURCE is a store, or a model (run directory or backbone) with --layer and --data,
     whose store is built first or reused when one with the same fingerprint exists.
     """
-    from tltk.features.neighbors import neighbours_of_images, neighbours_of_rows
+    from tltk.features.neighbors import check_k, neighbours_of_images, neighbours_of_rows
     from tltk.features.store import FeatureStore, is_store
 
+    check_k(k)  # before a store is built, which can take minutes
     images, rows = _queries(query, query_index, more)
     model = None
     if is_store(source):
