@@ -12,10 +12,10 @@ import torch
 from click.testing import CliRunner
 
 from tltk.backbones import build_backbone
-from tltk.backbones.base import check_input_size
 from tltk.cli import main
 from tltk.errors import TltkError
 from tltk.features.source import load_backbone_source
+from tltk.layers import check_input_size
 from tltk.model import ModelSpec, build_model
 from tltk.summary import summarize
 from tltk.train.finetune import DataOptions, FinetuneConfig, finetune
@@ -64,7 +64,7 @@ def test_the_check_changes_neither_the_mode_nor_the_batchnorm_statistics():
     backbone = build_backbone("resnet18", pretrained=False)
     backbone.train()
     before = {name: buffer.clone() for name, buffer in backbone.named_buffers()}
-    check_input_size(backbone, backbone, (32, 32))
+    check_input_size(backbone, (32, 32))
     assert backbone.training
     for name, buffer in backbone.named_buffers():
         assert torch.equal(buffer, before[name]), name

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -228,17 +228,39 @@ def tap(model: nn.Module, layer: str, pool: str = "avg") -> LayerTap:
     return LayerTap(model, layer, pool)
 
 
-def check_layer_runs(model: nn.Module, layer: str, size: tuple[int, int]) -> None:
+def check_input_size(model: nn.Module, size: Sequence[int]) -> None:
+    """One blank image of ``size`` through the whole ``model`` (in eval mode, nothing updated).
+
+    A size the layers cannot take is then refused in one sentence before a run writes
+    anything, instead of surfacing as a matrix-shape error inside the first training step.
+    """
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.inference_mode():
+            model(blank_image(model, size))
+    except SIZE_ERRORS as exc:
+        raise unusable_input_size(backbone_of(model), size, exc) from exc
+    finally:
+        model.train(was_training)
+
+
+def check_layer_runs(model: nn.Module, layer: str, size: Sequence[int]) -> None:
     """One blank image of ``size`` through ``model`` up to ``layer``, stopping there as
     extraction does: a size the layers before it cannot take is refused in one sentence,
     while a size that only later layers refuse stays usable for this one."""
-    parameter = next(model.parameters(), None)
-    device = parameter.device if parameter is not None else torch.device("cpu")
     try:
         with tap(model, layer) as features:
-            features(torch.zeros(1, 3, int(size[0]), int(size[1]), device=device))
+            features(blank_image(model, size))
     except SIZE_ERRORS as exc:
         raise unusable_input_size(backbone_of(model), size, exc) from exc
+
+
+def blank_image(model: nn.Module, size: Sequence[int]) -> torch.Tensor:
+    """One all-zero RGB image of ``size`` where ``model``'s weights are (the CPU if it has none)."""
+    parameter = next(model.parameters(), None)
+    device = parameter.device if parameter is not None else torch.device("cpu")
+    return torch.zeros(1, 3, int(size[0]), int(size[1]), device=device)
 
 
 def _runner_for(model: nn.Module, module: nn.Module) -> Callable[[torch.Tensor], Any]:
@@ -301,9 +323,7 @@ def _shape_recorder(shapes: dict[int, tuple[int, ...] | None], key: int) -> Call
 
 
 def _dry_run(model: nn.Module, resolved: list[ResolvedLayer], size: tuple[int, ...]) -> None:
-    parameter = next(model.parameters(), None)
-    device = parameter.device if parameter is not None else torch.device("cpu")
-    images = torch.zeros(1, 3, int(size[0]), int(size[1]), device=device)
+    images = blank_image(model, size)
     runners = {id(r): r for r in (_runner_for(model, layer.module) for layer in resolved)}
     try:
         with torch.inference_mode():

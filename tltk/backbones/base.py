@@ -108,23 +108,11 @@ def unusable_input_size(backbone: Backbone, size: Sequence[int], error: BaseExce
                      f"use its own input size {tuple(backbone.preprocessing.input_size)}.")
 
 
-def check_input_size(model: nn.Module, backbone: Backbone, size: Sequence[int]) -> None:
-    """Run one blank image of ``size`` through ``model`` (in eval mode, nothing updated).
-
-    A size the layers cannot take is then refused in one sentence before a run writes
-    anything, instead of surfacing as a matrix-shape error inside the first training step.
-    """
-    parameter = next(model.parameters(), None)
-    device = parameter.device if parameter is not None else torch.device("cpu")
-    was_training = model.training
-    try:
-        model.eval()
-        with torch.inference_mode():
-            model(torch.zeros(1, 3, int(size[0]), int(size[1]), device=device))
-    except SIZE_ERRORS as exc:
-        raise unusable_input_size(backbone, size, exc) from exc
-    finally:
-        model.train(was_training)
+def check_size_option(input_size: int | None) -> None:
+    """``--input-size`` as given: None means the backbone's own size; a number must be a
+    pixel count, so 0 is refused rather than read as "no size given"."""
+    if input_size is not None and input_size < 1:
+        raise TltkError(f"--input-size must be at least 1, not {input_size}; leave it out for the backbone's own.")
 
 
 def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
@@ -140,7 +128,7 @@ __all__ = [
     "HALF_MEAN",
     "HALF_STD",
     "SIZE_ERRORS",
-    "check_input_size",
+    "check_size_option",
     "count_parameters",
     "unusable_input_size",
 ]

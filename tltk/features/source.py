@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from tltk.backbones import backbone_info, build_backbone
+from tltk.backbones.base import check_size_option
 from tltk.errors import TltkError, UnknownNameError
 from tltk.train import rundir
 
@@ -110,9 +111,8 @@ def load_backbone_source(
         choice = str(Path(choice).expanduser().resolve())
         backbone.pretrained_source = load_backbone_weights(backbone, Path(choice))
     preprocessing = _preprocessing_dict(backbone.preprocessing)
+    check_size_option(input_size)
     if input_size is not None:
-        if input_size < 1:
-            raise TltkError(f"--input-size must be at least 1, not {input_size}.")
         preprocessing["input_size"] = [input_size, input_size]
     backbone.eval()
     record = {"kind": BACKBONE, "name": name, "weights": choice, "init": init, "seed": seed, "options": options,

@@ -13,9 +13,10 @@ from typing import Any, Sequence
 import torch
 
 from tltk import distributed
-from tltk.backbones.base import check_input_size
+from tltk.backbones.base import check_size_option
 from tltk.data import DataSplits, ImageDataset, build_transforms, load_data
-from tltk.errors import DataError, RunDirError, TltkError
+from tltk.errors import DataError, RunDirError
+from tltk.layers import check_input_size
 from tltk.model import ModelSpec, TransferModel, build_model, resolve_weights_choice
 from tltk.strategies import Strategy, build_strategy
 from tltk.train import checkpoint, rundir
@@ -147,7 +148,7 @@ def _finetune(
     model = build_model(spec)
     strategy = build_strategy(config.strategy, **config.strategy_options)
     preprocessing = _preprocessing(model, config.input_size)
-    check_input_size(model, model.backbone, preprocessing["input_size"])
+    check_input_size(model, preprocessing["input_size"])
     if main:
         callbacks = [*callbacks, *watch_callbacks(
             out, model, tensorboard=config.tensorboard, histogram_every=config.histogram_every,
@@ -238,10 +239,9 @@ def _check_trainable(data: DataSplits) -> None:
 
 
 def _preprocessing(model: TransferModel, input_size: int | None) -> dict[str, Any]:
-    if input_size is not None and input_size < 1:
-        raise TltkError(f"--input-size must be at least 1, not {input_size}; leave it out for the backbone's own.")
+    check_size_option(input_size)
     pre = model.preprocessing
-    size = (input_size, input_size) if input_size else tuple(pre.input_size)
+    size = (input_size, input_size) if input_size is not None else tuple(pre.input_size)
     return {"input_size": list(size), "mean": list(pre.mean), "std": list(pre.std)}
 
 
