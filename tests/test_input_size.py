@@ -77,3 +77,12 @@ def test_a_size_below_one_is_refused_rather_than_read_as_the_default(size, tmp_p
     with pytest.raises(TltkError, match=rf"--input-size must be at least 1, not {size}"):
         finetune(config, tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("command", [["summary", "--backbone", "resnet18"], ["layers", "--backbone", "resnet18"]])
+@pytest.mark.parametrize("size", ["0", "-2"])
+def test_summary_and_layers_refuse_a_size_below_one(command, size):
+    """summary read 0 as the backbone's own size; layers answered -2 with a traceback."""
+    result = CliRunner().invoke(main, [*command, "--input-size", size])
+    assert result.exit_code != 0 and "Traceback" not in result.output
+    assert f"--input-size must be at least 1, not {size}" in result.output

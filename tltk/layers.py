@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from torch import nn
 
-from tltk.backbones.base import SIZE_ERRORS, Backbone, unusable_input_size
+from tltk.backbones.base import SIZE_ERRORS, Backbone, check_size_option, unusable_input_size
 from tltk.errors import TltkError
 
 POOLINGS = ("avg", "max", "flatten")
@@ -354,6 +354,8 @@ def list_layers(
     module of the network after the named layers. Built without weights, on the meta
     device where the network allows it.
     """
+    if isinstance(input_size, int):
+        check_size_option(input_size)
     try:
         with torch.device("meta"):
             return _layer_rows(backbone, all_modules, input_size, backbone_options or {}, num_classes)

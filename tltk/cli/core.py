@@ -67,14 +67,16 @@ def list_command(ctx: click.Context, what: str, details: bool, backbone: str | N
 def summary(backbone: str, head: str, num_classes: int, strategy: str, freeze: bool, input_size: int | None,
             hidden: int | None, backbone_opt: tuple[str, ...], as_json: bool) -> None:
     """Layer-by-layer table: output shape, parameters, trainable, and totals."""
+    from tltk.backbones.base import check_size_option
     from tltk.model import ModelSpec, build_model
     from tltk.strategies import build_strategy
     from tltk.summary import summarize
 
+    check_size_option(input_size)
     options = parse_options(backbone_opt, "--backbone-opt")
     model = build_model(ModelSpec(backbone, head, num_classes, {"hidden": hidden}, "none", backbone_options=options))
     build_strategy("freeze" if freeze else strategy).prepare(model)
-    size = (input_size, input_size) if input_size else tuple(model.preprocessing.input_size)
+    size = (input_size, input_size) if input_size is not None else tuple(model.preprocessing.input_size)
     result = summarize(model, size)
     if as_json:
         print_json(result.to_dict())
