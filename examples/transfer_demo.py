@@ -10,6 +10,10 @@ folders of PNGs (what ``--data folder:PATH`` reads):
    same network from scratch.
 3. A table of the three test accuracies on the same held-out target images.
 
+The demo trains in fp32 by default, so its table is the same on every machine: with
+``--precision auto`` a CPU with native bf16 trains in bf16 and the figures move by a
+few test images (seed 0: 0.867 / 0.917 / 0.756 in bf16 against 0.872 / 0.917 / 0.744).
+
 A network that has learnt to tell the ten digits apart has features in which parity is
 one linear boundary away; from five images of each class alone, the five shapes that
 make up "even" are not there to be learnt.
@@ -43,6 +47,8 @@ def main() -> None:
     parser.add_argument("--per-class", type=int, default=5, help="Labelled target images per class.")
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--precision", default="fp32", choices=["auto", "fp32", "bf16"],
+                        help="fp32 (default) gives the same table on every CPU; auto is bf16 where the CPU has it.")
     args = parser.parse_args()
     console = Console(stderr=True)
     out = Path(args.out)
@@ -50,7 +56,7 @@ def main() -> None:
 
     console.rule(f"source task: {BACKBONE} from scratch, which digit (0-9), on {source_data}")
     source = run(out / "source", console, data=source_data, weights="none", strategy="finetune",
-                 epochs=args.epochs, seed=args.seed)
+                 epochs=args.epochs, seed=args.seed, precision=args.precision)
 
     results: dict[str, RunResult] = {}
     variants = {
@@ -62,7 +68,8 @@ def main() -> None:
         console.rule(f"target task, {label}: even or odd, {args.per_class} labelled images per class")
         name = label.replace(",", "").replace(" ", "-")
         results[label] = run(out / name, console, data=target_data, weights=weights, strategy=strategy,
-                             epochs=args.epochs, seed=args.seed, per_class=args.per_class, lr=lr)
+                             epochs=args.epochs, seed=args.seed, per_class=args.per_class, lr=lr,
+                             precision=args.precision)
 
     print_table(results, source, args.per_class)
 
@@ -94,19 +101,20 @@ def _write_png(folder: Path, index: int, image: np.ndarray) -> None:
 
 
 def run(out: Path, console: Console, *, data: Path, weights: str, strategy: str, epochs: int,
-        seed: int, per_class: int | None = None, lr: float = 1e-3) -> RunResult:
+        seed: int, per_class: int | None = None, lr: float = 1e-3, precision: str = "fp32") -> RunResult:
     config = FinetuneConfig(
         backbone=BACKBONE,
         data=DataOptions(f"folder:{data}", train_per_class=per_class, seed=seed),
         strategy=strategy,
         weights=weights,
-        train=TrainConfig(epochs=epochs, batch_size=32, lr=lr, seed=seed, workers=0),
+        train=TrainConfig(epochs=epochs, batch_size=32, lr=lr, seed=seed, workers=0, precision=precision),
     )
     return finetune(config, out, overwrite=True, reporter=RichReporter(console))
 
 
 def print_table(results: dict[str, RunResult], source: RunResult, per_class: int) -> None:
-    table = Table(title=f"even or odd, from {per_class} labelled images per class: test accuracy")
+    precision = source.summary["precision"]
+    table = Table(title=f"even or odd, from {per_class} labelled images per class: test accuracy ({precision})")
     table.add_column("model")
     table.add_column("test accuracy", justify="right")
     table.add_column("test images", justify="right")

@@ -1,9 +1,40 @@
-"""Fixtures shared by the test files."""
+"""Fixtures shared by the test files, and the precision the precision-sensitive tests train in."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+
+from tltk.train.trainer import cpu_has_native_bf16
+
+PRECISION_CHOICES = ("auto", "fp32", "bf16", "other")
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--precision", choices=PRECISION_CHOICES, default="auto",
+        help="precision the tests marked `precision` train in: auto (what this CPU picks, as a user gets), fp32, "
+             "bf16 (emulated and slower where the CPU lacks it), or other: the one auto does not pick here.")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "precision: trains in the precision of --precision; `make test` runs these "
+                                       "tests a second time with --precision other, so both paths run on every CPU")
+
+
+def precision_for(choice: str) -> str:
+    """The --precision value the tests pass on: ``other`` is bf16 on a CPU without native bf16
+    (where auto means fp32) and fp32 on one with it (where auto means bf16)."""
+    if choice == "other":
+        return "fp32" if cpu_has_native_bf16() else "bf16"
+    return choice
+
+
+@pytest.fixture(scope="session")
+def train_precision(request: pytest.FixtureRequest) -> str:
+    """The --precision the precision-sensitive tests train with (their tolerances follow the
+    precision each run recorded in summary.json, not this choice: auto resolves per machine)."""
+    return precision_for(request.config.getoption("--precision"))
 
 
 @pytest.fixture(scope="module")

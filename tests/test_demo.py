@@ -67,4 +67,5 @@ def test_the_demo_runs_end_to_end_and_reports_three_test_accuracies(demo, tmp_pa
     assert set(report) == {"transfer, frozen backbone", "transfer, fine-tuned", "from scratch"}
     assert all(0.0 <= accuracy <= 1.0 for accuracy in report.values())
     for run in ("source", "transfer-frozen-backbone", "transfer-fine-tuned", "from-scratch"):
-        assert (tmp_path / "demo" / run / "summary.json").is_file()
+        # fp32 whatever the CPU, so the README's table is the one every machine prints.
+        assert json.loads((tmp_path / "demo" / run / "summary.json").read_text())["precision"] == "fp32"

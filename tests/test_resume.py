@@ -38,9 +38,9 @@ def tltk(*args: str) -> subprocess.CompletedProcess:
                           text=True, timeout=120)
 
 
-def start(out: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "tltk.cli", *COMMAND, "--out", str(out)], cwd=REPO, env=ENV,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def start(out: Path, precision: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "tltk.cli", *COMMAND, "--precision", precision, "--out", str(out)],
+                            cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def wait_for_checkpoint(run: Path, process: subprocess.Popen, mid_epoch: bool) -> checkpoint.TrainingState:
@@ -75,16 +75,20 @@ def assert_same_run(run: Path, reference: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> Path:
+def reference(tmp_path_factory, train_precision: str) -> Path:
     out = tmp_path_factory.mktemp("resume") / "uninterrupted"
-    done = CliRunner().invoke(main, [*COMMAND, "--out", str(out)])  # in this process: one start-up less
+    # In this process: one start-up less.
+    done = CliRunner().invoke(main, [*COMMAND, "--precision", train_precision, "--out", str(out)])
     assert done.exit_code == 0, done.output
     return out
 
 
-def test_run_killed_mid_epoch_and_resumed_ends_bit_identical_to_uninterrupted(reference: Path, tmp_path: Path) -> None:
+@pytest.mark.precision
+def test_run_killed_mid_epoch_and_resumed_ends_bit_identical_to_uninterrupted(reference: Path, tmp_path: Path,
+                                                                              train_precision: str) -> None:
+    # Bit-identical in every precision: the resumed run repeats the same operations on the same values.
     run = tmp_path / "killed"
-    process = start(run)
+    process = start(run, train_precision)
     state = wait_for_checkpoint(run, process, mid_epoch=True)
     process.send_signal(signal.SIGKILL)
     process.communicate()
@@ -94,9 +98,10 @@ def test_run_killed_mid_epoch_and_resumed_ends_bit_identical_to_uninterrupted(re
     assert_same_run(run, reference)
 
 
-def test_sigterm_saves_a_checkpoint_and_exits_with_how_to_resume(reference: Path, tmp_path: Path) -> None:
+def test_sigterm_saves_a_checkpoint_and_exits_with_how_to_resume(reference: Path, tmp_path: Path,
+                                                                 train_precision: str) -> None:
     run = tmp_path / "terminated"
-    process = start(run)
+    process = start(run, train_precision)
     wait_for_checkpoint(run, process, mid_epoch=False)
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=60)
@@ -130,9 +135,9 @@ class StopAt(Callback):
             raise KeyboardInterrupt
 
 
-def small_config(lr: float = 3e-3) -> FinetuneConfig:
+def small_config(lr: float = 3e-3, precision: str = "auto") -> FinetuneConfig:
     data = DataOptions("builtin:digits", classes=["0", "1", "2"], train_per_class=12)
-    train = TrainConfig(epochs=2, batch_size=8, lr=lr, workers=0, device="cpu")
+    train = TrainConfig(epochs=2, batch_size=8, lr=lr, workers=0, device="cpu", precision=precision)
     return FinetuneConfig(backbone="lenet5", data=data, weights="none", train=train)
 
 
@@ -208,8 +213,8 @@ class CrashAfterEpoch(Callback):
             raise KeyboardInterrupt
 
 
-def varied_config(strategy: str, **train: object) -> FinetuneConfig:
-    config = small_config()
+def varied_config(strategy: str, precision: str, **train: object) -> FinetuneConfig:
+    config = small_config(precision=precision)
     config.strategy = strategy
     config.train.epochs = 4
     for name, value in train.items():
@@ -217,6 +222,7 @@ def varied_config(strategy: str, **train: object) -> FinetuneConfig:
     return config
 
 
+@pytest.mark.precision
 @pytest.mark.parametrize("strategy,train,feature_cache", [
     ("freeze", {}, "memory"),                         # the head trains on cached backbone features
     ("freeze-unfreeze", {}, None),                    # the backbone joins in at epoch 2: replayed on resume
@@ -225,15 +231,16 @@ def varied_config(strategy: str, **train: object) -> FinetuneConfig:
     ("finetune", {"patience": 2, "lr": 1.0, "optimizer": "sgd", "epochs": 6}, None),
 ])
 def test_cached_unfrozen_and_early_stopped_runs_resume_to_the_uninterrupted_result(
-        tmp_path: Path, strategy: str, train: dict, feature_cache: str | None) -> None:
-    whole = finetune(varied_config(strategy, **train), tmp_path / "whole")
+        tmp_path: Path, strategy: str, train: dict, feature_cache: str | None, train_precision: str) -> None:
+    whole = finetune(varied_config(strategy, train_precision, **train), tmp_path / "whole")
     if "patience" in train:
         assert whole.summary["stopped_early"] and whole.summary["best_epoch"] == 1 and whole.summary["epochs_run"] == 3
     crashed = tmp_path / "crashed"
     with pytest.raises(KeyboardInterrupt):
-        finetune(varied_config(strategy, **train), crashed, checkpoint_interval=0, callbacks=[CrashAfterEpoch(2)])
+        finetune(varied_config(strategy, train_precision, **train), crashed, checkpoint_interval=0,
+                 callbacks=[CrashAfterEpoch(2)])
     assert checkpoint.read_training_state(crashed).epoch == 1, "the last save was at the end of epoch 1"
-    resumed = finetune(varied_config(strategy, **train), crashed, resume=True)
+    resumed = finetune(varied_config(strategy, train_precision, **train), crashed, resume=True)
     assert resumed.summary["feature_cache"] == whole.summary["feature_cache"] == feature_cache
     assert_same_run(crashed, whole.out)
 

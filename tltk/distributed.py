@@ -184,6 +184,28 @@ class EpochOrder(torch.utils.data.Sampler[int]):
         return max(math.ceil(self.num_samples / self.world_size) - self.skip, 0)
 
 
+# What each backend's collectives accept. gloo has no bf16 or int16 ("Invalid scalar type");
+# NCCL takes the 16-bit floats but not bool or int16. Unknown backends are treated as gloo.
+_BACKEND_DTYPES: dict[str, frozenset[torch.dtype]] = {
+    "gloo": frozenset({torch.float32, torch.float64, torch.int8, torch.uint8, torch.int32, torch.int64}),
+    "nccl": frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.int8, torch.uint8,
+                       torch.int32, torch.int64}),
+}
+
+
+def wire_dtype(dtype: torch.dtype, backend: str | None) -> torch.dtype:
+    """The dtype a tensor of ``dtype`` travels in over ``backend``: its own where the backend
+    takes it, else a wider one that holds every value exactly (bf16 and fp16 in fp32, bool
+    and int16 in int64), so converting back after the collective restores each value bit
+    for bit. Features and logits are bf16 whenever a run's precision is."""
+    supported = _BACKEND_DTYPES.get(backend or "gloo", _BACKEND_DTYPES["gloo"])
+    if dtype in supported:
+        return dtype
+    if dtype.is_floating_point:
+        return torch.float32 if torch.finfo(dtype).bits <= 32 else torch.float64
+    return torch.int64
+
+
 def all_reduce_sums(values: dict[str, float], context: DistContext, device: torch.device) -> dict[str, float]:
     """Sum each value over the ranks (totals and counts; divide afterwards for means)."""
     if not context.active:
@@ -201,11 +223,12 @@ def gather_rows(tensor: torch.Tensor, context: DistContext) -> torch.Tensor:
     sizes = [None] * context.world_size
     dist.all_gather_object(sizes, int(tensor.shape[0]))
     width = max(sizes)
-    padded = torch.zeros((width, *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
+    padded = torch.zeros((width, *tensor.shape[1:]), dtype=wire_dtype(tensor.dtype, context.backend),
+                         device=tensor.device)
     padded[: tensor.shape[0]] = tensor
     parts = [torch.empty_like(padded) for _ in range(context.world_size)]
     dist.all_gather(parts, padded)
-    return torch.cat([part[:size] for part, size in zip(parts, sizes)])
+    return torch.cat([part[:size] for part, size in zip(parts, sizes)]).to(tensor.dtype)
 
 
 def gather_outputs(logits: torch.Tensor, targets: torch.Tensor, context: DistContext,
@@ -229,20 +252,19 @@ def gather_interleaved(destination: torch.Tensor, local: torch.Tensor, context: 
         return
     world = context.world_size
     counts = [len(range(r, len(destination), world)) for r in range(world)]
-    wire = local.view(torch.int16) if local.dtype == torch.bfloat16 else local  # gloo has no bf16
+    on_wire = wire_dtype(local.dtype, context.backend)
     for start in range(0, max(counts), chunk_rows):
         stop = min(start + chunk_rows, max(counts))
-        chunk = torch.zeros((stop - start, *wire.shape[1:]), dtype=wire.dtype, device=device)
-        mine = wire[start:min(stop, len(wire))]
+        chunk = torch.zeros((stop - start, *local.shape[1:]), dtype=on_wire, device=device)
+        mine = local[start:min(stop, len(local))]
         chunk[: len(mine)] = mine.to(device)
         parts = [torch.empty_like(chunk) for _ in range(world)]
         dist.all_gather(parts, chunk)
         for rank, part in enumerate(parts):
             rows = max(min(stop, counts[rank]) - start, 0)
             if rows:
-                received = part[:rows].view(torch.bfloat16) if local.dtype == torch.bfloat16 else part[:rows]
                 rows_of_rank = slice(rank + start * world, rank + (start + rows) * world, world)
-                destination[rows_of_rank] = received.to(destination.device)
+                destination[rows_of_rank] = part[:rows].to(device=destination.device, dtype=local.dtype)
 
 
 def any_rank(flag: bool, context: DistContext, device: torch.device) -> bool:
