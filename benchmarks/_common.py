@@ -37,7 +37,7 @@ def set_threads(threads: int) -> None:
 
 def machine_line() -> str:
     """CPU, cores, load, bf16 support and library versions: what the figures depend on."""
-    from tltk.train.trainer import cpu_has_native_bf16
+    from tltk.runtime import cpu_has_native_bf16
 
     cpu = platform.processor() or platform.machine()
     try:

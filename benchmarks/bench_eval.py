@@ -37,10 +37,11 @@ from _common import (
     write_jpeg_folder,
 )
 
-from tltk.data import ImageDataset, Sample, build_transforms
+from tltk.data import ImageDataset, Sample
 from tltk.model import ModelSpec, build_model
 from tltk.predict import predict
-from tltk.train.evaluate import LoadedRun, evaluate_model
+from tltk.evaluation import evaluate_model
+from tltk.run import Run
 from tltk.train.trainer import TrainConfig
 
 CLASSES = [f"class{i}" for i in range(10)]
@@ -72,10 +73,11 @@ def main() -> None:
     flat = flat_folder(root, args.images)
     torch.manual_seed(0)
     model = build_model(ModelSpec(args.backbone, "linear", len(CLASSES), weights="none")).eval()
-    pre = {"input_size": [args.input_size] * 2, "mean": list(model.preprocessing.mean), "std": list(model.preprocessing.std)}
-    transform = build_transforms(tuple(pre["input_size"]), pre["mean"], pre["std"], "none", train=False)
+    pre = model.preprocessing.resized(args.input_size)
+    transform = pre.eval_transform()
     train = TrainConfig(batch_size=args.batch_size, device="cpu")
-    run = LoadedRun(Path(tempfile.gettempdir()), model, {"train": train.to_dict(), "class_names": CLASSES, "preprocessing": pre})
+    run = Run(Path(tempfile.gettempdir()), model, {"train": train.to_dict(), "class_names": CLASSES,
+                                                   "preprocessing": pre.to_dict()})
     files = sorted(flat.glob("*.jpg"))
     samples = [Sample(str(p), i % len(CLASSES), p.name) for i, p in enumerate(files)]
 
@@ -90,7 +92,7 @@ def main() -> None:
         assert sum(len(p) for p in predicted) == len(files)
 
     def tltk_evaluate() -> None:
-        report = evaluate_model(model, samples, None, CLASSES, pre, train)
+        report = evaluate_model(model, ImageDataset(samples, transform), CLASSES, train.inference(), "multiclass")
         assert report["n"] == len(files)
 
     def tltk_predict() -> None:

@@ -27,7 +27,7 @@ import torch
 from tltk.data import ImageDataset
 from tltk.features import Loading, extract, load_source
 from tltk.features.extract import select_data, source_transform
-from tltk.train.trainer import make_loader
+from tltk.runtime import make_loader
 
 
 def plain_loop(model: torch.nn.Module, dataset: ImageDataset, batch_size: int) -> np.ndarray:

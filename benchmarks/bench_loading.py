@@ -40,7 +40,7 @@ from _common import (
 
 from tltk.backbones.base import IMAGENET_MEAN, IMAGENET_STD
 from tltk.data import ImageDataset, build_transforms, load_data
-from tltk.train.trainer import make_loader
+from tltk.runtime import make_loader
 
 
 def torchvision_loader(root: Path, size: int, batch_size: int, workers: int) -> DataLoader:

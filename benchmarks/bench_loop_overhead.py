@@ -29,7 +29,7 @@ from _common import add_common_arguments, interleave, machine_line, median_ratio
 from tltk.data import ImageDataset, build_transforms, load_data
 from tltk.model import ModelSpec, TransferModel, build_model
 from tltk.strategies import build_strategy
-from tltk.train.rundir import MetricsLog
+from tltk.rundir import MetricsLog
 from tltk.train.trainer import TrainConfig, fit
 
 

@@ -31,7 +31,8 @@ from tltk.model import ModelSpec, build_model
 from tltk.strategies import build_strategy
 from tltk.train.cache import FeatureCache
 from tltk.train.finetune import DataOptions, FinetuneConfig, finetune
-from tltk.train.trainer import TrainConfig, autocast, batch_to, fit, make_loader, precision_name, resolve_precision
+from tltk.train.trainer import TrainConfig, fit
+from tltk.runtime import autocast, batch_to, make_loader, precision_name, resolve_precision
 
 
 def throughput(args: argparse.Namespace) -> None:

@@ -49,7 +49,7 @@ from _common import (
 )
 
 from tltk.train.finetune import DataOptions, FinetuneConfig, finetune
-from tltk.train.rundir import read_config, read_metrics
+from tltk.rundir import read_config, read_metrics
 from tltk.train.trainer import TrainConfig
 
 EXTRACTION = "feature extraction (backbone, once)"
@@ -186,7 +186,7 @@ def compare_extraction_passes(args: argparse.Namespace) -> None:
     from tltk.data import ImageDataset, build_transforms
     from tltk.model import ModelSpec, build_model
     from tltk.train.cache import PASS_INPUT_BYTES, FeatureCache
-    from tltk.train.trainer import batch_to, make_loader
+    from tltk.runtime import batch_to, make_loader
 
     data = DataOptions(args.data).load()
     torch.manual_seed(0)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tltk.train.trainer import cpu_has_native_bf16
+from tltk.runtime import cpu_has_native_bf16
 
 PRECISION_CHOICES = ("auto", "fp32", "bf16", "other")
 

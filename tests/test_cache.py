@@ -20,13 +20,14 @@ from torch.utils.data import Dataset, TensorDataset
 from tltk.cli import main
 from tltk.data import ImageDataset, build_transforms, load_data
 from tltk.data.transforms import is_deterministic
+from tltk.distributed import EpochOrder
 from tltk.errors import TltkError
 from tltk.model import ModelSpec, TransferModel, build_model
+from tltk.runtime import make_loader
 from tltk.strategies import build_strategy
 from tltk.train import cache
 from tltk.train.callbacks import Callback
-from tltk.distributed import EpochOrder
-from tltk.train.trainer import FitResult, TrainConfig, fit, make_loader
+from tltk.train.trainer import FitResult, TrainConfig, fit
 
 DIGITS = dict(classes=["0", "1", "2"], train_per_class=12)
 

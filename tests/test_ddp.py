@@ -33,8 +33,8 @@ from safetensors.torch import load_file
 
 from tltk.model import ModelSpec, build_model
 from tltk.train import checkpoint
-from tltk.train.evaluate import evaluate
-from tltk.train.rundir import read_metrics
+from tltk.evaluation import evaluate
+from tltk.rundir import read_metrics
 from tltk.train.trainer import seed_everything
 from tolerances import tolerance_for
 from voc_fixtures import write_voc

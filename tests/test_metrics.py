@@ -1,4 +1,4 @@
-"""Tests for tltk.train.metrics: each metric equals scikit-learn's on random inputs.
+"""Tests for tltk.metrics: each metric equals scikit-learn's on random inputs.
 
 Inputs are drawn for several seeds and class counts, with scores rounded to few levels so
 that ties are common, and predictions that leave some classes out entirely.
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from tltk.train.metrics import (
+from tltk.metrics import (
     accuracy,
     classification_report,
     confusion_matrix,

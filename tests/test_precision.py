@@ -17,15 +17,16 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-import tltk.train.trainer as trainer
+import tltk.runtime as runtime
 from tltk.errors import TltkError
+from tltk.evaluation import ClassificationTally
+from tltk.metrics import classification_report
 from tltk.model import ModelSpec, build_model
 from tltk.predict import iter_predictions, predict
+from tltk.runtime import resolve_precision
 from tltk.strategies import build_strategy
-from tltk.train.evaluate import ClassificationTally
 from tltk.train.finetune import DataOptions, FinetuneConfig, finetune
-from tltk.train.metrics import classification_report
-from tltk.train.trainer import TrainConfig, fit, resolve_precision
+from tltk.train.trainer import TrainConfig, fit
 
 CPU = torch.device("cpu")
 CUDA = torch.device("cuda")
@@ -39,7 +40,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 @pytest.mark.parametrize("native, expected", [(True, torch.bfloat16), (False, None)])
 def test_auto_precision_on_the_cpu_is_bf16_exactly_where_the_cpu_has_it_natively(monkeypatch, native, expected):
-    monkeypatch.setattr(trainer, "cpu_has_native_bf16", lambda: native)
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: native)
     assert resolve_precision("auto", CPU) is expected
 
 
@@ -73,8 +74,8 @@ def test_explicit_precisions_are_taken_as_given_and_fp16_needs_cuda():
 ])
 def test_native_bf16_on_the_cpu_is_read_from_its_capability_flags(monkeypatch, capabilities, flags, native):
     monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: capabilities)
-    monkeypatch.setattr(trainer, "cpu_flags", lambda: flags)
-    assert trainer.cpu_has_native_bf16() is native
+    monkeypatch.setattr(runtime, "cpu_flags", lambda: flags)
+    assert runtime.cpu_has_native_bf16() is native
 
 
 def test_cpu_flags_are_read_from_cpuinfo_on_x86_and_arm(tmp_path: Path):
@@ -82,9 +83,9 @@ def test_cpu_flags_are_read_from_cpuinfo_on_x86_and_arm(tmp_path: Path):
     x86.write_text("processor\t: 0\nvendor_id\t: GenuineIntel\nflags\t\t: fpu sse2 avx512f avx512_bf16 amx_bf16\n\n")
     arm = tmp_path / "arm"
     arm.write_text("processor\t: 0\nFeatures\t: fp asimd bf16 sve\nCPU implementer\t: 0x41\n")
-    assert {"avx512_bf16", "amx_bf16"} <= trainer.cpu_flags(x86)
-    assert "bf16" in trainer.cpu_flags(arm)
-    assert trainer.cpu_flags(tmp_path / "missing") == set()
+    assert {"avx512_bf16", "amx_bf16"} <= runtime.cpu_flags(x86)
+    assert "bf16" in runtime.cpu_flags(arm)
+    assert runtime.cpu_flags(tmp_path / "missing") == set()
 
 
 def tiny_run(tmp_path: Path, precision: str) -> dict[str, Any]:
@@ -102,7 +103,7 @@ def test_a_run_records_what_its_precision_resolved_to(tmp_path, monkeypatch):
     model = build_model(ModelSpec("lenet5", "linear", 3, weights="none"))
     data = TensorDataset(torch.randn(8, 3, 32, 32), torch.randint(0, 3, (8,)))
     for native, expected in ((False, "fp32"), (True, "bf16")):
-        monkeypatch.setattr(trainer, "cpu_has_native_bf16", lambda: native)
+        monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: native)
         config = TrainConfig(epochs=1, batch_size=8, workers=0, device="cpu", precision="auto")
         assert fit(model, build_strategy("finetune"), data, None, config).precision == expected
 
@@ -113,8 +114,8 @@ def test_a_run_records_what_its_precision_resolved_to(tmp_path, monkeypatch):
 def test_channels_last_is_automatic_for_conv_backbones_only():
     conv = build_model(ModelSpec("lenet5", "linear", 3, weights="none"))
     recurrent = build_model(ModelSpec("gru", "linear", 3, weights="none"))
-    assert trainer.use_channels_last("auto", conv) and not trainer.use_channels_last("auto", recurrent)
-    assert trainer.use_channels_last("on", recurrent) and not trainer.use_channels_last("off", conv)
+    assert runtime.use_channels_last("auto", conv) and not runtime.use_channels_last("auto", recurrent)
+    assert runtime.use_channels_last("on", recurrent) and not runtime.use_channels_last("off", conv)
 
 
 def fit_images(channels_last: str) -> tuple[Any, Any]:
@@ -159,17 +160,17 @@ def test_compile_option_compiles_the_module_that_trains(monkeypatch):
 
 
 def test_workers_default_to_the_cpu_count_once_the_data_is_large_enough(monkeypatch):
-    monkeypatch.setattr(trainer, "usable_cpus", lambda: 6)
-    assert trainer.default_workers(100_000) == 6
-    assert trainer.default_workers(trainer.MIN_SAMPLES_FOR_WORKERS - 1) == 0
-    monkeypatch.setattr(trainer, "usable_cpus", lambda: 64)
-    assert trainer.default_workers(100_000) == trainer.MAX_DEFAULT_WORKERS
+    monkeypatch.setattr(runtime, "usable_cpus", lambda: 6)
+    assert runtime.default_workers(100_000) == 6
+    assert runtime.default_workers(runtime.MIN_SAMPLES_FOR_WORKERS - 1) == 0
+    monkeypatch.setattr(runtime, "usable_cpus", lambda: 64)
+    assert runtime.default_workers(100_000) == runtime.MAX_DEFAULT_WORKERS
 
 
 def test_loaders_pin_memory_on_cuda_only_and_keep_workers_alive():
     data = TensorDataset(torch.zeros(4, 1))
-    on_cpu = trainer.make_loader(data, batch_size=2, shuffle=False, workers=2, device=CPU)
-    on_cuda = trainer.make_loader(data, batch_size=2, shuffle=False, workers=0, device=CUDA)
+    on_cpu = runtime.make_loader(data, batch_size=2, shuffle=False, workers=2, device=CPU)
+    on_cuda = runtime.make_loader(data, batch_size=2, shuffle=False, workers=0, device=CUDA)
     assert not on_cpu.pin_memory and on_cuda.pin_memory
     assert on_cpu.persistent_workers and not on_cuda.persistent_workers
 

@@ -44,11 +44,11 @@ def read_csv(path: Path) -> list[list[str]]:
 
 
 def test_predictions_on_a_split_follow_its_order_and_probabilities_sum_to_one(digits_run: Path) -> None:
-    from tltk.train.evaluate import load_run, load_data_for_run
+    from tltk.run import load_run
 
     loaded = load_run(digits_run)
     predictions = predict(loaded, device="cpu")
-    assert predictions.ids == [s.id for s in load_data_for_run(loaded, None, {}).test]
+    assert predictions.ids == [s.id for s in loaded.data().test]
     assert np.allclose(predictions.probabilities.sum(axis=1), 1.0, atol=1e-5)
     assert predictions.class_names == ["3", "5", "8"]
 

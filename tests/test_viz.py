@@ -19,7 +19,8 @@ from torch import nn
 from tltk.cli import main
 from tltk.errors import TltkError
 from tltk.model import ModelSpec, build_model
-from tltk.train.evaluate import LoadedRun, evaluate
+from tltk.evaluation import evaluate
+from tltk.run import Run
 from tltk.train.finetune import DataOptions, FinetuneConfig, finetune
 from tltk.train.trainer import TrainConfig
 from tltk.viz import activations, curves, filters, misclassified
@@ -234,7 +235,8 @@ def test_class_average_maps_are_the_mean_map_of_each_class() -> None:
     images = torch.arange(4 * 2 * 2, dtype=torch.float32).view(4, 1, 2, 2) - 6.0
     targets = torch.tensor([0, 1, 0, 1])
     batches = [(images[:3], targets[:3]), (images[3:], targets[3:])]
-    means, counts = activations.class_average_maps(model, model.scale, batches, num_classes=3)
+    captured = ((activations.capture(model, model.scale, batch), batch_targets) for batch, batch_targets in batches)
+    means, counts = activations.class_average_maps(captured, num_classes=3)
     assert counts.tolist() == [2, 2, 0]
     assert torch.allclose(means[0], (2 * images[0] + 2 * images[2]) / 2)  # before the in-place ReLU
     assert torch.allclose(means[1], (2 * images[1] + 2 * images[3]) / 2)
@@ -270,7 +272,7 @@ def test_mistakes_are_listed_most_confident_first_and_the_confusion_matches_scik
     assert [(m.id, m.true, m.predicted) for m in mistakes] == [
         ("img2", "dog", "fish"), ("img1", "cat", "dog"), ("img4", "fish", "cat")]
     assert [m.confidence for m in mistakes] == [0.8, 0.7, 0.55]
-    from tltk.train.metrics import confusion_matrix
+    from tltk.metrics import confusion_matrix
 
     ours = confusion_matrix(targets, probabilities.argmax(axis=1), 3)
     assert np.array_equal(ours, sk_confusion_matrix(targets, probabilities.argmax(axis=1), labels=[0, 1, 2]))
@@ -280,7 +282,7 @@ def test_mistakes_are_listed_most_confident_first_and_the_confusion_matches_scik
 
 
 def test_misclassified_refuses_a_multilabel_run_with_a_pointer_to_evaluate(lenet, tmp_path: Path) -> None:
-    loaded = LoadedRun(tmp_path, lenet, {"train": {"task": "multilabel"}, "class_names": ["a", "b", "c"]})
+    loaded = Run(tmp_path, lenet, {"train": {"task": "multilabel"}, "class_names": ["a", "b", "c"]})
     with pytest.raises(TltkError, match="multi-class runs only.*tltk evaluate"):
         misclassified.split_dataset(loaded, None, "test")
 

@@ -18,7 +18,7 @@ from tltk.data import load_data
 from tltk.data.voc import VOC_CLASSES
 from tltk.errors import DataError
 from tltk.train.losses import MaskedBCEWithLogits, auto_pos_weight
-from tltk.train.metrics import average_precision, multilabel_report, voc07_average_precision
+from tltk.metrics import average_precision, multilabel_report, voc07_average_precision
 from voc_fixtures import BILLION_LAUGHS, annotation_xml, write_voc
 
 

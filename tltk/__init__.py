@@ -1,7 +1,7 @@
 """tltk: transfer learning for image classification, from the command line and from Python.
 
 The main entry points are re-exported here lazily, so ``import tltk`` stays cheap:
-``finetune``, ``evaluate``, ``load_run``, ``build_model`` and ``summarize``.
+``finetune``, ``evaluate``, ``load_run`` (a ``Run``), ``build_model`` and ``summarize``.
 """
 
 from __future__ import annotations
@@ -15,8 +15,9 @@ _LAZY = {
     "FinetuneConfig": "tltk.train.finetune",
     "TrainConfig": "tltk.train.trainer",
     "DataOptions": "tltk.train.finetune",
-    "evaluate": "tltk.train.evaluate",
-    "load_run": "tltk.train.evaluate",
+    "evaluate": "tltk.evaluation",
+    "load_run": "tltk.run",
+    "Run": "tltk.run",
     "build_model": "tltk.model",
     "ModelSpec": "tltk.model",
     "summarize": "tltk.summary",

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -57,6 +57,33 @@ class TransferModel(nn.Module):
         for p in self.backbone.parameters():
             p.requires_grad_(not frozen)
         self.train(self.training)
+
+    def frozen_modules(self) -> list[str]:
+        """The outermost modules whose every parameter is frozen ("backbone" when all of it
+        is): recorded in config.json at the end of training, so a reloaded run is frozen
+        where its strategy left it, whichever strategy that was."""
+        found: list[str] = []
+
+        def visit(name: str, module: nn.Module) -> None:
+            parameters = list(module.parameters())
+            if parameters and not any(p.requires_grad for p in parameters):
+                found.append(name)
+                return
+            for child_name, child in module.named_children():
+                visit(f"{name}.{child_name}", child)
+
+        for name, child in self.named_children():
+            visit(name, child)
+        return found
+
+    def freeze_modules(self, names: Sequence[str]) -> None:
+        """Freeze what ``frozen_modules`` named; the whole backbone through ``freeze_backbone``,
+        which also holds its BatchNorm statistics."""
+        for name in names:
+            if name == "backbone":
+                self.freeze_backbone(True)
+            else:
+                self.get_submodule(name).requires_grad_(False)
 
     def train(self, mode: bool = True) -> "TransferModel":
         super().train(mode)

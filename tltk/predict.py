@@ -14,21 +14,11 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from tltk.data import ImageDataset, Sample, build_transforms, scan_image_files, validate_images
+from tltk.data import ImageDataset, Sample, scan_image_files, validate_images
 from tltk.data.images import is_image_file
 from tltk.errors import DataError
-from tltk.train.evaluate import LoadedRun, load_data_for_run, load_run
-from tltk.train.trainer import (
-    TrainConfig,
-    check_batch_size,
-    default_workers,
-    iterate_logits,
-    make_loader,
-    memory_format,
-    resolve_device,
-    resolve_precision,
-    use_channels_last,
-)
+from tltk.run import Run, as_run
+from tltk.runtime import check_batch_size, stream_outputs
 
 
 @dataclass
@@ -51,7 +41,7 @@ class Predictions:
 
 
 def predict(
-    run: str | Path | LoadedRun,
+    run: str | Path | Run,
     data: str | None = None,
     split: str = "test",
     *,
@@ -62,19 +52,20 @@ def predict(
 ) -> Predictions:
     """Every image's probabilities, filled batch by batch into one preallocated array."""
     check_batch_size(batch_size)
-    loaded = run if isinstance(run, LoadedRun) else load_run(run)
-    samples, arrays = _input_samples(loaded, data, split, data_overrides)
-    probabilities = np.zeros((len(samples), len(loaded.class_names)), np.float32)
+    run = as_run(run)
+    dataset = _input_dataset(run, data, split, data_overrides)
+    probabilities = np.zeros((len(dataset), len(run.class_names)), np.float32)
     done = 0
-    for chunk in _probability_batches(loaded, samples, arrays, device, batch_size, workers):
+    for chunk in _probability_batches(run, dataset, device, batch_size, workers):
         probabilities[done:done + len(chunk)] = chunk
         done += len(chunk)
+    samples = dataset.samples
     paths = [s.source if isinstance(s.source, str) else "" for s in samples]
-    return Predictions([s.id for s in samples], paths, probabilities, loaded.class_names, _task(loaded))
+    return Predictions([s.id for s in samples], paths, probabilities, run.class_names, run.task)
 
 
 def iter_predictions(
-    run: str | Path | LoadedRun,
+    run: str | Path | Run,
     data: str | None = None,
     split: str = "test",
     *,
@@ -89,51 +80,33 @@ def iter_predictions(
     images there are.
     """
     check_batch_size(batch_size)
-    loaded = run if isinstance(run, LoadedRun) else load_run(run)
-    samples, arrays = _input_samples(loaded, data, split, data_overrides)
+    run = as_run(run)
+    dataset = _input_dataset(run, data, split, data_overrides)
     done = 0
-    for chunk in _probability_batches(loaded, samples, arrays, device, batch_size, workers):
-        part = samples[done:done + len(chunk)]
+    for chunk in _probability_batches(run, dataset, device, batch_size, workers):
+        part = dataset.samples[done:done + len(chunk)]
         done += len(chunk)
         paths = [s.source if isinstance(s.source, str) else "" for s in part]
-        yield Predictions([s.id for s in part], paths, chunk, loaded.class_names, _task(loaded))
+        yield Predictions([s.id for s in part], paths, chunk, run.class_names, run.task)
 
 
-def _probability_batches(
-    loaded: LoadedRun, samples: list[Sample], arrays: np.ndarray | None, device: str, batch_size: int,
-    workers: int | None,
-) -> Iterator[np.ndarray]:
-    """Probabilities per batch, with the run's precision and training's loader defaults."""
-    pre = loaded.preprocessing
-    transform = build_transforms(tuple(pre["input_size"]), pre["mean"], pre["std"], "none", train=False)
-    dev = resolve_device(device)
-    workers = workers if workers is not None else default_workers(len(samples))
-    loader = make_loader(ImageDataset(samples, transform, arrays), batch_size=batch_size, shuffle=False,
-                         workers=workers, device=dev)
-    train = TrainConfig(**loaded.config["train"])
-    amp = resolve_precision(train.precision, dev)
-    channels_last = use_channels_last(train.channels_last, loaded.model)
-    loaded.model.to(dev)
-    with memory_format(loaded.model, channels_last):
-        for logits, _ in iterate_logits(loaded.model, loader, dev, amp, channels_last):
-            yield _probabilities(logits, _task(loaded))
-
-
-def _task(loaded: LoadedRun) -> str:
-    return str(loaded.config["train"].get("task", "multiclass"))
+def _probability_batches(run: Run, dataset: ImageDataset, device: str, batch_size: int,
+                         workers: int | None) -> Iterator[np.ndarray]:
+    """Probabilities per batch, run as the run's model trained (precision, memory layout)."""
+    for logits, _ in stream_outputs(run.model, dataset, run.inference(device, batch_size, workers)):
+        yield _probabilities(logits, run.task)
 
 
 def _probabilities(logits: torch.Tensor, task: str) -> np.ndarray:
     return (torch.sigmoid(logits) if task == "multilabel" else torch.softmax(logits, dim=1)).numpy()
 
 
-def _input_samples(
-    loaded: LoadedRun, data: str | None, split: str, overrides: dict[str, Any]
-) -> tuple[list[Sample], np.ndarray | None]:
+def _input_dataset(run: Run, data: str | None, split: str, overrides: dict[str, Any]) -> ImageDataset:
+    """A folder of unlabelled images (a competition's test/ folder), or a split of labelled data."""
     if data is not None and is_unlabelled_folder(Path(data).expanduser()):
-        return unlabelled_samples(Path(data).expanduser()), None
-    splits = load_data_for_run(loaded, data, overrides)
-    return splits.split(split), splits.arrays
+        return ImageDataset(unlabelled_samples(Path(data).expanduser()), run.preprocessing.eval_transform())
+    splits = run.data(data, **overrides)
+    return ImageDataset(splits.split(split), run.preprocessing.eval_transform(), splits.arrays)
 
 
 def is_unlabelled_folder(path: Path) -> bool:

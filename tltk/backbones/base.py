@@ -11,7 +11,7 @@ so weight files written by that library load without renaming.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -36,11 +36,41 @@ class BackboneInfo:
 
 @dataclass
 class Preprocessing:
-    """Input size and normalisation: they travel with the weights into every run."""
+    """Input size and normalisation: they travel with the weights into every run
+    (config.json's "preprocessing"), so whatever uses a model later feeds it images the way
+    it was trained on them."""
 
     input_size: tuple[int, int]
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+
+    @classmethod
+    def from_dict(cls, record: Mapping[str, Any]) -> Preprocessing:
+        size, mean, std = (tuple(record[key]) for key in ("input_size", "mean", "std"))
+        return cls((int(size[0]), int(size[1])), tuple(float(v) for v in mean),  # type: ignore[arg-type]
+                   tuple(float(v) for v in std))  # type: ignore[arg-type]
+
+    def to_dict(self) -> dict[str, list[Any]]:
+        """The JSON form written into config.json and store manifests (and fingerprinted)."""
+        return {"input_size": [int(v) for v in self.input_size], "mean": [float(v) for v in self.mean],
+                "std": [float(v) for v in self.std]}
+
+    def resized(self, input_size: int | None) -> Preprocessing:
+        """The same normalisation at ``input_size`` x ``input_size`` (unchanged for None)."""
+        if input_size is None:
+            return Preprocessing(tuple(self.input_size), tuple(self.mean), tuple(self.std))  # type: ignore[arg-type]
+        return Preprocessing((input_size, input_size), tuple(self.mean), tuple(self.std))  # type: ignore[arg-type]
+
+    def train_transform(self, augment: str) -> Callable[[Any], torch.Tensor]:
+        from tltk.data.transforms import build_transforms
+
+        return build_transforms(tuple(self.input_size), self.mean, self.std, augment, train=True)
+
+    def eval_transform(self) -> Callable[[Any], torch.Tensor]:
+        """Resize and normalise, nothing random: what evaluation, prediction and extraction feed."""
+        from tltk.data.transforms import build_transforms
+
+        return build_transforms(tuple(self.input_size), self.mean, self.std, "none", train=False)
 
 
 class Backbone(nn.Module):

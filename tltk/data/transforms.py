@@ -14,7 +14,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset, TensorDataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
@@ -187,6 +187,11 @@ class ImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
+    def subset(self, indices: Sequence[int]) -> ImageDataset:
+        """The samples at ``indices`` with the same transform and pixels (a rank's shard,
+        the first images of each class)."""
+        return ImageDataset([self.samples[i] for i in indices], self.transform, self.arrays)
+
     def __getitem__(self, index: int | tuple[int, int]) -> tuple[torch.Tensor, int | torch.Tensor]:
         seed = None
         if isinstance(index, tuple):
@@ -215,3 +220,14 @@ class ImageDataset(Dataset):
             row = np.ascontiguousarray(self.arrays[int(sample.source)])
             return tv_tensors.Image(torch.from_numpy(row).permute(2, 0, 1))
         return load_image(sample.source)
+
+
+def dataset_is_deterministic(dataset: Dataset) -> bool | None:
+    """True/False where the dataset's transform says so; None where it cannot be told."""
+    if isinstance(dataset, TensorDataset):
+        return True
+    if isinstance(dataset, Subset):
+        return dataset_is_deterministic(dataset.dataset)
+    if not hasattr(dataset, "transform"):
+        return None
+    return is_deterministic(dataset.transform)

@@ -24,9 +24,19 @@ from tltk.data import DataSplits, Sample, load_data
 from tltk.data.samples import positives
 from tltk.errors import DataError, TltkError
 from tltk.features.source import FeatureSource, source_from_record
-from tltk.features.store import (Chunk, FeatureStore, IndexOptions, StorePart, check_metric, create_part, create_store, is_store,
-                                 shard_record)
+from tltk.features.store import (
+    Chunk,
+    FeatureStore,
+    IndexOptions,
+    StorePart,
+    check_metric,
+    create_part,
+    create_store,
+    is_store,
+    shard_record,
+)
 from tltk.layers import check_layer_runs, check_pool, resolve_layer, tap
+from tltk.runtime import Inference, check_batch_size, resolve_device, stream_outputs
 
 SPLITS = ("all", "train", "val", "test")
 LOAD_DATA_OPTIONS = tuple(name for name in inspect.signature(load_data).parameters if name != "spec")
@@ -44,11 +54,15 @@ class Loading:
     workers: int | None = None  # None: from the number of images, as in training
 
     def check(self) -> None:
-        from tltk.train.trainer import check_batch_size
-
         check_batch_size(self.batch_size)
         if self.workers is not None and self.workers < 0:
             raise TltkError(f"--workers must be 0 or more, not {self.workers}.")
+
+    def inference(self) -> Inference:
+        """Stores hold fp32 vectors in contiguous layout whatever the machine computes
+        natively, so that a store, its fingerprint and a later query agree on every CPU."""
+        return Inference(device=self.device, precision="fp32", channels_last="off", batch_size=self.batch_size,
+                         workers=self.workers)
 
 
 @dataclass
@@ -133,28 +147,20 @@ def feature_chunks(
     ``rows`` limits them to those positions of the selection (one shard), batched from its start.
     """
     from tltk.data import ImageDataset
-    from tltk.train.trainer import default_workers, make_loader, resolve_device
 
     loading.check()
     positions = rows if rows is not None else range(len(selection.samples))
-    device = resolve_device(loading.device)
-    workers = loading.workers if loading.workers is not None else default_workers(len(positions))
     dataset = ImageDataset([selection.samples[p][1] for p in positions], source_transform(source), selection.splits.arrays)
-    loader = make_loader(dataset, batch_size=loading.batch_size, shuffle=False, workers=workers, device=device)
-    source.model.to(device)
     done = positions.start
     with tap(source.model, layer, pool) as features_of:
-        for images, _ in loader:
-            vectors = features_of(images.to(device, non_blocking=True)).cpu().numpy()
+        for vectors, _ in stream_outputs(source.model, dataset, loading.inference(), forward=features_of):
             metadata = [selection.row(done + i, data_index) for i in range(len(vectors))]
             done += len(vectors)
-            yield vectors, metadata
+            yield vectors.numpy(), metadata
 
 
 def embed_images(source: FeatureSource, layer: str, pool: str, images: Sequence[str | Path], loading: Loading | None = None) -> np.ndarray:
     """(len(images), D) features of image files, as the store's rows were made."""
-    from tltk.train.trainer import resolve_device
-
     loading = loading or Loading()
     loading.check()
     device = resolve_device(loading.device)
@@ -179,10 +185,7 @@ def _read_query(path: str | Path) -> Any:
 
 def source_transform(source: FeatureSource) -> Callable[[Any], torch.Tensor]:
     """The deterministic preprocessing the source's model expects (resize and normalise)."""
-    from tltk.data import build_transforms
-
-    p = source.preprocessing
-    return build_transforms(tuple(p["input_size"]), p["mean"], p["std"], "none", train=False)
+    return source.preprocessing.eval_transform()
 
 
 # --- stores --------------------------------------------------------------------------
@@ -219,14 +222,14 @@ def extract(
     loading = loading or Loading()
     loading.check()
     resolved = resolve_layer(source.model, layer)
-    check_layer_runs(source.model, resolved.name, tuple(source.preprocessing["input_size"]))  # before anything is written
+    check_layer_runs(source.model, resolved.name, tuple(source.preprocessing.input_size))  # before anything is written
     selection = select_data(source, data, split, **data_options)
     header = {
         "source": source.record,
         "layer": resolved.name,
         "module": resolved.path,
         "pool": pool,
-        "preprocessing": source.preprocessing,
+        "preprocessing": source.preprocessing.to_dict(),
         "class_names": list(selection.splits.class_names),
         "task": selection.splits.task,
         "data": [selection.entry(0)],

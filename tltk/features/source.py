@@ -19,10 +19,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from tltk import rundir
 from tltk.backbones import backbone_info, build_backbone
-from tltk.backbones.base import check_size_option
+from tltk.backbones.base import Preprocessing, check_size_option
 from tltk.errors import TltkError, UnknownNameError
-from tltk.train import rundir
 
 RUN = "run"
 BACKBONE = "backbone"
@@ -33,7 +33,7 @@ class FeatureSource:
     """A model ready to tap, what it expects as input, and the recipe to build it again."""
 
     model: nn.Module
-    preprocessing: dict[str, Any]
+    preprocessing: Preprocessing
     record: dict[str, Any] = field(default_factory=dict)
     run_config: dict[str, Any] | None = None
 
@@ -79,10 +79,10 @@ def load_source(
 
 
 def load_run_source(path: Path) -> FeatureSource:
-    from tltk.train.evaluate import load_run
+    from tltk.run import load_run
 
     loaded = load_run(path)
-    preprocessing = _preprocessing_dict(loaded.preprocessing)
+    preprocessing = loaded.preprocessing
     record = {"kind": RUN, "path": str(path.resolve()), "backbone": loaded.model.backbone.name}
     record.update(description=f"run {path.resolve()} ({loaded.model.backbone.name})",
                   fingerprint=model_fingerprint(loaded.model, preprocessing))
@@ -110,10 +110,8 @@ def load_backbone_source(
     elif choice != "imagenet":
         choice = str(Path(choice).expanduser().resolve())
         backbone.pretrained_source = load_backbone_weights(backbone, Path(choice))
-    preprocessing = _preprocessing_dict(backbone.preprocessing)
     check_size_option(input_size)
-    if input_size is not None:
-        preprocessing["input_size"] = [input_size, input_size]
+    preprocessing = backbone.preprocessing.resized(input_size)
     backbone.eval()
     record = {"kind": BACKBONE, "name": name, "weights": choice, "init": init, "seed": seed, "options": options,
               "input_size": input_size}
@@ -136,20 +134,15 @@ def source_from_record(record: dict[str, Any]) -> FeatureSource:
     raise TltkError(f"the store's manifest names an unknown model kind '{record.get('kind')}'; extract the store again.")
 
 
-def model_fingerprint(model: nn.Module, preprocessing: dict[str, Any]) -> str:
+def model_fingerprint(model: nn.Module, preprocessing: Preprocessing) -> str:
     """sha256 of every tensor (name, dtype, shape, bytes) and of the preprocessing."""
     digest = hashlib.sha256()
-    digest.update(json.dumps(preprocessing, sort_keys=True).encode())
+    digest.update(json.dumps(preprocessing.to_dict(), sort_keys=True).encode())
     for name, tensor in sorted(model.state_dict().items()):
         data = tensor.detach().cpu().contiguous().reshape(-1)
         digest.update(f"\n{name}:{data.dtype}:{tuple(tensor.shape)}\n".encode())
         digest.update(data.view(torch.uint8).numpy())
     return digest.hexdigest()
-
-
-def _preprocessing_dict(preprocessing: Any) -> dict[str, Any]:
-    values = preprocessing if isinstance(preprocessing, dict) else vars(preprocessing)
-    return {key: [float(v) if key != "input_size" else int(v) for v in values[key]] for key in ("input_size", "mean", "std")}
 
 
 def _weights_words(choice: str, init: str, seed: int) -> str:

@@ -26,8 +26,9 @@ from typing import Any, Callable, ContextManager, Iterable, Iterator, Sequence
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import Dataset, Subset, TensorDataset
+from torch.utils.data import Dataset
 
+from tltk.data.transforms import dataset_is_deterministic
 from tltk.errors import TltkError
 from tltk.model import TransferModel
 from tltk.strategies import Freeze, Strategy
@@ -85,19 +86,6 @@ def _why_images_vary(dataset: Dataset, augment: str) -> str | None:
             "the training transforms are random and change the images")
         return f"{cause} every epoch, so the backbone must see each batch anew."
     return f"cannot tell whether {type(dataset).__name__} gives the same images every epoch."
-
-
-def dataset_is_deterministic(dataset: Dataset) -> bool | None:
-    """True/False where the dataset's transform says so; None where it cannot be told."""
-    from tltk.data.transforms import is_deterministic
-
-    if isinstance(dataset, TensorDataset):
-        return True
-    if isinstance(dataset, Subset):
-        return dataset_is_deterministic(dataset.dataset)
-    if not hasattr(dataset, "transform"):
-        return None
-    return is_deterministic(dataset.transform)
 
 
 def _reads_batch_images(callback: Any) -> bool:

@@ -54,7 +54,7 @@ from torch import nn
 
 from tltk.errors import RunDirError, printable
 from tltk.fileio import write_json, write_safetensors
-from tltk.train.rundir import METRICS
+from tltk.rundir import METRICS
 
 CHECKPOINT_DIR = "checkpoint"
 MANIFEST = "state.json"

@@ -12,20 +12,27 @@ from typing import Any, Sequence
 
 import torch
 
-from tltk import distributed
-from tltk.backbones.base import check_size_option
-from tltk.data import DataSplits, ImageDataset, build_transforms, load_data
+from tltk import distributed, rundir
+from tltk.backbones.base import Preprocessing, check_size_option
+from tltk.data import DataSplits, ImageDataset, load_data
 from tltk.errors import DataError, RunDirError
+from tltk.evaluation import evaluate_model
 from tltk.layers import check_input_size
 from tltk.model import ModelSpec, TransferModel, build_model, resolve_weights_choice
+from tltk.runtime import resolve_device
 from tltk.strategies import Strategy, build_strategy
-from tltk.train import checkpoint, rundir
+from tltk.train import checkpoint
 from tltk.train.callbacks import Callback
 from tltk.train.losses import TASKS, auto_pos_weight, build_loss
-from tltk.train.evaluate import evaluate_model
 from tltk.train.tensorboard import warn, watch_callbacks
 from tltk.train.trainer import (
-    DEFAULT_CHECKPOINT_INTERVAL, Checkpointing, FitResult, Reporter, SavePolicy, TrainConfig, fit, resolve_device,
+    DEFAULT_CHECKPOINT_INTERVAL,
+    Checkpointing,
+    FitResult,
+    Reporter,
+    SavePolicy,
+    TrainConfig,
+    fit,
     seed_everything,
 )
 from tltk.viz.curves import write_curves
@@ -148,7 +155,7 @@ def _finetune(
     model = build_model(spec)
     strategy = build_strategy(config.strategy, **config.strategy_options)
     preprocessing = _preprocessing(model, config.input_size)
-    check_input_size(model, preprocessing["input_size"])
+    check_input_size(model, preprocessing.input_size)
     if main:
         callbacks = [*callbacks, *watch_callbacks(
             out, model, tensorboard=config.tensorboard, histogram_every=config.histogram_every,
@@ -171,6 +178,8 @@ def _finetune(
             log.close()
     summary = _summary(model, data, preprocessing, fitted, config.train, context)
     if main:
+        # Which modules training left frozen, whichever strategy froze them: a reloaded run is frozen alike.
+        rundir.write_config(out, rundir.read_config(out) | {"frozen": model.frozen_modules()})
         rundir.save_weights(out, model)
         rundir.write_summary(out, summary)
         write_curves(out)
@@ -238,19 +247,14 @@ def _check_trainable(data: DataSplits) -> None:
         raise DataError(f"{data.spec} has no training images; check the path or the --classes filter.")
 
 
-def _preprocessing(model: TransferModel, input_size: int | None) -> dict[str, Any]:
+def _preprocessing(model: TransferModel, input_size: int | None) -> Preprocessing:
     check_size_option(input_size)
-    pre = model.preprocessing
-    size = (input_size, input_size) if input_size is not None else tuple(pre.input_size)
-    return {"input_size": list(size), "mean": list(pre.mean), "std": list(pre.std)}
+    return model.preprocessing.resized(input_size)
 
 
-def _datasets(data: DataSplits, pre: dict[str, Any], augment: str) -> tuple[ImageDataset, ImageDataset | None]:
-    size = tuple(pre["input_size"])
-    train_tf = build_transforms(size, pre["mean"], pre["std"], augment, train=True)
-    eval_tf = build_transforms(size, pre["mean"], pre["std"], "none", train=False)
-    train_set = ImageDataset(data.train, train_tf, data.arrays)
-    val_set = ImageDataset(data.val, eval_tf, data.arrays) if data.val else None
+def _datasets(data: DataSplits, pre: Preprocessing, augment: str) -> tuple[ImageDataset, ImageDataset | None]:
+    train_set = ImageDataset(data.train, pre.train_transform(augment), data.arrays)
+    val_set = ImageDataset(data.val, pre.eval_transform(), data.arrays) if data.val else None
     return train_set, val_set
 
 
@@ -259,7 +263,7 @@ def _config_record(
     spec: ModelSpec,
     strategy: Strategy,
     data: DataSplits,
-    preprocessing: dict[str, Any],
+    preprocessing: Preprocessing,
     model: TransferModel,
 ) -> dict[str, Any]:
     return {
@@ -275,14 +279,14 @@ def _config_record(
             "skipped": len(data.skipped),
         },
         "class_names": list(data.class_names),
-        "preprocessing": preprocessing,
+        "preprocessing": preprocessing.to_dict(),
         "versions": rundir.library_versions(),
         "finetune": config.to_dict(),  # everything `tltk finetune --resume` needs to rebuild the run
     }
 
 
 def _summary(
-    model: TransferModel, data: DataSplits, pre: dict[str, Any], fitted: FitResult, train: TrainConfig,
+    model: TransferModel, data: DataSplits, pre: Preprocessing, fitted: FitResult, train: TrainConfig,
     context: distributed.DistContext = distributed.SINGLE,
 ) -> dict[str, Any]:
     last = fitted.history[-1] if fitted.history else {}
@@ -300,6 +304,7 @@ def _summary(
         "final": {k: v for k, v in last.items() if k not in ("kind",)},
     }
     if data.test:
-        report = evaluate_model(model, data.test, data.arrays, data.class_names, pre, train, context)
+        test_set = ImageDataset(data.test, pre.eval_transform(), data.arrays)
+        report = evaluate_model(model, test_set, data.class_names, train.inference(), train.task, context)
         summary["test"] = {k: report[k] for k in ("n", "accuracy", "top5_accuracy", "map", "map_voc07") if k in report}
     return summary

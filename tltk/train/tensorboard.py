@@ -21,6 +21,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
+from tltk.backbones.base import Preprocessing
 from tltk.train.callbacks import Callback
 
 TENSORBOARD_DIR = "tensorboard"
@@ -238,7 +239,7 @@ def watch_callbacks(
     tensorboard: bool,
     histogram_every: int,
     filters_every: int | None,
-    preprocessing: dict[str, Any],
+    preprocessing: Preprocessing,
     notify: Callable[[str], None] = warn,
 ) -> list[Callback]:
     """The callbacks ``tltk finetune --tensorboard / --every N`` asks for, writing into run ``out``.
@@ -260,7 +261,7 @@ def watch_callbacks(
     callbacks: list[Callback] = []
     if tensorboard:
         callbacks.append(TensorBoardCallback(
-            out / TENSORBOARD_DIR, histogram_every, mean=preprocessing.get("mean"), std=preprocessing.get("std"),
+            out / TENSORBOARD_DIR, histogram_every, mean=list(preprocessing.mean), std=list(preprocessing.std),
             notify=notify,
         ))
     if filters_every is not None:
@@ -274,8 +275,8 @@ def tensorboard_argv(runs: Sequence[str | Path], port: int | None = None, host: 
     Several runs are named as ``tltk compare`` names them (the shortest path endings that
     tell them apart), so each gets its own colour and a readable name.
     """
+    from tltk import rundir
     from tltk.errors import RunDirError
-    from tltk.train import rundir
 
     if not runs:
         raise RunDirError("tensorboard needs a run directory; pass the --out of a `tltk finetune --tensorboard` run.")

@@ -4,24 +4,22 @@ Readable top to bottom like a reference training script. ``fit`` trains a model 
 place and leaves it holding the weights of its best validation epoch (or the last
 epoch when there is no validation split); every step and epoch goes to a ``MetricsLog``.
 
-What makes the common case fast without flags lives here too: ``--precision auto``
-(bf16 where the CPU or GPU computes it natively), channels-last memory for conv nets,
-DataLoader workers from the CPU count, and, for a frozen backbone on deterministic
-images, training the head on cached backbone features (``tltk.train.cache``).
+Device, precision, memory layout and loaders are ``tltk.runtime``'s, shared with
+everything that runs a model after training; for a frozen backbone on deterministic
+images the head trains on cached backbone features (``tltk.train.cache``).
 """
 
 from __future__ import annotations
 
 import inspect
 import math
-import os
 import random
 import signal
 import time
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, ContextManager, Iterable, Iterator, Protocol, Sequence
+from typing import Any, Iterator, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -32,28 +30,35 @@ from torch.utils.data import DataLoader, Subset
 from tltk import distributed
 from tltk.distributed import SINGLE, DistContext, EpochOrder
 from tltk.errors import RunDirError, TltkError
+from tltk.metrics import multilabel_report
 from tltk.model import TransferModel
+from tltk.rundir import MetricsLog
+from tltk.runtime import (
+    CHANNELS_LAST,
+    PRECISIONS,
+    Batches,
+    Inference,
+    autocast,
+    batch_to,
+    check_batch_size,
+    default_workers,
+    make_loader,
+    memory_format,
+    precision_name,
+    predict_logits,
+    resolve_device,
+    resolve_precision,
+    use_channels_last,
+)
 from tltk.strategies import Strategy
 from tltk.train import cache
 from tltk.train import checkpoint as ckpt
 from tltk.train.callbacks import Callback
 from tltk.train.losses import TASKS, build_loss
-from tltk.train.metrics import multilabel_report
-from tltk.train.rundir import MetricsLog
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("none", "step", "exp", "cosine")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 MONITORS = ("auto", "val_accuracy", "val_map", "val_loss")
-CHANNELS_LAST = ("auto", "on", "off")
-
-Batches = Iterable[tuple[torch.Tensor, Any]]  # a DataLoader, or cached features in the same shape
-
-
-def check_batch_size(batch_size: int) -> None:
-    """The sentence for a batch size below one, which torch's DataLoader answers with a traceback."""
-    if batch_size < 1:
-        raise TltkError(f"--batch-size must be at least 1, not {batch_size}.")
 
 
 @dataclass
@@ -129,6 +134,11 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def inference(self) -> Inference:
+        """Evaluation during and after training runs the model as training did."""
+        return Inference(device=self.device, precision=self.precision, channels_last=self.channels_last,
+                         batch_size=self.batch_size, workers=self.workers)
+
     @property
     def monitored(self) -> str:
         """The validation figure early stopping and best-epoch selection follow."""
@@ -202,180 +212,9 @@ def deterministic_algorithms() -> Iterator[None]:
         torch.use_deterministic_algorithms(False)
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise TltkError(f"--device {name} was asked for but no CUDA device is available; use --device cpu.")
-    if name not in ("cpu",) and not name.startswith("cuda"):
-        raise TltkError(f"--device '{name}' is not one of auto, cpu, cuda.")
-    return torch.device(name)
-
-
-def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype, or None for full fp32.
-
-    ``auto`` is bf16 where the device computes it natively (CUDA GPUs from Ampere on, CPUs
-    with AVX512-BF16 or AMX, Arm CPUs with the BF16 extension) and fp32 elsewhere:
-    emulated bf16 is slower than fp32 (about ten times on an AVX2-only CPU), and fp16
-    needs loss scaling, so neither is a default.
-    """
-    if precision == "fp32":
-        return None
-    if precision == "bf16":
-        return torch.bfloat16
-    if precision == "fp16":
-        if device.type != "cuda":
-            raise TltkError("--precision fp16 needs a CUDA device; use bf16 or fp32 on the CPU.")
-        return torch.float16
-    return torch.bfloat16 if has_native_bf16(device) else None
-
-
-def has_native_bf16(device: torch.device) -> bool:
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported(including_emulation=False)
-    if device.type == "cpu":
-        return cpu_has_native_bf16()
-    return False
-
-
-def cpu_has_native_bf16() -> bool:
-    """AVX512-BF16 or AMX-BF16 (x86) or the BF16 extension (Arm), as the CPU reports them."""
-    capabilities = getattr(torch.cpu, "get_capabilities", dict)()
-    if capabilities.get("avx512_bf16") or capabilities.get("amx_bf16"):
-        return True
-    return bool({"avx512_bf16", "amx_bf16", "bf16"} & cpu_flags())
-
-
-def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
-    """The feature flags in /proc/cpuinfo ("flags" on x86, "Features" on Arm); empty elsewhere."""
-    try:
-        text = cpuinfo.read_text(encoding="ascii", errors="replace")
-    except OSError:
-        return set()
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() in ("flags", "Features"):
-            return set(value.split())
-    return set()
-
-
-def precision_name(dtype: torch.dtype | None) -> str:
-    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
-
-
-def autocast(device: torch.device, dtype: torch.dtype | None) -> ContextManager[Any]:
-    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
-
-
-def use_channels_last(setting: str, model: nn.Module) -> bool:
-    """Channels-last (NHWC) memory suits 2-D convolutions on CPUs and tensor-core GPUs;
-    networks without them (the recurrent backbones) gain nothing from it."""
-    if setting != "auto":
-        return setting == "on"
-    return any(isinstance(module, nn.Conv2d) for module in model.modules())
-
-
-@contextmanager
-def memory_format(model: nn.Module, channels_last: bool) -> Iterator[None]:
-    """The model in channels-last memory for the duration, contiguous again afterwards,
-    so that code which ``view``s its tensors later is not surprised."""
-    if not channels_last:
-        yield
-        return
-    model.to(memory_format=torch.channels_last)
-    try:
-        yield
-    finally:
-        model.to(memory_format=torch.contiguous_format)
-
-
-def batch_to(images: torch.Tensor, device: torch.device, channels_last: bool = False) -> torch.Tensor:
-    """A batch on ``device``; a 4-D one in channels-last memory when the model is."""
-    if channels_last and images.dim() == 4:
-        return images.to(device, non_blocking=True, memory_format=torch.channels_last)
-    return images.to(device, non_blocking=True)
-
-
 # Seconds of training an interrupted run may lose by default: an epoch's end saves a
 # checkpoint once this long has passed since the last one.
 DEFAULT_CHECKPOINT_INTERVAL = 60.0
-
-# Below this many images, starting worker processes costs more than they save.
-MIN_SAMPLES_FOR_WORKERS = 2048
-MAX_DEFAULT_WORKERS = 8
-
-
-def default_workers(num_samples: int) -> int:
-    """Worker processes from the CPUs this process may use, once there is enough data to
-    hide their start-up."""
-    if num_samples < MIN_SAMPLES_FOR_WORKERS:
-        return 0
-    return max(1, min(MAX_DEFAULT_WORKERS, usable_cpus()))
-
-
-def usable_cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
-
-
-def make_loader(
-    dataset: torch.utils.data.Dataset,
-    *,
-    batch_size: int,
-    shuffle: bool,
-    workers: int,
-    device: torch.device,
-    generator: torch.Generator | None = None,
-    seed: int = 0,
-    context: DistContext = SINGLE,
-) -> DataLoader:
-    """A DataLoader with the fast defaults: pinned memory on CUDA, workers kept alive
-    between epochs, and (shuffled) an ``EpochOrder``: this rank's share of it under
-    data-parallel training.
-
-    The loader always has its own generator: drawing worker seeds from the global one
-    would shift every later random number (dropout) by whether a loader was made.
-    """
-    if generator is None:
-        generator = torch.Generator()
-        generator.manual_seed(seed)
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        sampler=EpochOrder(len(dataset), seed=seed, rank=context.rank, world_size=context.world_size,  # type: ignore[arg-type]
-                           sample_seeds=_seeds_transforms(dataset)) if shuffle else None,
-        num_workers=workers,
-        pin_memory=device.type == "cuda",
-        persistent_workers=workers > 0,
-        generator=generator,
-        worker_init_fn=_WorkerSeeder(seed, context.rank) if workers > 0 else None,
-    )
-
-
-def _seeds_transforms(dataset: torch.utils.data.Dataset) -> bool:
-    """Whether each sample's random transforms get their own seed: for datasets that take
-    one (``ImageDataset``) and whose transforms are random."""
-    return bool(getattr(dataset, "takes_sample_seeds", False)) and cache.dataset_is_deterministic(dataset) is not True
-
-
-class _WorkerSeeder:
-    """Each worker's random modules get a seed derived from the run's and the rank's
-    (picklable for workers), so ranks do not augment their different images alike."""
-
-    RANK_STRIDE = 1_000_003
-
-    def __init__(self, seed: int, rank: int = 0) -> None:
-        self.seed = seed
-        self.rank = rank
-
-    def __call__(self, worker_id: int) -> None:
-        worker_seed = (self.seed * 1000 + worker_id + self.RANK_STRIDE * self.rank) % 2**32
-        random.seed(worker_seed)
-        np.random.seed(worker_seed)
-
 
 def build_optimizer(groups: list[dict[str, Any]], config: TrainConfig) -> torch.optim.Optimizer:
     groups = [{k: v for k, v in g.items() if k != "name"} | {"initial_lr": g["lr"]} for g in groups]
@@ -937,72 +776,6 @@ class EarlyStopping:
         else:
             self.bad_epochs += 1
         return self.patience is not None and self.bad_epochs >= self.patience
-
-
-# --- inference ------------------------------------------------------------------------
-
-
-def iterate_logits(
-    model: nn.Module,
-    loader: Batches,
-    device: torch.device,
-    amp_dtype: torch.dtype | None = None,
-    channels_last: bool = False,
-) -> Iterator[tuple[torch.Tensor, Any]]:
-    """(logits, targets) per batch, in loader order, on the CPU in fp32.
-
-    A generator, so callers can reduce each batch and let it go (nothing accumulates here).
-    """
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            for images, targets in loader:
-                with autocast(device, amp_dtype):
-                    logits = model(batch_to(images, device, channels_last))
-                yield logits.float().cpu(), targets
-    finally:
-        model.train(was_training)
-
-
-def predict_logits(
-    model: nn.Module,
-    loader: Batches,
-    device: torch.device,
-    amp_dtype: torch.dtype | None = None,
-    channels_last: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """All logits and targets, gathered into one preallocated pair of tensors where the
-    number of samples is known (no list of batches plus a copy of them all)."""
-    count = _sample_count(loader)
-    logits_all: torch.Tensor | None = None
-    targets_all: torch.Tensor | None = None
-    parts: list[tuple[torch.Tensor, torch.Tensor]] = []
-    done = 0
-    for logits, targets in iterate_logits(model, loader, device, amp_dtype, channels_last):
-        targets = torch.as_tensor(targets)
-        if count is None:
-            parts.append((logits, targets))
-            continue
-        if logits_all is None:
-            logits_all = torch.empty((count, *logits.shape[1:]), dtype=logits.dtype)
-            targets_all = torch.empty((count, *targets.shape[1:]), dtype=targets.dtype)
-        logits_all[done:done + len(logits)] = logits
-        targets_all[done:done + len(logits)] = targets  # type: ignore[index]
-        done += len(logits)
-    if logits_all is not None and targets_all is not None:
-        return logits_all[:done], targets_all[:done]
-    if not parts:
-        return torch.empty(0), torch.empty(0, dtype=torch.long)
-    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-
-
-def _sample_count(loader: Batches) -> int | None:
-    dataset = getattr(loader, "dataset", None)
-    if dataset is not None:
-        return len(dataset)
-    split = getattr(loader, "split", None)
-    return len(split) if split is not None else None
 
 
 def validation_metrics(

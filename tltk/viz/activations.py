@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -89,19 +89,18 @@ def feature_maps(output: torch.Tensor, layer: str) -> torch.Tensor:
 
 
 def class_average_maps(
-    model: nn.Module, module: nn.Module, batches: Sequence[tuple[torch.Tensor, torch.Tensor]] | Any, num_classes: int,
-    layer: str = "layer",
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]], num_classes: int, layer: str = "layer",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean maps per class as K x C x H x W, image count per class) over ``batches``.
+    """(mean maps per class as K x C x H x W, image count per class) over ``batches`` of
+    (captured maps, targets).
 
     Sums are kept per class as batches stream by, so memory is one layer's maps per class
     whatever the number of images.
     """
     sums: torch.Tensor | None = None
     counts = torch.zeros(num_classes, dtype=torch.long)
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    for images, targets in batches:
-        maps = feature_maps(capture(model, module, images.to(device)), layer).double()
+    for captured, targets in batches:
+        maps = feature_maps(captured, layer).double()
         if sums is None:
             sums = torch.zeros(num_classes, *maps.shape[1:], dtype=torch.float64)
         sums.index_add_(0, targets.long(), maps)
@@ -194,9 +193,9 @@ def image_activations(
     device: str = "auto",
 ) -> ActivationResult:
     """Write the feature maps of one image at ``layer`` of a run as a grid PNG."""
-    from tltk.data import build_transforms, load_image
-    from tltk.train.evaluate import load_run
-    from tltk.train.trainer import resolve_device
+    from tltk.data import load_image
+    from tltk.run import load_run
+    from tltk.runtime import resolve_device
     from tltk.viz.curves import PLOTS, run_title
     from tltk.viz.filters import safe_name
 
@@ -207,13 +206,13 @@ def image_activations(
     loaded = load_run(run)
     module_path, module = resolve_layer(loaded.model, layer)
     pre = loaded.preprocessing
-    tensor = build_transforms(tuple(pre["input_size"]), pre["mean"], pre["std"], "none", train=False)(load_image(source))
+    tensor = pre.eval_transform()(load_image(source))
     loaded.model.to(resolve_device(device))
     maps = feature_maps(capture(loaded.model, module, tensor.unsqueeze(0).to(resolve_device(device))), layer)[0]
     shown = maps[:max_maps].numpy()
     which = f"first {len(shown)} of {maps.shape[0]}" if len(shown) < maps.shape[0] else str(maps.shape[0])
     figure = image_maps_figure(
-        unnormalise(tensor, pre["mean"], pre["std"]), shown,
+        unnormalise(tensor, pre.mean, pre.std), shown,
         f"{layer} activations of {source.name}: {run_title(loaded.path)}",
         f"{module_path}: {which} channels of {maps.shape[1]}x{maps.shape[2]}",
     )
@@ -232,8 +231,8 @@ def class_average_activations(
     ``per_class`` caps the images per class (the first ones of the split), which keeps
     the average cheap on big datasets while still smoothing away single images.
     """
-    from tltk.train.evaluate import load_run
-    from tltk.train.trainer import make_loader, resolve_device
+    from tltk.run import load_run
+    from tltk.runtime import stream_outputs
     from tltk.viz.curves import PLOTS, run_title
     from tltk.viz.filters import safe_name
     from tltk.viz.misclassified import split_dataset
@@ -244,10 +243,9 @@ def class_average_activations(
     loaded = load_run(run)
     module_path, module = resolve_layer(loaded.model, layer)
     dataset, spec = split_dataset(loaded, data, split, per_class=per_class, **data_overrides)
-    torch_device = resolve_device(device)
-    loaded.model.to(torch_device)
-    loader = make_loader(dataset, batch_size=batch_size, shuffle=False, workers=0, device=torch_device)
-    means, counts = class_average_maps(loaded.model, module, loader, len(loaded.class_names), layer)
+    captured = stream_outputs(loaded.model, dataset, loaded.inference(device, batch_size),
+                              forward=lambda images: capture(loaded.model, module, images))
+    means, counts = class_average_maps(captured, len(loaded.class_names), layer)
     present = [i for i, n in enumerate(counts.tolist()) if n > 0]
     channels = most_different_channels(means[present], max_maps)
     names = [f"{loaded.class_names[i]} ({int(counts[i])})" for i in present]

@@ -14,8 +14,8 @@ from typing import Any, Sequence
 
 from matplotlib.figure import Figure
 
+from tltk import rundir
 from tltk.errors import TltkError
-from tltk.train import rundir
 from tltk.viz.curves import family, metric_keys, pretty, read_run_metrics, smooth, smoothing_weight, split_rows
 from tltk.viz.style import legend_if_several, new_figure, save_figure, short_labels, wrap
 

@@ -18,8 +18,8 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
+from tltk import rundir
 from tltk.errors import RunDirError
-from tltk.train import rundir
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

@@ -188,7 +188,7 @@ def safe_name(text: str) -> str:
 
 def visualize_filters(run: str | Path, layer: str = "conv1", out: str | Path | None = None) -> FiltersResult:
     """Write RUN/plots/filters_LAYER.png (or ``out``) from the run's trained weights."""
-    from tltk.train.evaluate import load_run
+    from tltk.run import load_run
     from tltk.viz.curves import PLOTS, run_title
 
     loaded = load_run(run)

@@ -15,10 +15,11 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
-from tltk.data import ImageDataset, Sample, build_transforms
+from tltk.data import ImageDataset, Sample
 from tltk.errors import DataError, TltkError
-from tltk.train.evaluate import LoadedRun, _samples_for_run, load_data_for_run, load_run
-from tltk.train.metrics import confusion_matrix
+from tltk.metrics import confusion_matrix
+from tltk.run import Run, load_run
+from tltk.runtime import collect_outputs
 from tltk.viz.style import grid_shape, new_figure, save_figure, wrap
 
 MAX_ANNOTATED_CLASSES = 30  # above this the count in each cell is unreadable
@@ -51,36 +52,34 @@ class MisclassifiedResult:
 
 
 def split_dataset(
-    loaded: LoadedRun, data: str | None, split: str, *, per_class: int | None = None, **overrides: Any
+    run: Run, data: str | None, split: str, *, per_class: int | None = None, **overrides: Any
 ) -> tuple[ImageDataset, str]:
     """(eval-transformed dataset of one split with targets in the run's class order, data spec).
 
     The split settings default to the run's, as ``tltk evaluate`` does, so "test" is the
     same images the run held out. ``per_class`` keeps the first N images of each class.
     """
-    if loaded.config.get("train", {}).get("task", "multiclass") != "multiclass":
+    if run.task != "multiclass":
         raise TltkError(
-            f"{loaded.path} is a multi-label run, and this picture is for multi-class runs only (one true class per "
-            f"image); `tltk evaluate {loaded.path}` gives its per-class AP and chart instead."
+            f"{run.path} is a multi-label run, and this picture is for multi-class runs only (one true class per "
+            f"image); `tltk evaluate {run.path}` gives its per-class AP and chart instead."
         )
-    splits = load_data_for_run(loaded, data, overrides)
-    samples = _samples_for_run(splits.split(split), splits.class_names, loaded.class_names, splits.spec)
+    dataset, splits = run.split(split, data, **overrides)
     if per_class is not None:
-        samples = _first_per_class(samples, per_class)
-    if not samples:
+        dataset = dataset.subset(_first_per_class(dataset.samples, per_class))
+    if not len(dataset):
         raise DataError(f"{splits.spec} has no images in its {split} split; pick another --split.")
-    pre = loaded.preprocessing
-    transform = build_transforms(tuple(pre["input_size"]), pre["mean"], pre["std"], "none", train=False)
-    return ImageDataset(samples, transform, splits.arrays), splits.spec
+    return dataset, splits.spec
 
 
-def _first_per_class(samples: Sequence[Sample], limit: int) -> list[Sample]:
+def _first_per_class(samples: Sequence[Sample], limit: int) -> list[int]:
+    """Positions of the first ``limit`` samples of each class."""
     taken: dict[int, int] = {}
     kept = []
-    for sample in samples:
+    for position, sample in enumerate(samples):
         if taken.get(sample.target, 0) < limit:
             taken[sample.target] = taken.get(sample.target, 0) + 1
-            kept.append(sample)
+            kept.append(position)
     return kept
 
 
@@ -137,15 +136,9 @@ def confusion_figure(confusion: np.ndarray, class_names: Sequence[str], title: s
     return figure
 
 
-def predict_probabilities(loaded: LoadedRun, dataset: ImageDataset, device: str, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+def predict_probabilities(run: Run, dataset: ImageDataset, device: str, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
     """(softmax probabilities N x K, targets N) of the run's model on ``dataset``."""
-    from tltk.train.trainer import TrainConfig, make_loader, predict_logits, resolve_device, resolve_precision
-
-    torch_device = resolve_device(device)
-    precision = TrainConfig(**loaded.config["train"]).precision
-    loader = make_loader(dataset, batch_size=batch_size, shuffle=False, workers=0, device=torch_device)
-    loaded.model.to(torch_device)
-    logits, targets = predict_logits(loaded.model, loader, torch_device, resolve_precision(precision, torch_device))
+    logits, targets = collect_outputs(run.model, dataset, run.inference(device, batch_size))
     return torch.softmax(logits, dim=1).numpy(), targets.numpy()
 
 
@@ -171,7 +164,7 @@ def visualize_misclassified(
     confusion = confusion_matrix(targets, probabilities.argmax(axis=1), len(names))
     pre = loaded.preprocessing
     shown = mistakes[:n]
-    pictures = [unnormalise(dataset[m.index][0], pre["mean"], pre["std"]) for m in shown]
+    pictures = [unnormalise(dataset[m.index][0], pre.mean, pre.std) for m in shown]
     target = Path(out_dir) if out_dir is not None else loaded.path / PLOTS
     label = f"{spec} {split}, {len(targets)} images"
     grid = save_figure(

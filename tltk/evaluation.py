@@ -1,0 +1,127 @@
+"""Measuring a run on a split of any dataset with the same classes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from tltk import distributed
+from tltk.data import ImageDataset
+from tltk.metrics import confusion_matrix, multilabel_report, per_class_accuracy, top_k_accuracy
+from tltk.run import Run, as_run
+from tltk.runtime import Inference, check_batch_size, collect_outputs, resolve_device, stream_outputs
+
+
+def evaluate(
+    run: str | Path | Run,
+    data: str | None = None,
+    split: str = "test",
+    *,
+    device: str = "auto",
+    batch_size: int | None = None,
+    **data_overrides: Any,
+) -> dict[str, Any]:
+    """Accuracy, top-5, per-class accuracy and confusion matrix of a run on one split.
+
+    Without ``data`` the run's own dataset is used; either way the split settings
+    (seed, fractions, class filter) default to the run's, so "test" means the same images
+    training held out. Launched by torchrun or srun with several processes, each evaluates
+    its shard of the split and every one returns the report of the whole split.
+    """
+    if batch_size is not None:
+        check_batch_size(batch_size)
+    run = as_run(run)
+    dataset, splits = run.split(split, data, **data_overrides)
+    with distributed.session(resolve_device(device).type) as context:
+        report = evaluate_model(run.model, dataset, run.class_names, run.inference(device, batch_size), run.task,
+                                context)
+    report.update(run=str(run.path), data=splits.spec, split=split, skipped=len(splits.skipped))
+    return report
+
+
+def evaluate_model(
+    model: torch.nn.Module,
+    dataset: ImageDataset,
+    class_names: list[str],
+    settings: Inference,
+    task: str,
+    context: distributed.DistContext = distributed.SINGLE,
+) -> dict[str, Any]:
+    """The evaluation report of ``model`` on ``dataset`` (already preprocessed as the run's).
+
+    Multi-class figures are tallied batch by batch, so memory does not grow with the
+    split; multi-label AP ranks every score of a class, so those are kept (one
+    preallocated array, nothing more). In a data-parallel job each rank evaluates every
+    N-th sample and the tallies (or scores) are combined, so every rank returns the report
+    of the whole split.
+    """
+    device = distributed.device_for(context, resolve_device(settings.device))
+    if len(dataset) < context.world_size:
+        context = distributed.SINGLE  # fewer samples than ranks: each rank evaluates them all
+    shard = dataset.subset(distributed.evaluation_shard(len(dataset), context)) if context.active else dataset
+    if task == "multilabel":
+        logits, targets = distributed.gather_outputs(*collect_outputs(model, shard, settings, device=device),
+                                                     context, device)
+        return multilabel_report(targets.numpy(), torch.sigmoid(logits).numpy(), class_names)
+    tally = ClassificationTally(len(class_names))
+    for logits, batch_targets in stream_outputs(model, shard, settings, device=device):
+        tally.add(torch.as_tensor(batch_targets).numpy(), logits.numpy())
+    tally.combine_ranks(context, device)
+    return tally.report(class_names)
+
+
+class ClassificationTally:
+    """Multi-class figures accumulated one batch at a time.
+
+    A confusion matrix and a count of top-5 hits hold everything
+    ``tltk.metrics.classification_report`` derives from the full arrays, so the
+    report is the same (the tests compare them) while memory stays at classes x classes.
+    """
+
+    TOP_K = 5
+
+    def __init__(self, num_classes: int) -> None:
+        self.num_classes = num_classes
+        self.confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
+        self.top_k_hits = 0
+
+    @property
+    def n(self) -> int:
+        return int(self.confusion.sum())
+
+    def add(self, targets: np.ndarray, scores: np.ndarray) -> None:
+        if not len(targets):
+            return
+        self.confusion += confusion_matrix(targets, scores.argmax(axis=1), self.num_classes)
+        if self.num_classes > self.TOP_K:
+            self.top_k_hits += int(round(top_k_accuracy(targets, scores, self.TOP_K) * len(targets)))
+
+    def combine_ranks(self, context: distributed.DistContext, device: torch.device) -> None:
+        """Add up every rank's tallies (each counted a different shard of the split)."""
+        if not context.active:
+            return
+        counts = torch.from_numpy(np.append(self.confusion.ravel(), self.top_k_hits)).to(device)
+        torch.distributed.all_reduce(counts)
+        counts = counts.cpu().numpy()
+        self.confusion = counts[:-1].reshape(self.confusion.shape)
+        self.top_k_hits = int(counts[-1])
+
+    def report(self, class_names: list[str]) -> dict[str, Any]:
+        n = self.n
+        report: dict[str, Any] = {
+            "n": n,
+            "task": "multiclass",
+            "accuracy": float(np.trace(self.confusion) / n) if n else float("nan"),
+            "per_class_accuracy": {
+                name: (None if np.isnan(v) else float(v)) for name, v in zip(class_names, per_class_accuracy(self.confusion))
+            },
+            "support": {name: int(count) for name, count in zip(class_names, self.confusion.sum(axis=1))},
+            "confusion_matrix": self.confusion.tolist(),
+            "class_names": list(class_names),
+        }
+        if self.num_classes > self.TOP_K:
+            report["top5_accuracy"] = self.top_k_hits / n if n else float("nan")
+        return report

@@ -1,0 +1,131 @@
+"""A finished run directory as one object: its model, classes, preprocessing and data.
+
+Everything after training starts from a run directory (config.json, model.safetensors),
+never from the command line that made it: evaluation, prediction, features and the
+pictures of a run. So loading one, finding the images a split meant at training time and
+lining their labels up with the run's classes are written here once, and every consumer
+(``tltk.evaluation``, ``tltk.predict``, ``tltk.features``, ``tltk.viz``) takes a ``Run``.
+Those consumers import this module, never the other way round.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from tltk import rundir
+from tltk.backbones.base import Preprocessing
+from tltk.data import DataSplits, ImageDataset, Sample, load_data
+from tltk.errors import DataError, RunDirError
+from tltk.model import ModelSpec, TransferModel, build_model
+from tltk.runtime import Inference
+
+# The data settings a run records that choose its images (config.json's "data").
+DATA_SETTINGS = ("spec", "image_root", "val_split", "test_split", "seed", "strict", "classes", "train_per_class",
+                 "difficult")
+
+
+@dataclass
+class Run:
+    """A trained run: ``config`` is config.json as written; the properties read it typed."""
+
+    path: Path
+    model: TransferModel
+    config: dict[str, Any]
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.config["class_names"])
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        return Preprocessing.from_dict(self.config["preprocessing"])
+
+    @property
+    def task(self) -> str:
+        return str(self.config.get("train", {}).get("task", "multiclass"))
+
+    @property
+    def frozen(self) -> list[str]:
+        """The modules training left frozen. Runs from before this was recorded froze the
+        whole backbone exactly when their strategy was ``freeze``."""
+        if "frozen" in self.config:
+            return list(self.config["frozen"])
+        return ["backbone"] if self.config.get("strategy", {}).get("name") == "freeze" else []
+
+    def inference(self, device: str = "auto", batch_size: int | None = None, workers: int | None = None) -> Inference:
+        """Run the model as training did: its precision and memory layout; its batch size and
+        workers unless given."""
+        train = self.config.get("train", {})
+        return Inference(
+            device=device,
+            precision=str(train.get("precision", "auto")),
+            channels_last=str(train.get("channels_last", "auto")),
+            batch_size=batch_size if batch_size is not None else int(train.get("batch_size", 64)),
+            workers=workers if workers is not None else train.get("workers"),
+        )
+
+    def data(self, spec: str | None = None, **overrides: Any) -> DataSplits:
+        """The run's own data settings (so "test" is the images training held out), with
+        another spec or explicit settings on top; another spec drops the run's class filter."""
+        options = {key: value for key, value in self.config["data"].items() if key in DATA_SETTINGS}
+        if spec is not None and spec != options["spec"]:
+            options.update(spec=spec, classes=None, train_per_class=None)
+        options.update({key: value for key, value in overrides.items() if value is not None})
+        splits = load_data(options.pop("spec"), **options)
+        return splits.as_multilabel() if self.task == "multilabel" else splits
+
+    def split(self, split: str = "test", spec: str | None = None, **overrides: Any) -> tuple[ImageDataset, DataSplits]:
+        """One split as the model sees it: targets in the run's class order, the run's
+        deterministic preprocessing; with the splits it came from (spec, arrays, skipped)."""
+        splits = self.data(spec, **overrides)
+        samples = align_to_run_classes(splits.split(split), splits.class_names, self.class_names, splits.spec)
+        return ImageDataset(samples, self.preprocessing.eval_transform(), splits.arrays), splits
+
+
+def load_run(path: str | Path) -> Run:
+    """Rebuild a run's model from config.json and model.safetensors alone, frozen where
+    training left it frozen, in eval mode."""
+    path = Path(path).expanduser()
+    config = rundir.read_config(path)
+    model = build_model(ModelSpec(**config["model"]), load_weights=False)
+    missing, unexpected = model.load_state_dict(rundir.load_weights(path), strict=False)
+    if missing or unexpected:
+        first = (missing or unexpected)[0]
+        raise RunDirError(f"{path / rundir.WEIGHTS} does not match the model in its config.json (first odd tensor: '{first}').")
+    run = Run(path, model, config)
+    model.freeze_modules(run.frozen)
+    model.eval()
+    return run
+
+
+def as_run(run: str | Path | Run) -> Run:
+    return run if isinstance(run, Run) else load_run(run)
+
+
+def align_to_run_classes(samples: Sequence[Sample], data_classes: list[str], run_classes: list[str],
+                         where: str) -> list[Sample]:
+    """Re-index targets from the data's class list to the run's.
+
+    Multi-class: a sample of a class the run never saw is an error. Multi-label: the
+    run's classes must all be in the data (columns are matched by name; extra data
+    classes are dropped).
+    """
+    index = {name: i for i, name in enumerate(run_classes)}
+    if samples and isinstance(samples[0].target, tuple):
+        missing = [name for name in run_classes if name not in data_classes]
+        if missing:
+            raise DataError(f"{where} lacks the run's classes {', '.join(missing[:5])}; evaluate on data labelled with them.")
+        columns = [data_classes.index(name) for name in run_classes]
+        return [Sample(s.source, tuple(s.target[c] for c in columns), s.id) for s in samples]
+    unknown = sorted({data_classes[s.target] for s in samples} - set(index))
+    if unknown:
+        raise DataError(
+            f"{where} has classes the run was not trained on ({', '.join(unknown[:5])}); "
+            f"pass --classes with the run's classes ({', '.join(run_classes[:10])})."
+        )
+    return [Sample(s.source, index[data_classes[s.target]], s.id) for s in samples]
+
+
+__all__ = ["DATA_SETTINGS", "Run", "align_to_run_classes", "as_run", "load_run"]
