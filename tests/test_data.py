@@ -287,6 +287,49 @@ def test_classes_filter_leaving_one_class_is_an_error(tmp_path):
         load_data(str(root), classes=["cat"])
 
 
+def test_classes_leaves_out_an_empty_class_folder_before_it_is_refused(tmp_path):
+    root = write_image_folder(tmp_path / "pets", {"cat": 3, "dog": 3})
+    (root / "fish").mkdir()
+    with pytest.raises(DataError, match="fish contains no images.*leave the class out with --classes"):
+        load_data(str(root))
+    data = load_data(str(root), classes=["cat", "dog"])
+    assert data.class_names == ["cat", "dog"] and len(all_samples(data)) == 6
+
+
+def test_classes_leaves_out_a_class_folder_of_undecodable_images(tmp_path):
+    root = write_image_folder(tmp_path / "pets", {"cat": 3, "dog": 3})
+    write_bad_images(root / "fish")
+    assert load_data(str(root), classes=["cat", "dog"]).class_names == ["cat", "dog"]
+
+
+def test_classes_leaves_out_an_empty_class_folder_of_one_split(tmp_path):
+    for split in ("train", "test"):
+        write_image_folder(tmp_path / "pets" / split, {"cat": 3, "dog": 3})
+    (tmp_path / "pets" / "test" / "fish").mkdir()
+    write_image_folder(tmp_path / "pets" / "train", {"fish": 3})
+    with pytest.raises(DataError, match="test.fish contains no images"):
+        load_data(str(tmp_path / "pets"))
+    assert load_data(str(tmp_path / "pets"), classes=["cat", "dog"]).class_names == ["cat", "dog"]
+
+
+def test_classes_leaves_out_a_multilabel_csv_column_with_no_positives(tmp_path):
+    for i in range(6):
+        write_image(tmp_path / f"im{i}.png")
+    rows = "".join(f"im{i}.png,{i % 2},{1 - i % 2},0\n" for i in range(6))
+    (tmp_path / "l.csv").write_text("image,sunny,cloudy,snow\n" + rows)
+    with pytest.raises(DataError, match="Class 'snow' has no samples.*leave it out with --classes"):
+        load_data(str(tmp_path / "l.csv"))
+    data = load_data(str(tmp_path / "l.csv"), classes=["sunny", "cloudy"])
+    assert data.class_names == ["sunny", "cloudy"] and {len(s.target) for s in all_samples(data)} == {2}
+
+
+def test_classes_naming_an_unknown_class_lists_empty_classes_among_the_known(tmp_path):
+    root = write_image_folder(tmp_path / "pets", {"cat": 3, "dog": 3})
+    (root / "fish").mkdir()
+    with pytest.raises(DataError, match="'zebra'.*known classes: cat, dog, fish"):
+        load_data(str(root), classes=["cat", "zebra"])
+
+
 def test_train_per_class_caps_train_only_and_is_seeded(digits):
     small = load_data("builtin:digits", train_per_class=3)
     assert Counter(s.target for s in small.train) == {c: 3 for c in range(10)}

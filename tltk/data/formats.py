@@ -48,14 +48,16 @@ def read_folder(path: Path, *, image_root: Path | None = None, strict: bool = Fa
     class_names = _folder_class_names(root, class_dirs)
 
     listed: list[tuple[str, int, Path]] = []  # (split, target, file)
+    problems: dict[str, str] = {}
     for split, classes in class_dirs.items():
         for name, folder in classes.items():
             files = scan_image_files(folder)
             if not files:
-                raise DataError(
+                problems.setdefault(name, (
                     f"Class folder {folder} contains no images; add images "
-                    f"({', '.join(sorted(_EXTENSIONS_FOR_MESSAGES))}) or remove the folder."
-                )
+                    f"({', '.join(sorted(_EXTENSIONS_FOR_MESSAGES))}), remove the folder or leave the class out "
+                    f"with --classes."
+                ))
             listed.extend((split, class_names.index(name), file) for file in files)
 
     good, bad = validate_images([file for _, _, file in listed], strict=strict)
@@ -64,8 +66,10 @@ def read_folder(path: Path, *, image_root: Path | None = None, strict: bool = Fa
     for split, target, file in listed:
         if file in decodable:
             splits[split].append(Sample(str(file.absolute()), target, relative_id(file, root)))
-    _require_decodable_classes(splits, class_names, class_dirs, bad)
-    return RawDataset(class_names, splits, str(root), skipped=[str(p.absolute()) for p in bad])
+    for name, problem in _undecodable_classes(splits, class_names, class_dirs, bad).items():
+        problems.setdefault(name, problem)
+    return RawDataset(class_names, splits, str(root), skipped=[str(p.absolute()) for p in bad],
+                      class_problems=problems)
 
 
 _EXTENSIONS_FOR_MESSAGES = (".jpg", ".png", ".bmp", ".gif", ".tif", ".webp")
@@ -130,22 +134,25 @@ def _folder_class_names(root: Path, class_dirs: dict[str, dict[str, Path]]) -> l
     return names
 
 
-def _require_decodable_classes(
+def _undecodable_classes(
     splits: dict[str, list[Sample]],
     class_names: list[str],
     class_dirs: dict[str, dict[str, Path]],
     bad: list[Path],
-) -> None:
-    """A class folder whose every image was undecodable is as unusable as an empty one."""
+) -> dict[str, str]:
+    """A class folder whose every image was undecodable is as unusable as an empty one; the
+    sentence for each such class, raised later only if --classes keeps the class."""
+    problems: dict[str, str] = {}
     for split, classes in class_dirs.items():
         present = {sample.target for sample in splits[split]}
         for name, folder in classes.items():
-            if class_names.index(name) not in present:
+            if class_names.index(name) not in present and any(folder in p.parents for p in bad):
                 skipped = sum(1 for p in bad if folder in p.parents)
-                raise DataError(
+                problems.setdefault(name, (
                     f"Class folder {folder} has no decodable images ({skipped} could not be "
-                    f"decoded); replace them or remove the folder."
-                )
+                    f"decoded); replace them, remove the folder or leave the class out with --classes."
+                ))
+    return problems
 
 
 # --------------------------------------------------------------------------- cifar10

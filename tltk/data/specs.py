@@ -100,7 +100,8 @@ def load_data(
 
     The dataset's own splits are kept; a missing test split is carved from the data and a
     missing val split from train (stratified, seeded). ``classes`` keeps only those
-    classes before splitting; ``train_per_class`` then caps the training samples per class.
+    classes, before any check that each class has samples (so a class that has none can be
+    left out); ``train_per_class`` then caps the training samples per class.
     """
     check_fraction(val_split, "--val-split")
     check_fraction(test_split, "--test-split")
@@ -108,10 +109,9 @@ def load_data(
     reader = DATA_FORMATS.get(format_name)
     root = user_path(image_root) if image_root is not None else None
     raw = reader(path, image_root=root, strict=strict)
-    check_classes(raw)
     if classes:
         raw = filter_classes(raw, classes)
-        check_classes(raw, filtered=True)
+    check_classes(raw, filtered=bool(classes))
     train, val, test = make_splits(raw, val_split=val_split, test_split=test_split, seed=seed)
     if train_per_class is not None:
         train = limit_per_class(train, train_per_class, seed)
