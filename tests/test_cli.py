@@ -157,3 +157,26 @@ def test_cli_reference_in_docs_matches_the_commands() -> None:
     docs = Path(__file__).resolve().parents[1] / "docs"
     generate = runpy.run_path(str(docs / "make_cli_reference.py"))["reference"]
     assert (docs / "cli.md").read_text() == generate(), "run: python docs/make_cli_reference.py"
+
+
+def test_a_kaggle_csv_of_ids_without_extensions_trains_and_predicts_to_a_submission(tmp_path: Path) -> None:
+    from data_fixtures import write_csv, write_image
+
+    rows = []
+    for i in range(18):
+        label = ("circle", "square", "star")[i % 3]
+        write_image(tmp_path / "comp" / "train" / f"id{i:03d}{('.jpg', '.png')[i % 2]}", CLASS_RGB[label])
+        rows.append((f"id{i:03d}", label))
+    labels = write_csv(tmp_path / "comp" / "train.csv", rows, header=("id", "label"))
+    out = tmp_path / "run"
+    result = tltk("finetune", "--backbone", "lenet5", "--weights", "none", "--data", f"csv:{labels}",
+                  "--image-root", str(tmp_path / "comp" / "train"), "--out", str(out), *FAST)
+    assert result.exit_code == 0, result.output
+    result = tltk("predict", str(out), "--out", str(tmp_path / "sub.csv"), "--format", "kaggle", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    submitted = (tmp_path / "sub.csv").read_text().splitlines()
+    assert submitted[0] == "id,label" and len(submitted) > 1
+    assert {line.split(",")[0] for line in submitted[1:]} <= {image_id for image_id, _ in rows}
+
+
+CLASS_RGB = {"circle": (255, 0, 0), "square": (0, 255, 0), "star": (0, 0, 255)}

@@ -18,11 +18,11 @@ import pickle
 import re
 import struct
 from pathlib import Path, PurePath
-from typing import Callable, Iterable, Protocol
+from typing import Callable, Iterable, Protocol, Sequence
 
 import numpy as np
 
-from tltk.data.images import is_hidden, scan_image_files, validate_images
+from tltk.data.images import is_hidden, is_image_file, scan_image_files, validate_images
 from tltk.data.samples import RawDataset, Sample, relative_id
 from tltk.errors import DataError, printable
 from tltk.registry import DATA_FORMATS  # the registry of the tltk.datasets entry-point group
@@ -395,18 +395,65 @@ def read_csv(path: Path, *, image_root: Path | None = None, strict: bool = False
 def _csv_dataset(
     path: Path, root: Path, class_names: list[str], rows: list[tuple[str, int | tuple[int, ...]]], strict: bool
 ) -> RawDataset:
-    files = [root / name for name, _ in rows]
+    files = resolve_image_names([name for name, _ in rows], root, path)
     good, bad = validate_images(files, strict=strict)
     if not good:
         raise DataError(
             f"None of the {len(files)} images listed in {path} could be read (first: {files[0]}); "
-            f"check that --image-root ({root}) is the folder the file names are relative to."
+            f"check that --image-root ({root}) is the folder the file names (or, for names without an "
+            f"extension, the images named after them) are in."
         )
     decodable = set(good)
     samples = [
         Sample(str(file.absolute()), target, name) for file, (name, target) in zip(files, rows) if file in decodable
     ]
     return RawDataset(class_names, {"all": samples}, str(path), skipped=[str(p.absolute()) for p in bad])
+
+
+def resolve_image_names(names: Sequence[str], root: Path, listing: Path) -> list[Path]:
+    """The file each name in ``listing`` means, under ``root``.
+
+    A name with an image extension is a path relative to ``root``. A name without one (a
+    Kaggle ``id`` column, ``train/{id}.jpg`` on disk) is the one image under ``root``
+    whose path, less its extension, ends with that name. The folder is indexed once for
+    the whole listing, not once per row: label files run to 100,000 rows. A name that
+    matches nothing is returned as ``root/name`` and counts as an unreadable image.
+    """
+    bare = [name for name in names if not is_image_file(Path(name))]
+    if not bare:
+        return [root / name for name in names]
+    index = _images_by_stem(root)
+    resolved = {name: _image_named(name, index, root, listing) for name in dict.fromkeys(bare)}
+    return [resolved.get(name, root / name) for name in names]
+
+
+def _images_by_stem(root: Path) -> dict[str, list[Path]]:
+    """Every image under ``root`` (recursively, hidden ones aside), grouped by file stem."""
+    index: dict[str, list[Path]] = {}
+    for file in scan_image_files(root):
+        index.setdefault(file.stem, []).append(file)
+    return index
+
+
+def _image_named(name: str, index: dict[str, list[Path]], root: Path, listing: Path) -> Path:
+    """The one image for an extension-less name: the file itself if it exists, else by stem."""
+    literal = root / name
+    if literal.is_file():
+        return literal
+    parts = PurePath(name).parts
+    if not parts:
+        return literal
+    matches = [
+        file for file in index.get(parts[-1], []) if file.relative_to(root).with_suffix("").parts[-len(parts):] == parts
+    ]
+    if len(matches) > 1:
+        more = f" and {len(matches) - 2} more" if len(matches) > 2 else ""
+        raise DataError(
+            f"{listing} names image '{printable(name)}' without an extension, and {len(matches)} images match it: "
+            f"{matches[0]}, {matches[1]}{more}; "
+            f"write the file name with its extension in the CSV or point --image-root at the folder that holds only one."
+        )
+    return matches[0] if matches else literal
 
 
 def _csv_header(path: Path) -> list[str]:
