@@ -23,8 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from tltk.data.formats import DATA_FORMATS
-from tltk.data.images import validate_images
+from tltk.data.formats import DATA_FORMATS, drop_undecodable
 from tltk.data.samples import RawDataset, Sample, relative_id
 from tltk.errors import DataError, printable
 
@@ -65,7 +64,7 @@ def read_coco(path: Path, *, image_root: Path | None = None, strict: bool = Fals
         split: _samples(coco, image_root if image_root is not None else _image_folder(path, coco), column, path)
         for split, coco in parsed.items()
     }
-    return _drop_undecodable(labelled, class_names, path, strict)
+    return drop_undecodable(labelled, class_names, path, strict)
 
 
 def _samples(coco: CocoFile, folder: Path, column: dict[int, int], root: Path) -> list[Sample]:
@@ -266,11 +265,3 @@ def _image_folder(path: Path, coco: CocoFile) -> Path:
         f"No image folder for {coco.path}: its first image {printable(probe)} is in none of "
         f"{', '.join(str(c) for c in candidates)}; put the images in {candidates[0]} or give --image-root."
     )
-
-
-def _drop_undecodable(labelled: dict[str, list[Sample]], class_names: list[str], root: Path, strict: bool) -> RawDataset:
-    files = [Path(s.source) for samples in labelled.values() for s in samples]
-    good, bad = validate_images(list(dict.fromkeys(files)), strict=strict)
-    decodable = {str(p.absolute()) for p in good}
-    splits = {name: [s for s in samples if s.source in decodable] for name, samples in labelled.items()}
-    return RawDataset(class_names, splits, str(root), skipped=[str(p.absolute()) for p in bad])

@@ -658,6 +658,18 @@ def _in_memory_dataset(
     return RawDataset(class_names, splits, root, arrays=np.concatenate(arrays))
 
 
+def drop_undecodable(labelled: dict[str, list[Sample]], class_names: list[str], root: Path,
+                     strict: bool) -> RawDataset:
+    """The dataset of file samples whose images decode; the rest are reported as skipped
+    (or, with ``strict``, the first is an error). Each file is decoded once, however many
+    samples name it."""
+    files = [Path(str(s.source)) for samples in labelled.values() for s in samples]
+    good, bad = validate_images(list(dict.fromkeys(files)), strict=strict)
+    decodable = {str(p.absolute()) for p in good}
+    splits = {name: [s for s in samples if s.source in decodable] for name, samples in labelled.items()}
+    return RawDataset(class_names, splits, str(root), skipped=[str(p.absolute()) for p in bad])
+
+
 def _check_label_range(labels: np.ndarray, num_classes: int, file: Path) -> None:
     if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
         raise DataError(

@@ -73,7 +73,8 @@ def detect_format(path: Path) -> str:
         return "csv"
     raise DataError(
         f"No dataset format recognised at {path}; expected class subfolders, CIFAR-10 batches, "
-        f"MNIST IDX files, a VOCdevkit folder, a COCO folder (annotations/instances_*.json) or a .csv file (or name the format: {_FORMAT_HINT})."
+        f"MNIST IDX files, a VOCdevkit folder, a COCO folder (annotations/instances_*.json) or a .csv file "
+        f"(or name the format: {_FORMAT_HINT})."
     )
 
 

@@ -24,8 +24,7 @@ from xml.etree.ElementTree import Element
 import defusedxml.ElementTree as SafeET
 from defusedxml import DefusedXmlException
 
-from tltk.data.formats import DATA_FORMATS
-from tltk.data.images import validate_images
+from tltk.data.formats import DATA_FORMATS, drop_undecodable
 from tltk.data.samples import RawDataset, Sample
 from tltk.errors import DataError, printable
 
@@ -86,7 +85,7 @@ def read_voc(path: Path, *, image_root: Path | None = None, strict: bool = False
         ]
         for name, items in listed.items()
     }
-    return _drop_undecodable(labelled, class_names, year_dir, strict)
+    return drop_undecodable(labelled, class_names, year_dir, strict)
 
 
 def read_label_file(year_dir: Path) -> tuple[Path, list[str]] | None:
@@ -211,12 +210,3 @@ def _line_of(path: Path, name: str) -> int:
     text = path.read_text(encoding="utf-8", errors="replace")
     at = text.find(f"<name>{name}")
     return text.count("\n", 0, at) + 1 if at >= 0 else 1
-
-
-def _drop_undecodable(labelled: dict[str, list[Sample]], class_names: list[str], year_dir: Path,
-                      strict: bool) -> RawDataset:
-    files = [Path(s.source) for samples in labelled.values() for s in samples]
-    good, bad = validate_images(list(dict.fromkeys(files)), strict=strict)
-    decodable = {str(p.absolute()) for p in good}
-    splits = {name: [s for s in samples if s.source in decodable] for name, samples in labelled.items()}
-    return RawDataset(class_names, splits, str(year_dir), skipped=[str(p.absolute()) for p in bad])
