@@ -150,6 +150,12 @@ def test_annotations_without_a_train_file_say_so(tmp_path: Path) -> None:
         load_data(f"coco:{root}")
 
 
+def test_an_annotation_file_given_as_the_path_points_at_its_folder(tmp_path: Path) -> None:
+    root = write_coco(tmp_path)
+    with pytest.raises(DataError, match=f"is a file; give coco: the folder that holds annotations/ \\(coco:{root}\\)"):
+        load_data(f"coco:{root / TRAIN}")
+
+
 def test_images_that_are_nowhere_name_the_folders_looked_in(tmp_path: Path) -> None:
     root = write_coco(tmp_path)
     (root / "val2017").rename(root / "elsewhere")

@@ -85,8 +85,12 @@ def find_coco_dir(path: Path) -> Path | None:
 
 def annotation_files(path: Path) -> dict[str, Path]:
     """The annotation file of each split, by split name (``all`` for a lone file of another name)."""
+    if path.is_file():
+        folder = path.parent.parent if path.parent.name == "annotations" else path.parent
+        raise DataError(f"{path} is a file; give coco: the folder that holds annotations/ (coco:{folder}), "
+                        f"whose instances_*.json files make the splits.")
     if not path.is_dir():
-        raise DataError(f"COCO folder {path} does not exist or is not a folder; check the --data spec.")
+        raise DataError(f"COCO folder {path} does not exist; check the --data spec.")
     if find_coco_dir(path) is None:
         raise DataError(
             f"{path} is not a COCO folder; expected {path}/annotations/instances_train2017.json (or another "
