@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import click
 import pytest
 import torch
 from click.testing import CliRunner
@@ -157,3 +158,77 @@ def test_cli_reference_in_docs_matches_the_commands() -> None:
     docs = Path(__file__).resolve().parents[1] / "docs"
     generate = runpy.run_path(str(docs / "make_cli_reference.py"))["reference"]
     assert (docs / "cli.md").read_text() == generate(), "run: python docs/make_cli_reference.py"
+
+
+def test_a_kaggle_csv_of_ids_without_extensions_trains_and_predicts_to_a_submission(tmp_path: Path) -> None:
+    from data_fixtures import write_csv, write_image
+
+    rows = []
+    for i in range(18):
+        label = ("circle", "square", "star")[i % 3]
+        write_image(tmp_path / "comp" / "train" / f"id{i:03d}{('.jpg', '.png')[i % 2]}", CLASS_RGB[label])
+        rows.append((f"id{i:03d}", label))
+    labels = write_csv(tmp_path / "comp" / "train.csv", rows, header=("id", "label"))
+    out = tmp_path / "run"
+    result = tltk("finetune", "--backbone", "lenet5", "--weights", "none", "--data", f"csv:{labels}",
+                  "--image-root", str(tmp_path / "comp" / "train"), "--out", str(out), *FAST)
+    assert result.exit_code == 0, result.output
+    result = tltk("predict", str(out), "--out", str(tmp_path / "sub.csv"), "--format", "kaggle", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    submitted = (tmp_path / "sub.csv").read_text().splitlines()
+    assert submitted[0] == "id,label" and len(submitted) > 1
+    assert {line.split(",")[0] for line in submitted[1:]} <= {image_id for image_id, _ in rows}
+
+
+CLASS_RGB = {"circle": (255, 0, 0), "square": (0, 255, 0), "star": (0, 0, 255)}
+
+
+# --- options given twice --------------------------------------------------------------------
+
+LIST_OPTIONS = {("neighbors", "--query"), ("neighbors", "--query-index")}
+
+
+def every_command(group: click.Group, path: tuple[str, ...] = ()):
+    """(the words that reach it, the command) for ``tltk`` and every command and group under it."""
+    yield path, group
+    for name, command in group.commands.items():
+        if isinstance(command, click.Group):
+            yield from every_command(command, (*path, name))
+        else:
+            yield (*path, name), command
+
+
+def single_valued_options():
+    for path, command in every_command(main):
+        for option in command.params:
+            if isinstance(option, click.Option) and option.expose_value and not option.count:
+                yield path, option
+
+
+@pytest.mark.parametrize("path,option", list(single_valued_options()),
+                         ids=lambda value: " ".join(value) if isinstance(value, tuple) else value.opts[-1])
+def test_every_option_given_twice_is_a_list_or_refused_in_one_sentence(path: tuple[str, ...], option) -> None:
+    name = option.opts[-1]
+    if option.multiple:
+        assert (" ".join(path), name) in LIST_OPTIONS | {(" ".join(path), o) for o in option.opts}
+        return
+    given = [name] if option.is_flag else [name, "1"]
+    result = tltk(*path, *given, *given)
+    assert_one_sentence_error(result, f"{name}", "is given more than once", "give", "once")
+
+
+def test_only_the_options_that_take_lists_are_repeatable() -> None:
+    repeatable = {(" ".join(path), option.opts[-1]) for path, option in single_valued_options() if option.multiple}
+    assert LIST_OPTIONS <= repeatable
+    assert {name for _, name in repeatable} == {"--query", "--query-index", "--backbone-opt"}, repeatable
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["finetune", "--cache", "--no-cache"], "--cache/--no-cache is given more than once to `tltk finetune`; give one of them once"),
+    (["finetune", "--epochs=3", "--epochs", "4"], "--epochs is given more than once to `tltk finetune`; it takes one value"),
+    (["--debug", "--debug", "list"], "--debug is given more than once to `tltk`"),
+    (["index", "STORE", "--recall-k", "5", "--recall-k", "6"], "--recall-k is given more than once to `tltk index`"),
+])
+def test_a_repeated_option_is_named_with_the_command(args: list[str], fragment: str) -> None:
+    result = CliRunner().invoke(main, args, prog_name="tltk")
+    assert_one_sentence_error(result, fragment)

@@ -206,6 +206,66 @@ def test_csv_files_default_to_the_csv_folder(tmp_path):
     assert len(all_samples(data)) == 6 and data.skipped == []
 
 
+def test_csv_ids_without_an_extension_find_the_image_of_that_name_whatever_its_extension(tmp_path):
+    ids = {"a1": ".jpg", "b2": ".png", "c3": ".tif", "d4": ".jpg", "e5": ".png", "f6": ".tif"}
+    for image_id, ext in ids.items():
+        write_image(tmp_path / "kaggle" / "train" / f"{image_id}{ext}")
+    rows = [(image_id, "cat" if i % 2 else "dog") for i, image_id in enumerate(ids)]
+    csv_path = write_csv(tmp_path / "kaggle" / "train.csv", rows, header=("id", "label"))
+    data = load_data(str(csv_path), image_root=str(tmp_path / "kaggle" / "train"))
+    assert data.skipped == [] and len(all_samples(data)) == 6
+    sample = by_id(data)["c3"]
+    assert sample.source == str((tmp_path / "kaggle" / "train" / "c3.tif").absolute())
+    assert data.class_names[sample.target] == "dog"
+
+
+def test_csv_ids_without_an_extension_are_found_in_subfolders_of_the_image_root(tmp_path):
+    for i in range(4):
+        write_image(tmp_path / "train" / f"im{i}.jpg")
+    (tmp_path / "labels.csv").write_text("id,labels\n" + "".join(f"im{i},{'cat dog' if i % 2 else 'dog'}\n" for i in range(4)))
+    data = load_data(f"csv:{tmp_path / 'labels.csv'}")
+    assert data.task == "multilabel" and data.skipped == []
+    assert by_id(data)["im1"].source == str((tmp_path / "train" / "im1.jpg").absolute())
+
+
+def test_csv_id_matching_two_images_is_an_error_naming_both(tmp_path):
+    write_image(tmp_path / "train" / "x7.jpg")
+    write_image(tmp_path / "test" / "x7.png")
+    write_image(tmp_path / "train" / "y8.jpg")
+    csv_path = write_csv(tmp_path / "labels.csv", [("x7", "cat"), ("y8", "dog")], header=("id", "label"))
+    with pytest.raises(DataError, match=r"names image 'x7' without an extension, and 2 images match it: .*; "
+                                        r"write the file name with its extension") as raised:
+        load_data(str(csv_path))
+    assert str(tmp_path / "train" / "x7.jpg") in str(raised.value) and str(tmp_path / "test" / "x7.png") in str(raised.value)
+
+
+def test_csv_id_with_a_folder_matches_only_images_in_that_folder(tmp_path):
+    write_image(tmp_path / "train" / "x7.jpg")
+    write_image(tmp_path / "test" / "x7.png")
+    write_image(tmp_path / "train" / "y8.jpg")
+    csv_path = write_csv(tmp_path / "labels.csv", [("train/x7", "cat"), ("train/y8", "dog")])
+    assert by_id(load_data(str(csv_path)))["train/x7"].source.endswith("x7.jpg")
+
+
+def test_csv_ids_are_looked_up_in_one_listing_of_the_image_root_not_one_per_row(tmp_path, monkeypatch):
+    import time
+
+    import tltk.data.formats as formats
+
+    folder = tmp_path / "train"
+    folder.mkdir()
+    for i in range(2000):
+        (folder / f"{i:06d}.jpg").touch()
+    scans = []
+    real_scan = formats.scan_image_files
+    monkeypatch.setattr(formats, "scan_image_files", lambda root: scans.append(root) or real_scan(root))
+    names = [f"{i % 2000:06d}" for i in range(100_000)]
+    started = time.perf_counter()
+    files = formats.resolve_image_names(names, folder, tmp_path / "train.csv")
+    assert time.perf_counter() - started < 10
+    assert len(scans) == 1 and files[2001] == folder / "000001.jpg"
+
+
 def test_csv_single_label_column_with_spaces_points_to_the_multilabel_labels_column(tmp_path):
     write_image(tmp_path / "a.png")
     write_image(tmp_path / "b.png")
@@ -285,6 +345,49 @@ def test_classes_filter_leaving_one_class_is_an_error(tmp_path):
     root = write_image_folder(tmp_path / "pets", {"bird": 3, "cat": 3})
     with pytest.raises(DataError, match=r"1 class \(cat\).*at least 2"):
         load_data(str(root), classes=["cat"])
+
+
+def test_classes_leaves_out_an_empty_class_folder_before_it_is_refused(tmp_path):
+    root = write_image_folder(tmp_path / "pets", {"cat": 3, "dog": 3})
+    (root / "fish").mkdir()
+    with pytest.raises(DataError, match="fish contains no images.*leave the class out with --classes"):
+        load_data(str(root))
+    data = load_data(str(root), classes=["cat", "dog"])
+    assert data.class_names == ["cat", "dog"] and len(all_samples(data)) == 6
+
+
+def test_classes_leaves_out_a_class_folder_of_undecodable_images(tmp_path):
+    root = write_image_folder(tmp_path / "pets", {"cat": 3, "dog": 3})
+    write_bad_images(root / "fish")
+    assert load_data(str(root), classes=["cat", "dog"]).class_names == ["cat", "dog"]
+
+
+def test_classes_leaves_out_an_empty_class_folder_of_one_split(tmp_path):
+    for split in ("train", "test"):
+        write_image_folder(tmp_path / "pets" / split, {"cat": 3, "dog": 3})
+    (tmp_path / "pets" / "test" / "fish").mkdir()
+    write_image_folder(tmp_path / "pets" / "train", {"fish": 3})
+    with pytest.raises(DataError, match="test.fish contains no images"):
+        load_data(str(tmp_path / "pets"))
+    assert load_data(str(tmp_path / "pets"), classes=["cat", "dog"]).class_names == ["cat", "dog"]
+
+
+def test_classes_leaves_out_a_multilabel_csv_column_with_no_positives(tmp_path):
+    for i in range(6):
+        write_image(tmp_path / f"im{i}.png")
+    rows = "".join(f"im{i}.png,{i % 2},{1 - i % 2},0\n" for i in range(6))
+    (tmp_path / "l.csv").write_text("image,sunny,cloudy,snow\n" + rows)
+    with pytest.raises(DataError, match="Class 'snow' has no samples.*leave it out with --classes"):
+        load_data(str(tmp_path / "l.csv"))
+    data = load_data(str(tmp_path / "l.csv"), classes=["sunny", "cloudy"])
+    assert data.class_names == ["sunny", "cloudy"] and {len(s.target) for s in all_samples(data)} == {2}
+
+
+def test_classes_naming_an_unknown_class_lists_empty_classes_among_the_known(tmp_path):
+    root = write_image_folder(tmp_path / "pets", {"cat": 3, "dog": 3})
+    (root / "fish").mkdir()
+    with pytest.raises(DataError, match="'zebra'.*known classes: cat, dog, fish"):
+        load_data(str(root), classes=["cat", "zebra"])
 
 
 def test_train_per_class_caps_train_only_and_is_seeded(digits):

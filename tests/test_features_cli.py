@@ -87,6 +87,14 @@ def test_neighbors_of_stored_rows_print_a_table_a_grid_and_json(store: Path, tmp
     assert first["neighbours"] == sorted(first["neighbours"], key=lambda n: n["distance"])
 
 
+def test_neighbors_answers_for_every_repeated_query_index_and_query(store: Path) -> None:
+    payload = json.loads(tltk("neighbors", store, "--query-index", "0", "--query-index", "7,2", "--k", "2", "--json").stdout)
+    assert [q["row"] for q in payload["queries"]] == [0, 7, 2]
+    stored = [json.loads(line)["path"] for line in (store / "metadata.jsonl").read_text().splitlines()]
+    payload = json.loads(tltk("neighbors", store, "--query", stored[3], "--query", stored[6], "--k", "1", "--json").stdout)
+    assert [q["neighbours"][0]["row"] for q in payload["queries"]] == [3, 6]
+
+
 def test_neighbors_of_an_image_file_rebuild_the_model_from_the_store(store: Path) -> None:
     stored = [json.loads(line) for line in (store / "metadata.jsonl").read_text().splitlines()]
     query = stored[4]["path"]

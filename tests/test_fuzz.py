@@ -1,6 +1,6 @@
 """Fuzzed parsers: every input gives a valid result or tltk's own error, never another exception.
 
-The CSV label reader, the VOC annotation reader and the ``--data`` spec parser read what
+The CSV label reader, the VOC and COCO annotation readers and the ``--data`` spec parser read what
 users and downloads hand them. Hypothesis generates the inputs: near-valid files built
 from the formats' own tokens (so the parsers get past their first check) as well as
 arbitrary text and bytes.
@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 from tests.data_fixtures import write_image
 from tests.voc_fixtures import BILLION_LAUGHS
+from tltk.data.coco import read_annotation_file
 from tltk.data.formats import read_csv
 from tltk.data.samples import RawDataset
 from tltk.data.specs import parse_spec, resolve_spec
@@ -119,6 +120,50 @@ def test_voc_annotation_reader_refuses_entity_declarations_instead_of_expanding_
     path.write_text(entity_xml)
     with pytest.raises(TltkError, match="refused"):
         parse_annotation(path)
+
+
+json_values = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(-3, 3), st.floats(allow_nan=False), st.text(max_size=6)),
+    lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=4), inner, max_size=3)),
+    max_leaves=12,
+)
+coco_fields = {
+    "image": st.fixed_dictionaries({"id": st.one_of(st.integers(0, 3), json_values),
+                                    "file_name": st.one_of(st.sampled_from(["a.jpg", "../x.jpg", "/abs.jpg", ""]), json_values)}),
+    "annotation": st.fixed_dictionaries({"image_id": st.one_of(st.integers(0, 3), json_values),
+                                         "category_id": st.one_of(st.integers(0, 3), json_values),
+                                         "iscrowd": st.one_of(st.sampled_from([0, 1, True, 2, "1"]), json_values)}),
+    "category": st.fixed_dictionaries({"id": st.one_of(st.integers(0, 3), json_values),
+                                       "name": st.one_of(st.sampled_from(["cat", "dog", " ", ""]), json_values)}),
+}
+coco_documents = st.one_of(
+    json_values,
+    st.fixed_dictionaries({
+        "images": st.one_of(st.lists(st.one_of(coco_fields["image"], json_values), max_size=4), json_values),
+        "annotations": st.one_of(st.lists(st.one_of(coco_fields["annotation"], json_values), max_size=4), json_values),
+        "categories": st.one_of(st.lists(st.one_of(coco_fields["category"], json_values), max_size=3), json_values),
+    }),
+)
+
+
+@FUZZ
+@given(document=coco_documents)
+def test_coco_annotation_reader_on_generated_json_gives_a_file_or_a_tltk_error(workdir, document):
+    import json
+
+    path = workdir / "instances_train.json"
+    path.write_text(json.dumps(document), encoding="utf-8")
+    coco = _expect_result_or_tltk_error(lambda: read_annotation_file(path), object)
+    if coco is not None:
+        assert all(category_id in coco.categories for found in coco.instances.values() for category_id, _ in found)
+
+
+@FUZZ
+@given(data=st.binary(max_size=300))
+def test_coco_annotation_reader_on_arbitrary_bytes_gives_a_file_or_a_tltk_error(workdir, data):
+    path = workdir / "instances_bytes.json"
+    path.write_bytes(data)
+    _expect_result_or_tltk_error(lambda: read_annotation_file(path), object)
 
 
 spec_prefixes = st.sampled_from(["", "folder:", "csv:", "voc:", "cifar10:", "mnist:", "builtin:", "nope:", ":", "::"])

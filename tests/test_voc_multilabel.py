@@ -58,11 +58,82 @@ def test_a_difficult_object_beside_a_normal_one_of_the_same_class_stays_positive
     assert load_data(f"voc:{root}").train[0].target[0] == 1
 
 
-def test_annotation_with_an_unknown_class_names_file_and_line(tmp_path: Path) -> None:
+def test_the_pascal_classes_are_alphabetical_so_sorting_annotation_names_keeps_their_order() -> None:
+    assert list(VOC_CLASSES) == sorted(VOC_CLASSES)
+
+
+EXPORT_CLASSES = ("vest", "hardhat", "Person")
+
+
+def export_objects(index: int) -> list[tuple[str, bool]]:
+    """An annotation tool's export: image i shows class i % 3 and, every other image, a difficult (i + 1) % 3."""
+    first, second = EXPORT_CLASSES[index % 3], EXPORT_CLASSES[(index + 1) % 3]
+    return [(first, False)] + ([(second, True)] if index % 2 else [])
+
+
+def test_a_voc_export_with_its_own_classes_reads_them_sorted_from_the_annotations(tmp_path: Path) -> None:
+    data = load_data(f"voc:{write_voc(tmp_path, images=12, objects=export_objects)}")
+    assert data.class_names == ["Person", "hardhat", "vest"]
+    targets = {s.id: s.target for s in data.train}
+    assert targets["JPEGImages/000001.jpg"] == (0, 0, 1)  # image 0: vest
+    assert targets["JPEGImages/000002.jpg"] == (-1, 1, 0)  # image 1: hardhat, a difficult Person
+
+
+def test_a_voc_folder_with_some_pascal_classes_has_just_those(tmp_path: Path) -> None:
+    root = write_voc(tmp_path, images=8, objects=lambda i: [(("person", "car")[i % 2], False)])
+    assert load_data(f"voc:{root}").class_names == ["car", "person"]
+
+
+@pytest.mark.parametrize("label_file", ["labels.txt", "classes.txt"])
+def test_a_label_file_beside_imagesets_gives_the_classes_and_their_order(tmp_path: Path, label_file: str) -> None:
+    root = write_voc(tmp_path, images=12, objects=export_objects)
+    (root / "VOC2007" / label_file).write_text("# from labelImg\nvest\nhardhat\n\nPerson\n")
+    data = load_data(f"voc:{root}")
+    assert data.class_names == list(EXPORT_CLASSES)
+    assert {s.id: s.target for s in data.train}["JPEGImages/000002.jpg"] == (0, 1, -1)
+
+
+def test_annotation_naming_a_class_the_label_file_lacks_names_file_line_and_label_file(tmp_path: Path) -> None:
     root = write_voc(tmp_path)
+    (root / "VOC2007" / "labels.txt").write_text("\n".join(VOC_CLASSES))
     xml = root / "VOC2007" / "Annotations" / "000003.xml"
     xml.write_text(annotation_xml("000003", [("person", False), ("unicorn", False)]))
-    with pytest.raises(DataError, match=r"000003\.xml:\d+ names class 'unicorn'"):
+    with pytest.raises(DataError, match=r"000003\.xml:13 names class 'unicorn', which is not listed in .*labels\.txt"):
+        load_data(f"voc:{root}")
+
+
+def test_a_labelled_class_without_objects_can_be_left_out_with_classes(tmp_path: Path) -> None:
+    root = write_voc(tmp_path, images=12, objects=export_objects)
+    (root / "VOC2007" / "labels.txt").write_text("vest\nhardhat\nPerson\ngloves\n")
+    with pytest.raises(DataError, match="Class 'gloves' has no samples .*leave it out with --classes"):
+        load_data(f"voc:{root}")
+    data = load_data(f"voc:{root}", classes=["vest", "hardhat", "Person"])
+    assert data.class_names == list(EXPORT_CLASSES) and {len(s.target) for s in data.train} == {3}
+
+
+def test_classes_naming_a_class_the_voc_export_lacks_lists_the_known_ones(tmp_path: Path) -> None:
+    root = write_voc(tmp_path, images=12, objects=export_objects)
+    with pytest.raises(DataError, match="'gloves' in --classes .*known classes: Person, hardhat, vest"):
+        load_data(f"voc:{root}", classes=["vest", "gloves"])
+
+
+@pytest.mark.parametrize("files,message", [
+    ({"labels.txt": "vest\nhardhat\n", "classes.txt": "hardhat\nvest\n"}, "list different classes"),
+    ({"labels.txt": "vest\nvest\n"}, "lists class 'vest' twice"),
+    ({"labels.txt": "\n# nothing yet\n"}, "lists no classes"),
+])
+def test_a_label_file_that_cannot_be_used_is_one_error(tmp_path: Path, files: dict[str, str], message: str) -> None:
+    root = write_voc(tmp_path, images=12, objects=export_objects)
+    for name, text in files.items():
+        (root / "VOC2007" / name).write_text(text)
+    with pytest.raises(DataError, match=message):
+        load_data(f"voc:{root}")
+
+
+def test_an_object_without_a_class_name_is_one_error(tmp_path: Path) -> None:
+    root = write_voc(tmp_path)
+    (root / "VOC2007" / "Annotations" / "000002.xml").write_text(annotation_xml("000002", [(" ", False)]))
+    with pytest.raises(DataError, match=r"000002\.xml:\d+ has an object without a class <name>"):
         load_data(f"voc:{root}")
 
 
@@ -227,3 +298,16 @@ def test_task_multilabel_trains_multiclass_data_as_one_sigmoid_per_class(tmp_pat
         "--workers", "0", "--device", "cpu", "--quiet", "--json"], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     assert "map" in json.loads(result.stdout)["test"]
+
+
+def test_a_voc_export_with_its_own_classes_trains_and_evaluates_per_class(tmp_path: Path) -> None:
+    root = write_voc(tmp_path, images=24, objects=export_objects)
+    out = tmp_path / "run"
+    result = CliRunner().invoke(main, [
+        "finetune", "--backbone", "lenet5", "--weights", "none", "--data", f"voc:{root}", "--out", str(out),
+        "--epochs", "1", "--batch-size", "8", "--workers", "0", "--device", "cpu", "--quiet"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    report = json.loads(CliRunner().invoke(main, ["evaluate", str(out), "--device", "cpu", "--json"],
+                                           catch_exceptions=False).stdout)
+    assert sorted(r["class"] for r in report["per_class"]) == ["Person", "hardhat", "vest"]
+    assert report["map"] == pytest.approx(json.loads((out / "summary.json").read_text())["test"]["map"])

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 from rich.console import Console
@@ -16,8 +16,74 @@ out = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
 
 
-class TltkGroup(click.Group):
-    """Turns a ``TltkError`` into one line on stderr and its exit code; --debug keeps the traceback."""
+class RefusesRepeatedOptions(click.Command):
+    """Refuses a single-valued option given more than once, in one sentence.
+
+    click keeps the last value of a repeated option silently, so ``--k 5 --k 7`` would
+    search with 7 and never say so. Options that take a list are declared ``multiple``
+    and are not affected. Shared by every tltk command and group, so no command can
+    forget it.
+    """
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if not ctx.resilient_parsing:
+            refuse_repeated_options(self, ctx, args)
+        return super().parse_args(ctx, args)
+
+
+def refuse_repeated_options(command: click.Command, ctx: click.Context, args: list[str]) -> None:
+    """Raise a ``TltkError`` naming the first single-valued option that ``args`` repeats.
+
+    The command's own parser reads a copy of ``args`` first, so that ``--opt=value``, short
+    names and values that look like options are understood exactly as click will.
+    """
+    try:
+        _, _, order = command.make_parser(ctx).parse_args(args=list(args))
+    except click.UsageError:
+        return  # click reports it, in the same words, when it parses for real
+    seen: set[str] = set()
+    for param in order:
+        if not isinstance(param, click.Option) or not is_single_valued(param) or param.name is None:
+            continue
+        if param.name in seen:
+            raise TltkError(repeated_option_message(param, ctx.command_path))
+        seen.add(param.name)
+
+
+def repeated_option_message(option: click.Option, command_path: str) -> str:
+    names = "/".join([*option.opts, *option.secondary_opts])
+    advice = "give one of them once" if option.secondary_opts else "give it once" if option.is_flag else (
+        "it takes one value, so give it once")
+    return f"{names} is given more than once to `{command_path}`; {advice}."
+
+
+def is_single_valued(option: click.Option) -> bool:
+    """Whether repeating ``option`` would silently replace its value (not a list, not a
+    counter, not --help/--version, which act at once and set nothing)."""
+    return not option.multiple and not option.count and option.expose_value
+
+
+class TltkCommand(RefusesRepeatedOptions):
+    """Every tltk command: refuses repeated single-valued options."""
+
+
+class TltkGroup(RefusesRepeatedOptions, click.Group):
+    """Turns a ``TltkError`` into one line on stderr and its exit code; --debug keeps the traceback.
+
+    Its commands are ``TltkCommand`` and its subgroups ``TltkGroup`` (``group_class = type``),
+    so every command under ``tltk`` refuses repeated single-valued options.
+    """
+
+    command_class = TltkCommand
+    group_class = type
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        try:
+            return super().parse_args(ctx, args)
+        except TltkError as exc:
+            if ctx.parent is not None:
+                raise  # the group above reports it
+            report_error(ctx, exc)  # ``tltk``'s own options are parsed before any invoke
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -25,8 +91,13 @@ class TltkGroup(click.Group):
         except TltkError as exc:
             if ctx.obj and ctx.obj.get("debug"):
                 raise
-            err.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)
-            ctx.exit(exc.exit_code)
+            report_error(ctx, exc)
+
+
+def report_error(ctx: click.Context, exc: TltkError) -> NoReturn:
+    """The error's one sentence on stderr, then exit with its code."""
+    err.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)
+    ctx.exit(exc.exit_code)
 
 
 @click.group(cls=TltkGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

@@ -106,7 +106,7 @@ def data_options(command: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--train-per-class", type=int, default=None, help="Keep at most N training images per class."),
         click.option("--strict", is_flag=True, help="Stop at the first image that cannot be decoded instead of skipping it."),
         click.option("--voc-difficult", default=None, type=click.Choice(["ignore", "positive", "negative"]),
-                     help="VOC objects marked difficult: ignored when scoring (default), or counted."),
+                     help="VOC objects marked difficult, COCO crowds: ignored when scoring (default), or counted."),
     ]
     for option in reversed(options):
         command = option(command)

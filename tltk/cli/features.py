@@ -7,7 +7,7 @@ from typing import Any, Callable
 import click
 from rich.table import Table
 
-from tltk.cli.app import backbone_opt, err, main, out, parse_options, print_json
+from tltk.cli.app import TltkCommand, TltkGroup, backbone_opt, err, main, out, parse_options, print_json
 from tltk.cli.core import data_options, split_classes
 from tltk.errors import TltkError
 
@@ -213,13 +213,13 @@ class _StoreFormContext(click.Context):
         return self.parent.command_path if self.parent is not None else super().command_path
 
 
-class _StoreFormCommand(click.Command):
+class _StoreFormCommand(TltkCommand):
     """The store form of ``tltk index``: ``tltk index [OPTIONS] STORE``."""
 
     context_class = _StoreFormContext
 
 
-class _IndexGroup(click.Group):
+class _IndexGroup(TltkGroup):
     """``tltk index STORE [OPTIONS]`` works on one store; ``tltk index merge PART... --out STORE``
     joins the parts of a sharded extraction.
 
@@ -332,7 +332,8 @@ def _print_store(store: Any) -> None:
 @click.argument("source")
 @click.argument("more", nargs=-1, metavar="[IMAGE|N]...")
 @click.option("--query", multiple=True, help="Query image file; repeat it, or list more images after the options.")
-@click.option("--query-index", default=None, help="Stored rows as queries, comma-separated (each leaves itself out).")
+@click.option("--query-index", multiple=True,
+              help="Stored rows as queries, comma-separated or repeated (each leaves itself out).")
 @click.option("--k", type=int, default=10, show_default=True)
 @click.option("--grid", default=None, help="PNG of each query beside its neighbours.")
 @click.option("--layer", default=None, help="With a model as SOURCE: the layer to build the store from.")
@@ -345,7 +346,7 @@ def _print_store(store: Any) -> None:
 @loading_options
 @data_options
 @click.option("--json", "as_json", is_flag=True)
-def neighbors(source: str, more: tuple[str, ...], query: tuple[str, ...], query_index: str | None, k: int,
+def neighbors(source: str, more: tuple[str, ...], query: tuple[str, ...], query_index: tuple[str, ...], k: int,
               grid: str | None, layer: str | None, data_spec: str | None, split: str, pool: str, metric: str,
               store_dir: str | None, as_json: bool, **opts: Any) -> None:
     """Nearest stored images to query images or stored rows: rank, path, label, distance.
@@ -384,7 +385,7 @@ def neighbors(source: str, more: tuple[str, ...], query: tuple[str, ...], query_
         out.print(f"grid: {grid_path}")
 
 
-def _queries(query: tuple[str, ...], query_index: str | None, more: tuple[str, ...]) -> tuple[list[str], list[int]]:
+def _queries(query: tuple[str, ...], query_index: tuple[str, ...], more: tuple[str, ...]) -> tuple[list[str], list[int]]:
     """Query images or stored rows; arguments after the options extend whichever was named."""
     if query and query_index:
         raise TltkError("give --query images or --query-index rows, not both.")
@@ -394,11 +395,11 @@ def _queries(query: tuple[str, ...], query_index: str | None, more: tuple[str, .
         return [*query, *more], []
     if not query_index:
         raise TltkError("name what to search for: --query IMAGE (an image file) or --query-index N (a stored row).")
-    parts = [p.strip() for p in [*query_index.split(","), *more] if p.strip()]
+    parts = [p.strip() for p in [*(row for value in query_index for row in value.split(",")), *more] if p.strip()]
     try:
         return [], [int(p) for p in parts]
     except ValueError as exc:
-        raise TltkError(f"--query-index takes row numbers such as 0,5,17, not '{query_index}'.") from exc
+        raise TltkError(f"--query-index takes row numbers such as 0,5,17, not '{','.join(query_index)}'.") from exc
 
 
 def _course_store(source: str, layer: str | None, data_spec: str | None, split: str, pool: str, metric: str,

@@ -7,7 +7,7 @@ from typing import Any, Callable
 import click
 from rich.table import Table
 
-from tltk.cli.app import err, main, out, print_json
+from tltk.cli.app import TltkCommand, err, main, out, print_json
 from tltk.cli.core import data_options, finetune_config, split_classes
 from tltk.errors import TltkError
 
@@ -246,7 +246,7 @@ def sweep_command(param: str, option: str, help_text: str) -> Callable[..., Any]
         click.Option(["--values"], required=True, help=f"Comma-separated values of {option}, e.g. 1e-4,1e-3,1e-2."),
         click.Option(["--out-root"], required=True, help="Folder that gets one run directory per value."),
     ]
-    return click.Command(param.replace("_", "-"), callback=run, params=params, help=help_text)
+    return TltkCommand(param.replace("_", "-"), callback=run, params=params, help=help_text)
 
 
 sweep.add_command(sweep_command(

@@ -18,11 +18,11 @@ import pickle
 import re
 import struct
 from pathlib import Path, PurePath
-from typing import Callable, Iterable, Protocol
+from typing import Callable, Iterable, Protocol, Sequence
 
 import numpy as np
 
-from tltk.data.images import is_hidden, scan_image_files, validate_images
+from tltk.data.images import is_hidden, is_image_file, scan_image_files, validate_images
 from tltk.data.samples import RawDataset, Sample, relative_id
 from tltk.errors import DataError, printable
 from tltk.registry import DATA_FORMATS  # the registry of the tltk.datasets entry-point group
@@ -48,14 +48,16 @@ def read_folder(path: Path, *, image_root: Path | None = None, strict: bool = Fa
     class_names = _folder_class_names(root, class_dirs)
 
     listed: list[tuple[str, int, Path]] = []  # (split, target, file)
+    problems: dict[str, str] = {}
     for split, classes in class_dirs.items():
         for name, folder in classes.items():
             files = scan_image_files(folder)
             if not files:
-                raise DataError(
+                problems.setdefault(name, (
                     f"Class folder {folder} contains no images; add images "
-                    f"({', '.join(sorted(_EXTENSIONS_FOR_MESSAGES))}) or remove the folder."
-                )
+                    f"({', '.join(sorted(_EXTENSIONS_FOR_MESSAGES))}), remove the folder or leave the class out "
+                    f"with --classes."
+                ))
             listed.extend((split, class_names.index(name), file) for file in files)
 
     good, bad = validate_images([file for _, _, file in listed], strict=strict)
@@ -64,8 +66,10 @@ def read_folder(path: Path, *, image_root: Path | None = None, strict: bool = Fa
     for split, target, file in listed:
         if file in decodable:
             splits[split].append(Sample(str(file.absolute()), target, relative_id(file, root)))
-    _require_decodable_classes(splits, class_names, class_dirs, bad)
-    return RawDataset(class_names, splits, str(root), skipped=[str(p.absolute()) for p in bad])
+    for name, problem in _undecodable_classes(splits, class_names, class_dirs, bad).items():
+        problems.setdefault(name, problem)
+    return RawDataset(class_names, splits, str(root), skipped=[str(p.absolute()) for p in bad],
+                      class_problems=problems)
 
 
 _EXTENSIONS_FOR_MESSAGES = (".jpg", ".png", ".bmp", ".gif", ".tif", ".webp")
@@ -130,22 +134,25 @@ def _folder_class_names(root: Path, class_dirs: dict[str, dict[str, Path]]) -> l
     return names
 
 
-def _require_decodable_classes(
+def _undecodable_classes(
     splits: dict[str, list[Sample]],
     class_names: list[str],
     class_dirs: dict[str, dict[str, Path]],
     bad: list[Path],
-) -> None:
-    """A class folder whose every image was undecodable is as unusable as an empty one."""
+) -> dict[str, str]:
+    """A class folder whose every image was undecodable is as unusable as an empty one; the
+    sentence for each such class, raised later only if --classes keeps the class."""
+    problems: dict[str, str] = {}
     for split, classes in class_dirs.items():
         present = {sample.target for sample in splits[split]}
         for name, folder in classes.items():
-            if class_names.index(name) not in present:
+            if class_names.index(name) not in present and any(folder in p.parents for p in bad):
                 skipped = sum(1 for p in bad if folder in p.parents)
-                raise DataError(
+                problems.setdefault(name, (
                     f"Class folder {folder} has no decodable images ({skipped} could not be "
-                    f"decoded); replace them or remove the folder."
-                )
+                    f"decoded); replace them, remove the folder or leave the class out with --classes."
+                ))
+    return problems
 
 
 # --------------------------------------------------------------------------- cifar10
@@ -388,18 +395,65 @@ def read_csv(path: Path, *, image_root: Path | None = None, strict: bool = False
 def _csv_dataset(
     path: Path, root: Path, class_names: list[str], rows: list[tuple[str, int | tuple[int, ...]]], strict: bool
 ) -> RawDataset:
-    files = [root / name for name, _ in rows]
+    files = resolve_image_names([name for name, _ in rows], root, path)
     good, bad = validate_images(files, strict=strict)
     if not good:
         raise DataError(
             f"None of the {len(files)} images listed in {path} could be read (first: {files[0]}); "
-            f"check that --image-root ({root}) is the folder the file names are relative to."
+            f"check that --image-root ({root}) is the folder the file names (or, for names without an "
+            f"extension, the images named after them) are in."
         )
     decodable = set(good)
     samples = [
         Sample(str(file.absolute()), target, name) for file, (name, target) in zip(files, rows) if file in decodable
     ]
     return RawDataset(class_names, {"all": samples}, str(path), skipped=[str(p.absolute()) for p in bad])
+
+
+def resolve_image_names(names: Sequence[str], root: Path, listing: Path) -> list[Path]:
+    """The file each name in ``listing`` means, under ``root``.
+
+    A name with an image extension is a path relative to ``root``. A name without one (a
+    Kaggle ``id`` column, ``train/{id}.jpg`` on disk) is the one image under ``root``
+    whose path, less its extension, ends with that name. The folder is indexed once for
+    the whole listing, not once per row: label files run to 100,000 rows. A name that
+    matches nothing is returned as ``root/name`` and counts as an unreadable image.
+    """
+    bare = [name for name in names if not is_image_file(Path(name))]
+    if not bare:
+        return [root / name for name in names]
+    index = _images_by_stem(root)
+    resolved = {name: _image_named(name, index, root, listing) for name in dict.fromkeys(bare)}
+    return [resolved.get(name, root / name) for name in names]
+
+
+def _images_by_stem(root: Path) -> dict[str, list[Path]]:
+    """Every image under ``root`` (recursively, hidden ones aside), grouped by file stem."""
+    index: dict[str, list[Path]] = {}
+    for file in scan_image_files(root):
+        index.setdefault(file.stem, []).append(file)
+    return index
+
+
+def _image_named(name: str, index: dict[str, list[Path]], root: Path, listing: Path) -> Path:
+    """The one image for an extension-less name: the file itself if it exists, else by stem."""
+    literal = root / name
+    if literal.is_file():
+        return literal
+    parts = PurePath(name).parts
+    if not parts:
+        return literal
+    matches = [
+        file for file in index.get(parts[-1], []) if file.relative_to(root).with_suffix("").parts[-len(parts):] == parts
+    ]
+    if len(matches) > 1:
+        more = f" and {len(matches) - 2} more" if len(matches) > 2 else ""
+        raise DataError(
+            f"{listing} names image '{printable(name)}' without an extension, and {len(matches)} images match it: "
+            f"{matches[0]}, {matches[1]}{more}; "
+            f"write the file name with its extension in the CSV or point --image-root at the folder that holds only one."
+        )
+    return matches[0] if matches else literal
 
 
 def _csv_header(path: Path) -> list[str]:
@@ -602,6 +656,18 @@ def _in_memory_dataset(
         splits[split] = [Sample(offset + i, int(label), f"{split}/{i}") for i, label in enumerate(labels)]
         offset += len(labels)
     return RawDataset(class_names, splits, root, arrays=np.concatenate(arrays))
+
+
+def drop_undecodable(labelled: dict[str, list[Sample]], class_names: list[str], root: Path,
+                     strict: bool) -> RawDataset:
+    """The dataset of file samples whose images decode; the rest are reported as skipped
+    (or, with ``strict``, the first is an error). Each file is decoded once, however many
+    samples name it."""
+    files = [Path(str(s.source)) for samples in labelled.values() for s in samples]
+    good, bad = validate_images(list(dict.fromkeys(files)), strict=strict)
+    decodable = {str(p.absolute()) for p in good}
+    splits = {name: [s for s in samples if s.source in decodable] for name, samples in labelled.items()}
+    return RawDataset(class_names, splits, str(root), skipped=[str(p.absolute()) for p in bad])
 
 
 def _check_label_range(labels: np.ndarray, num_classes: int, file: Path) -> None:

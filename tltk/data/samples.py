@@ -56,6 +56,11 @@ class RawDataset:
     ``splits`` maps the dataset's own split names (``"train"``, ``"val"``, ``"test"``)
     to samples, or holds the single key ``"all"`` when the dataset has no splits of its
     own. ``root`` is where the data was read from, for error messages.
+
+    ``class_problems`` holds, by class name, the sentence a reader would have raised about
+    that class (an empty class folder). Readers record it instead of raising so that
+    ``--classes`` can leave a broken class out; ``check_classes`` raises it for a class
+    that is kept.
     """
 
     class_names: list[str]
@@ -63,6 +68,7 @@ class RawDataset:
     root: str
     arrays: np.ndarray | None = None
     skipped: list[str] = field(default_factory=list)
+    class_problems: dict[str, str] = field(default_factory=dict)
 
     def all_samples(self) -> list[Sample]:
         return [sample for samples in self.splits.values() for sample in samples]

@@ -11,6 +11,7 @@ import re
 from pathlib import Path
 from typing import Sequence
 
+from tltk.data.coco import find_coco_dir
 from tltk.data.formats import DATA_FORMATS, find_cifar10_dir, find_mnist_dir
 from tltk.data.voc import find_voc_dir
 from tltk.data.images import is_hidden
@@ -26,7 +27,7 @@ from tltk.data.splits import (
 from tltk.errors import DataError
 from tltk.fileio import user_path
 
-_FORMAT_HINT = "folder:PATH, cifar10:PATH, mnist:PATH, voc:PATH, csv:FILE, builtin:digits"
+_FORMAT_HINT = "folder:PATH, cifar10:PATH, mnist:PATH, voc:PATH, coco:PATH, csv:FILE, builtin:digits"
 
 
 def parse_spec(spec: str) -> tuple[str | None, str]:
@@ -60,6 +61,8 @@ def detect_format(path: Path) -> str:
     if path.is_dir():
         if find_voc_dir(path) is not None:
             return "voc"
+        if find_coco_dir(path) is not None:
+            return "coco"
         if find_cifar10_dir(path) is not None:
             return "cifar10"
         if find_mnist_dir(path) is not None:
@@ -70,7 +73,8 @@ def detect_format(path: Path) -> str:
         return "csv"
     raise DataError(
         f"No dataset format recognised at {path}; expected class subfolders, CIFAR-10 batches, "
-        f"MNIST IDX files, a VOCdevkit folder or a .csv file (or name the format: {_FORMAT_HINT})."
+        f"MNIST IDX files, a VOCdevkit folder, a COCO folder (annotations/instances_*.json) or a .csv file "
+        f"(or name the format: {_FORMAT_HINT})."
     )
 
 
@@ -100,7 +104,8 @@ def load_data(
 
     The dataset's own splits are kept; a missing test split is carved from the data and a
     missing val split from train (stratified, seeded). ``classes`` keeps only those
-    classes before splitting; ``train_per_class`` then caps the training samples per class.
+    classes, before any check that each class has samples (so a class that has none can be
+    left out); ``train_per_class`` then caps the training samples per class.
     """
     check_fraction(val_split, "--val-split")
     check_fraction(test_split, "--test-split")
@@ -108,10 +113,9 @@ def load_data(
     reader = DATA_FORMATS.get(format_name)
     root = user_path(image_root) if image_root is not None else None
     raw = reader(path, image_root=root, strict=strict)
-    check_classes(raw)
     if classes:
         raw = filter_classes(raw, classes)
-        check_classes(raw, filtered=True)
+    check_classes(raw, filtered=bool(classes))
     train, val, test = make_splits(raw, val_split=val_split, test_split=test_split, seed=seed)
     if train_per_class is not None:
         train = limit_per_class(train, train_per_class, seed)

@@ -33,7 +33,8 @@ def filter_classes(raw: RawDataset, classes: Sequence[str]) -> RawDataset:
     kept = [name for name in raw.class_names if name in wanted]
     new_index = {raw.class_names.index(name): i for i, name in enumerate(kept)}
     splits = {split: _kept_samples(samples, new_index) for split, samples in raw.splits.items()}
-    return RawDataset(kept, splits, raw.root, arrays=raw.arrays, skipped=list(raw.skipped))
+    problems = {name: problem for name, problem in raw.class_problems.items() if name in kept}
+    return RawDataset(kept, splits, raw.root, arrays=raw.arrays, skipped=list(raw.skipped), class_problems=problems)
 
 
 def _kept_samples(samples: Sequence[Sample], new_index: dict[int, int]) -> list[Sample]:
@@ -49,7 +50,9 @@ def _kept_samples(samples: Sequence[Sample], new_index: dict[int, int]) -> list[
 
 
 def check_classes(raw: RawDataset, *, filtered: bool = False) -> None:
-    """At least two classes, each with at least one sample; otherwise nothing can be learnt."""
+    """At least two classes, each with at least one sample and no problem its reader found;
+    otherwise nothing can be learnt. Run after ``filter_classes``, so that a class left out
+    with ``--classes`` is never held against the data."""
     samples = raw.all_samples()
     if not samples:
         raise DataError(f"No images found in {raw.root}; check the --data path and format.")
@@ -60,6 +63,9 @@ def check_classes(raw: RawDataset, *, filtered: bool = False) -> None:
         raise DataError(
             f"{found[0].upper()}{found[1:]}{listed} in {raw.root}{where}; a classifier needs at least 2."
         )
+    for name in raw.class_names:
+        if name in raw.class_problems:
+            raise DataError(raw.class_problems[name])
     present = {index for sample in samples for index in positives(sample.target)}
     empty = [name for i, name in enumerate(raw.class_names) if i not in present]
     if empty:

@@ -1,4 +1,11 @@
-"""PASCAL VOC as distributed: ``VOCdevkit/VOC2007/{JPEGImages,Annotations,ImageSets/Main}``.
+"""PASCAL VOC as distributed, and the "Pascal VOC" folders annotation tools export:
+``VOCdevkit/VOC2007/{JPEGImages,Annotations,ImageSets/Main}``.
+
+The classes are the object names in the annotations of the listed images, sorted, so the
+real PASCAL data keeps its 20 classes in their usual (alphabetical) order, and an export
+from labelImg, CVAT, Roboflow or Label Studio gets its own classes. A ``labels.txt`` or
+``classes.txt`` beside ImageSets fixes the classes and their order instead (an annotation
+naming a class it does not list is then an error, as a typo would be).
 
 An image is positive for every class with an object in it. As in the VOC devkit's
 classification ground truth, an image whose only objects of a class are marked
@@ -9,14 +16,15 @@ parsed with defusedxml, so entity-expansion bombs and external entities are refu
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 from xml.etree.ElementTree import Element
 
 import defusedxml.ElementTree as SafeET
 from defusedxml import DefusedXmlException
 
-from tltk.data.formats import DATA_FORMATS
-from tltk.data.images import validate_images
+from tltk.data.formats import DATA_FORMATS, drop_undecodable
 from tltk.data.samples import RawDataset, Sample
 from tltk.errors import DataError, printable
 
@@ -26,11 +34,31 @@ VOC_CLASSES = (
 )
 POSITIVE, NEGATIVE, IGNORED = 1, 0, -1
 VOC_SPLITS = ("train", "val", "test")
+# Files beside ImageSets that fix the classes and their order, one name a line.
+LABEL_FILES = ("labels.txt", "classes.txt")
+
+
+@dataclass(frozen=True)
+class VocObject:
+    """One ``<object>`` of an annotation: its class name and whether it is marked difficult."""
+
+    name: str
+    difficult: bool
+
+
+@dataclass(frozen=True)
+class _Listed:
+    """One listed image with the objects its annotation holds."""
+
+    image: Path
+    annotation: Path
+    objects: tuple[VocObject, ...]
 
 
 @DATA_FORMATS.register("voc")
 def read_voc(path: Path, *, image_root: Path | None = None, strict: bool = False) -> RawDataset:
-    """A VOCdevkit folder (or one year's folder inside it): 20 classes, multi-label."""
+    """A VOCdevkit folder (or one year's folder inside it), multi-label: the PASCAL 20 classes
+    or the export's own (see the module docstring for how the classes are found)."""
     year_dir = find_voc_dir(path)
     if year_dir is None:
         raise DataError(
@@ -45,8 +73,52 @@ def read_voc(path: Path, *, image_root: Path | None = None, strict: bool = False
             f"{year_dir / 'ImageSets' / 'Main'} has none of train.txt, trainval.txt, val.txt, test.txt; "
             f"the VOC folder is incomplete."
         )
-    labelled = {name: [_sample(year_dir, image_id, where) for image_id, where in ids] for name, ids in splits.items()}
-    return _drop_undecodable(labelled, year_dir, strict)
+    listed = {name: [_listed(year_dir, image_id, where) for image_id, where in ids] for name, ids in splits.items()}
+    declared = read_label_file(year_dir)
+    class_names = declared[1] if declared is not None else _annotated_classes(listed)
+    labelled = {
+        name: [
+            Sample(str(item.image.absolute()), image_labels(item.objects, class_names, item.annotation,
+                                                            declared[0] if declared else None),
+                   f"JPEGImages/{item.image.name}")
+            for item in items
+        ]
+        for name, items in listed.items()
+    }
+    return drop_undecodable(labelled, class_names, year_dir, strict)
+
+
+def read_label_file(year_dir: Path) -> tuple[Path, list[str]] | None:
+    """(the file, its class names in order) from labels.txt or classes.txt, or None if neither.
+
+    One name a line; blank lines and lines starting with '#' are skipped. Both files may be
+    present only if they list the same classes, so that which one counts never matters.
+    """
+    found = [(file, _label_names(file)) for name in LABEL_FILES if (file := year_dir / name).is_file()]
+    if len(found) == 2 and found[0][1] != found[1][1]:
+        raise DataError(
+            f"{found[0][0]} and {found[1][0]} list different classes; keep the one that is right and delete the other."
+        )
+    return found[0] if found else None
+
+
+def _label_names(file: Path) -> list[str]:
+    try:
+        lines = file.read_text(encoding="utf-8-sig").splitlines()
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{file} is not UTF-8 text ({exc}); save it as UTF-8, one class name a line.") from exc
+    names = [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
+    if not names:
+        raise DataError(f"{file} lists no classes; write one class name a line, or delete it to use the annotations' names.")
+    duplicate = next((name for i, name in enumerate(names) if name in names[:i]), None)
+    if duplicate is not None:
+        raise DataError(f"{file} lists class '{printable(duplicate)}' twice; keep one line per class.")
+    return names
+
+
+def _annotated_classes(listed: dict[str, list[_Listed]]) -> list[str]:
+    """Every object name in the listed annotations, sorted: the PASCAL 20 in their usual order."""
+    return sorted({obj.name for items in listed.values() for item in items for obj in item.objects})
 
 
 def find_voc_dir(path: Path) -> Path | None:
@@ -77,33 +149,51 @@ def read_image_set(year_dir: Path, split: str) -> list[tuple[str, str]] | None:
     return ids
 
 
-def _sample(year_dir: Path, image_id: str, listed_at: str) -> Sample:
+def _listed(year_dir: Path, image_id: str, listed_at: str) -> _Listed:
     image = year_dir / "JPEGImages" / f"{image_id}.jpg"
     annotation = year_dir / "Annotations" / f"{image_id}.xml"
     for needed, what in ((image, "JPEG"), (annotation, "annotation XML")):
         if not needed.is_file():
             raise DataError(f"{listed_at} lists image {image_id} but its {what} {needed} does not exist; "
                             f"restore the file or remove the line.")
-    return Sample(str(image.absolute()), parse_annotation(annotation), f"JPEGImages/{image_id}.jpg")
+    return _Listed(image, annotation, tuple(parse_objects(annotation)))
 
 
-def parse_annotation(path: Path) -> tuple[int, ...]:
-    """Per-class labels of one annotation file: 1 positive, 0 negative, -1 only difficult objects."""
-    root = _parse_xml(path)
-    labels = [NEGATIVE] * len(VOC_CLASSES)
-    for obj in root.iter("object"):
+def parse_objects(path: Path) -> list[VocObject]:
+    """The objects of one annotation file, in file order."""
+    objects = []
+    for obj in _parse_xml(path).iter("object"):
         name = (obj.findtext("name") or "").strip()
-        if name not in VOC_CLASSES:
+        if not name:
+            raise DataError(f"{path}:{_line_of(path, '')} has an object without a class <name>; fix the annotation.")
+        objects.append(VocObject(name, (obj.findtext("difficult") or "0").strip() == "1"))
+    return objects
+
+
+def image_labels(
+    objects: Sequence[VocObject], class_names: Sequence[str], annotation: Path, label_file: Path | None = None
+) -> tuple[int, ...]:
+    """Per-class labels of one image: 1 positive, 0 negative, -1 only difficult objects."""
+    labels = [NEGATIVE] * len(class_names)
+    for obj in objects:
+        if obj.name not in class_names:
+            where = f"listed in {label_file}" if label_file else f"one of the {len(class_names)} classes"
+            advice = "fix the annotation or add the class to that file" if label_file else "fix the annotation"
             raise DataError(
-                f"{path}:{_line_of(path, name)} names class '{printable(name)}', which is not one of the 20 VOC classes; "
-                f"fix the annotation."
+                f"{annotation}:{_line_of(annotation, obj.name)} names class '{printable(obj.name)}', which is not "
+                f"{where}; {advice}."
             )
-        index = VOC_CLASSES.index(name)
-        if (obj.findtext("difficult") or "0").strip() == "1":
+        index = class_names.index(obj.name)
+        if obj.difficult:
             labels[index] = POSITIVE if labels[index] == POSITIVE else IGNORED
         else:
             labels[index] = POSITIVE
     return tuple(labels)
+
+
+def parse_annotation(path: Path, class_names: Sequence[str] = VOC_CLASSES) -> tuple[int, ...]:
+    """Per-class labels of one annotation file over ``class_names`` (the PASCAL 20 by default)."""
+    return image_labels(parse_objects(path), class_names, path)
 
 
 def _parse_xml(path: Path) -> Element:
@@ -120,11 +210,3 @@ def _line_of(path: Path, name: str) -> int:
     text = path.read_text(encoding="utf-8", errors="replace")
     at = text.find(f"<name>{name}")
     return text.count("\n", 0, at) + 1 if at >= 0 else 1
-
-
-def _drop_undecodable(labelled: dict[str, list[Sample]], year_dir: Path, strict: bool) -> RawDataset:
-    files = [Path(s.source) for samples in labelled.values() for s in samples]
-    good, bad = validate_images(list(dict.fromkeys(files)), strict=strict)
-    decodable = {str(p.absolute()) for p in good}
-    splits = {name: [s for s in samples if s.source in decodable] for name, samples in labelled.items()}
-    return RawDataset(list(VOC_CLASSES), splits, str(year_dir), skipped=[str(p.absolute()) for p in bad])
