@@ -11,12 +11,13 @@ from importlib import metadata
 from typing import Any
 
 from tltk.registry import (
-    BACKBONES, BLOCKED, DATA_FORMATS, EXPORTERS, FAILED, HEADS, OK, STRATEGIES, Entry, PluginPolicy, Registry,
-    registries,
+    BACKBONES, BLOCKED, CALLBACKS, DATA_FORMATS, EXPORTERS, FAILED, HEADS, OK, STRATEGIES, Entry, PluginPolicy,
+    Registry, registries,
 )
 
 KINDS: dict[str, Registry[Any]] = {
     "backbones": BACKBONES, "heads": HEADS, "strategies": STRATEGIES, "exporters": EXPORTERS, "formats": DATA_FORMATS,
+    "callbacks": CALLBACKS,
 }
 
 

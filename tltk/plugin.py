@@ -10,6 +10,7 @@ breaking extensions. The groups and what their entry points name:
 ``tltk.strategies`` a ``StrategyFactory``: ``(**options)`` -> ``TrainingStrategy``
 ``tltk.exporters``  an ``Exporter``: ``(predictions, out, **options)``, writes the file ``out``
 ``tltk.datasets``   a ``FormatReader``: ``(path, *, image_root, strict)`` -> ``RawDataset``
+``tltk.callbacks``  a ``CallbackFactory``: ``(**options)`` -> a ``Callback`` (``tltk.plugin.Callback``)
 ==================  ===================================================================
 
 The contracts are typing Protocols: a component meets one by its shape, not by
@@ -53,6 +54,7 @@ GROUPS: dict[str, str] = {
     "tltk.strategies": "strategy",
     "tltk.exporters": "exporter",
     "tltk.datasets": "data format",
+    "tltk.callbacks": "callback",
 }
 
 
@@ -297,6 +299,7 @@ _LAZY: dict[str, str] = {
     "HALF_MEAN": "tltk.backbones.base",
     "HALF_STD": "tltk.backbones.base",
     "Strategy": "tltk.strategies",
+    "Callback": "tltk.train.callbacks",
     "Predictions": "tltk.predict",
     "RawDataset": "tltk.data.samples",
     "Sample": "tltk.data.samples",

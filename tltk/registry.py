@@ -1,4 +1,4 @@
-"""Named components (backbones, heads, strategies, exporters, data formats) and how they are found.
+"""Named components (backbones, heads, strategies, exporters, data formats, callbacks) and how they are found.
 
 Each kind of component has a ``Registry`` fed by an entry-point group. tltk's own
 components are declared in its pyproject.toml exactly as a plugin declares its own, so
@@ -156,6 +156,7 @@ CALL_SHAPES: dict[str, CallShape] = {
     "tltk.strategies": CallShape(protocol="StrategyFactory"),
     "tltk.exporters": CallShape(positional=("predictions", "out"), protocol="Exporter"),
     "tltk.datasets": CallShape(positional=("path",), keywords=("image_root", "strict"), protocol="FormatReader"),
+    "tltk.callbacks": CallShape(protocol="CallbackFactory"),
 }
 
 
@@ -606,11 +607,12 @@ STRATEGIES: Registry[Any] = Registry("strategy", "tltk.strategies", aliases_else
 })
 EXPORTERS: Registry[Any] = Registry("exporter", "tltk.exporters")
 DATA_FORMATS: Registry[Any] = Registry("data format", "tltk.datasets")
+CALLBACKS: Registry[Any] = Registry("callback", "tltk.callbacks")
 
 
 def registries() -> list[Registry[Any]]:
     """Every registry tltk reads, in the order ``tltk plugins`` shows them."""
-    return [BACKBONES, HEADS, STRATEGIES, EXPORTERS, DATA_FORMATS]
+    return [BACKBONES, HEADS, STRATEGIES, EXPORTERS, DATA_FORMATS, CALLBACKS]
 
 
 def _plural(kind: str) -> str:

@@ -252,6 +252,46 @@ def _train_step(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
     optimizer.step()
 
 
+# --- callbacks ---------------------------------------------------------------------------------
+
+
+def check_callback(factory: Callable[..., Any], *, options: dict[str, Any] | None = None, epochs: int = 2) -> Any:
+    """Builds the callback and trains a small model (lenet5 + linear head, ``epochs`` epochs
+    of two steps on random images, with validation) with it, checking the ``Callback``
+    contract: the factory builds a ``tltk.plugin.Callback``, every hook runs inside a real
+    loop (so ``self.loop`` is there), ``state_dict`` is a dict of JSON values that
+    ``load_state_dict`` takes back, and ``close`` runs. Returns the callback."""
+    from torch.utils.data import TensorDataset
+
+    from tltk.model import ModelSpec, build_model
+    from tltk.strategies import build_strategy
+    from tltk.train.callbacks import Callback
+    from tltk.train.trainer import TrainConfig, fit
+
+    _callable_as("tltk.callbacks", factory)
+    callback = factory(**(options or {}))
+    _require(isinstance(callback, Callback), f"the factory built a {type(callback).__name__}, not a "
+                                             f"tltk.plugin.Callback (subclass it)")
+    torch.manual_seed(0)
+    model = build_model(ModelSpec("lenet5", "linear", 3, weights="none"))
+    images = TensorDataset(torch.randn(8, 3, 32, 32), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1]))
+    config = TrainConfig(epochs=epochs, batch_size=4, workers=0, device="cpu", precision="fp32", cache=False)
+    try:
+        result = fit(model, build_strategy("finetune"), images, images, config, callbacks=[callback])
+    except TltkError as exc:
+        raise ContractViolation(f"training with the callback stopped: {exc}") from exc
+    _require(callback.loop is not None and callback.loop.model is model, "the loop did not bind itself to the callback")
+    _require(1 <= result.epochs_run <= epochs, f"the run trained {result.epochs_run} epochs, not 1 to {epochs}")
+    state = callback.state_dict()
+    _require(isinstance(state, dict), f"state_dict() returned a {type(state).__name__}, not a dict")
+    try:
+        json.loads(json.dumps(state))
+    except (TypeError, ValueError) as exc:
+        raise ContractViolation(f"state_dict() holds values a checkpoint cannot store as JSON: {exc}") from exc
+    callback.load_state_dict(json.loads(json.dumps(state)))
+    return callback
+
+
 # --- exporters ---------------------------------------------------------------------------------
 
 
@@ -355,5 +395,5 @@ def _check_sample(sample: Any, raw: RawDataset, num_classes: int) -> None:
                  f"sample {sample.id}: source {sample.source!r} is not an existing image file")
 
 
-__all__ = ["ContractViolation", "check_backbone", "check_exporter", "check_format", "check_head", "check_strategy",
+__all__ = ["ContractViolation", "check_backbone", "check_callback", "check_exporter", "check_format", "check_head", "check_strategy",
            "sample_predictions"]

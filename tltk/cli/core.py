@@ -14,7 +14,7 @@ from tltk.errors import TltkError
 
 # --- tltk list ------------------------------------------------------------------------
 
-LISTABLE = ("backbones", "heads", "strategies", "exporters", "formats", "layers")
+LISTABLE = ("backbones", "heads", "strategies", "exporters", "formats", "callbacks", "layers")
 
 
 @main.command("list")
@@ -183,6 +183,10 @@ def split_classes(classes: str | None) -> list[str] | None:
               help="With --tensorboard: steps between weight and gradient histograms.")
 @click.option("--every", "filters_every", type=int, default=None, metavar="N",
               help="Save the conv1 filter grid every N epochs into RUN/plots/filters/.")
+@click.option("--callback", "callback_names", multiple=True, metavar="NAME",
+              help="Train with this callback (tltk list callbacks), repeatable; it runs on every process.")
+@click.option("--callback-opt", multiple=True, metavar="NAME.KEY=VALUE",
+              help="Option of a --callback, repeatable (e.g. time-budget.seconds=600).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def finetune(**opts: Any) -> None:
@@ -254,8 +258,25 @@ def finetune_config(opts: dict[str, Any]) -> Any:
         pos_weight=opts["pos_weight"],
         train=TrainConfig(**{k: opts[k] for k in train_fields if k in opts and k != "task"}),
         tensorboard=opts["tensorboard"], histogram_every=opts["histogram_every"], filters_every=opts["filters_every"],
+        callbacks=callback_specs(opts.get("callback_names", ()), opts.get("callback_opt", ())),
     )
     return config
+
+
+def callback_specs(names: tuple[str, ...], pairs: tuple[str, ...]) -> list[dict[str, Any]]:
+    """``--callback NAME`` and ``--callback-opt NAME.KEY=VALUE`` as the records config.json keeps."""
+    options: dict[str, list[str]] = {name: [] for name in names}
+    for pair in pairs:
+        name, dot, setting = pair.partition(".")
+        if not dot or "=" not in setting:
+            raise TltkError(f"--callback-opt '{pair}' is not NAME.KEY=VALUE; write e.g. --callback-opt "
+                            f"time-budget.seconds=600.")
+        if name not in options:
+            raise TltkError(f"--callback-opt '{pair}' is for callback '{name}', which no --callback names; "
+                            f"add --callback {name} or drop the option.")
+        options[name].append(setting)
+    return [{"name": name, "options": parse_options(tuple(settings), "--callback-opt")}
+            for name, settings in options.items()]
 
 
 def _default(value: float | None, default: float) -> float:

@@ -22,7 +22,7 @@ from tltk.model import ModelSpec, TransferModel, build_model, resolve_weights_ch
 from tltk.runtime import resolve_device
 from tltk.strategies import Strategy, build_strategy
 from tltk.train import checkpoint
-from tltk.train.callbacks import Callback
+from tltk.train.callbacks import Callback, build_callbacks
 from tltk.train.losses import TASKS, auto_pos_weight, build_loss
 from tltk.train.tensorboard import warn, watch_callbacks
 from tltk.train.trainer import (
@@ -78,6 +78,8 @@ class FinetuneConfig:
     tensorboard: bool = False  # event files in RUN/tensorboard
     histogram_every: int = 100  # steps between weight/gradient histograms
     filters_every: int | None = None  # epochs between conv1 filter snapshots in RUN/plots/filters
+    # Named callbacks (entry-point group tltk.callbacks): [{"name": ..., "options": {...}}], run on every process.
+    callbacks: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -156,6 +158,7 @@ def _finetune(
     strategy = build_strategy(config.strategy, **config.strategy_options)
     preprocessing = _preprocessing(model, config.input_size)
     check_input_size(model, preprocessing.input_size)
+    callbacks = [*callbacks, *build_callbacks(config.callbacks)]
     if main:
         callbacks = [*callbacks, *watch_callbacks(
             out, model, tensorboard=config.tensorboard, histogram_every=config.histogram_every,

@@ -17,9 +17,9 @@ import random
 import signal
 import time
 from contextlib import ExitStack, contextmanager, nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterator, Protocol, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -53,7 +53,7 @@ from tltk.runtime import (
 from tltk.strategies import Strategy
 from tltk.train import cache
 from tltk.train import checkpoint as ckpt
-from tltk.train.callbacks import Callback
+from tltk.train.callbacks import Callback, Progress, Reporter, SilentReporter, StrategyHooks
 from tltk.train.losses import TASKS, build_loss
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -150,24 +150,6 @@ class TrainConfig:
 def _one_of(option: str, value: str, choices: Sequence[str]) -> None:
     if value not in choices:
         raise TltkError(f"{option} '{value}' is not one of {', '.join(choices)}.")
-
-
-class Reporter(Protocol):
-    """What the loop tells whoever is watching (the CLI's progress bar, or nobody)."""
-
-    def start(self, total_steps: int) -> None: ...
-    def step(self, row: dict[str, Any]) -> None: ...
-    def epoch(self, row: dict[str, Any]) -> None: ...
-    def message(self, text: str) -> None: ...
-    def finish(self) -> None: ...
-
-
-class SilentReporter:
-    def start(self, total_steps: int) -> None: ...
-    def step(self, row: dict[str, Any]) -> None: ...
-    def epoch(self, row: dict[str, Any]) -> None: ...
-    def message(self, text: str) -> None: ...
-    def finish(self) -> None: ...
 
 
 @dataclass
@@ -388,8 +370,9 @@ def fit(
     if decision.reason:
         reporter.message(decision.reason)
     use_cache = distributed.all_ranks(decision.use, context, device)  # only rank 0 has the run's watchers
+    watchers = [Progress(reporter), StrategyHooks(strategy), *callbacks]
     with ExitStack() as stack:
-        for callback in callbacks:
+        for callback in watchers:
             stack.callback(callback.close)
         stack.enter_context(deterministic_algorithms())
         stack.enter_context(memory_format(model, channels_last))
@@ -401,174 +384,217 @@ def fit(
         else:
             feed = image_feed(model, train_set, val_set, config, workers, device, generator, context)
         stack.enter_context(checkpoints.signals() if checkpoints is not None else nullcontext())
-        result, stopper = _train(model, strategy, feed, config, device, amp_dtype, channels_last, log, reporter,
-                                 callbacks, loss_fn, checkpoints, context)
+        loop = Loop(model, strategy, feed, config, watchers, log=log, loss_fn=loss_fn, checkpoints=checkpoints,
+                    context=context)
+        result = loop.run()
+    stopper = loop.early_stopping
     if stopper.best_state is not None:
         model.load_state_dict(stopper.best_state)
         result.best_epoch, result.best_metric = stopper.best_epoch, stopper.best_value
     result.seconds = round(time.perf_counter() - started, 3)
     result.precision = precision_name(amp_dtype)
     result.feature_cache = feed.feature_cache
-    reporter.finish()
     return result
 
 
-def _train(
-    model: TransferModel,
-    strategy: Strategy,
-    feed: Feed,
-    config: TrainConfig,
-    device: torch.device,
-    amp_dtype: torch.dtype | None,
-    channels_last: bool,
-    log: MetricsLog | None,
-    reporter: Reporter,
-    callbacks: Sequence[Callback],
-    loss_fn: nn.Module | None,
-    checkpoints: "Checkpointing | None" = None,
-    context: DistContext = SINGLE,
-) -> tuple[FitResult, "EarlyStopping"]:
-    """Epochs of training and validation over ``feed``; the best epoch is left to the caller."""
-    groups = [g for g in strategy.param_groups(model, config.lr) if g["params"]]
-    optimizer = build_optimizer(groups, config)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    module = torch.compile(feed.module) if config.compile else feed.module
-    steps_per_epoch = len(feed.train)
-    total_steps = config.max_steps or config.epochs * steps_per_epoch
-    epochs = math.ceil(total_steps / steps_per_epoch)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, config, steps_per_epoch, total_steps)
-    )
-    loss_fn = (loss_fn or build_loss(config.task)).to(device)
-    stopper = EarlyStopping(config.monitored, config.patience)
-    result = FitResult(0, 0, None, None, False)
-    reporter.start(total_steps)
-    for callback in callbacks:
-        callback.on_train_start(model, total_steps)
+class Loop:
+    """One training run's state on one object: the model and what trains it, where in the
+    run it is, and what it has logged. Callbacks are bound to it (``callback.loop``), so
+    each hook sees all of it; the loop itself only trains, validates and logs, and leaves
+    progress, strategy hooks, early stopping and checkpointing to its callbacks.
+    """
 
-    saver = checkpoints.bind(model, optimizer, scheduler, scaler, stopper, feed, log) if checkpoints else None
-    start = saver.resume(strategy, result) if saver is not None else ckpt.TrainingState()
-    # Wrapped after a resume has replayed the strategy's epochs: DDP syncs what trains at wrap time.
-    trainer = data_parallel(module, context, device, feed.broadcast_buffers)
-    step = start.global_step
-    for epoch in range(start.epoch, epochs if not start.stopped_early else start.epoch):
-        change = strategy.on_epoch_start(model, epoch)
-        if change:
-            reporter.message(change)
-            trainer = data_parallel(module, context, device, feed.broadcast_buffers)  # it syncs what trains now
-        resumed = start if epoch == start.epoch and start.batches_done else ckpt.TrainingState(epoch=epoch)
-        feed.order.set_epoch(epoch, resumed.batches_done * config.batch_size)
+    def __init__(self, model: TransferModel, strategy: Strategy, feed: Feed, config: TrainConfig,
+                 callbacks: Sequence[Callback], *, log: MetricsLog | None = None, loss_fn: nn.Module | None = None,
+                 checkpoints: Checkpointing | None = None, context: DistContext = SINGLE) -> None:
+        self.model, self.feed, self.config, self.log, self.context = model, feed, config, log, context
+        self.device = distributed.device_for(context, resolve_device(config.device))
+        self.amp_dtype = resolve_precision(config.precision, self.device)
+        self.channels_last = use_channels_last(config.channels_last, model)
+        groups = [g for g in strategy.param_groups(model, config.lr) if g["params"]]
+        self.optimizer = build_optimizer(groups, config)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+        self.module = torch.compile(feed.module) if config.compile else feed.module
+        self.steps_per_epoch = len(feed.train)  # type: ignore[arg-type]
+        self.total_steps = config.max_steps or config.epochs * self.steps_per_epoch
+        self.epochs = math.ceil(self.total_steps / self.steps_per_epoch)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(s, config, self.steps_per_epoch, self.total_steps))
+        self.loss_fn = (loss_fn or build_loss(config.task)).to(self.device)
+        self.result = FitResult(0, 0, None, None, False)
+        self.trainer: nn.Module = self.module  # under DDP when several processes train
+        self.position = ckpt.TrainingState()  # where the run is: epoch, batches done, running sums
+        self.step = 0
+        self.mid_epoch = False  # whether the step just taken leaves batches of its epoch to train
+        self.stop_reason: str | None = None
+        self._rewrap = False
+        # Early stopping and checkpointing come last: they act on an epoch once everything else has seen it.
+        self.early_stopping = EarlyStopping(config.monitored, config.patience)
+        self.checkpointing = (checkpoints.bind(model, self.optimizer, self.scheduler, self.scaler, self.early_stopping,
+                                               feed, log) if checkpoints is not None else None)
+        self.callbacks = [*callbacks, self.early_stopping, *([self.checkpointing] if self.checkpointing else [])]
+
+    # --- what callbacks may call ---------------------------------------------------------
+
+    @property
+    def epoch(self) -> int:
+        """The epoch in progress, 0-based."""
+        return self.position.epoch
+
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        return self.result.history
+
+    @property
+    def epochs_begun(self) -> int:
+        """Epochs whose start the loop has passed (a resumed mid-epoch one included)."""
+        return self.position.epoch + (1 if self.position.batches_done else 0)
+
+    def stop(self, reason: str) -> None:
+        """Stop after the current step (within an epoch) or epoch; ``reason`` is shown."""
+        if self.stop_reason is None:
+            self.stop_reason = reason
+            self.message(reason)
+
+    def message(self, text: str) -> None:
+        for callback in self.callbacks:
+            callback.on_message(text)
+
+    def trainable_changed(self) -> None:
+        """What trains has changed (a strategy thawed the backbone): a data-parallel job must
+        share the newly trained parameters' gradients too, so the wrapper is rebuilt."""
+        self._rewrap = True
+
+    def checkpoint_state(self) -> dict[str, dict[str, Any]]:
+        """Every callback's ``state_dict``, keyed by its class (numbered when repeated)."""
+        return {key: callback.state_dict() for key, callback in self._keyed_callbacks()}
+
+    def restore_callbacks(self, states: dict[str, dict[str, Any]]) -> None:
+        for key, callback in self._keyed_callbacks():
+            callback.load_state_dict(states.get(key, {}))
+
+    def _keyed_callbacks(self) -> list[tuple[str, Callback]]:
+        seen: dict[str, int] = {}
+        keyed = []
+        for callback in self.callbacks:
+            name = type(callback).__qualname__
+            seen[name] = seen.get(name, 0) + 1
+            keyed.append((name if seen[name] == 1 else f"{name}#{seen[name]}", callback))
+        return keyed
+
+    # --- the run --------------------------------------------------------------------------
+
+    def run(self) -> FitResult:
+        """Epochs of training and validation; the best epoch is left to the caller."""
+        for callback in self.callbacks:
+            callback.bind(self)
+        for callback in self.callbacks:
+            callback.on_train_start(self.model, self.total_steps)
+        resumed = self.position  # a checkpoint callback has moved it on resume
+        self.step = resumed.global_step
+        # Wrapped after a resume has replayed the strategy's epochs: DDP syncs what trains at wrap time.
+        self.trainer = data_parallel(self.module, self.context, self.device, self.feed.broadcast_buffers)
+        last_epoch = self.epochs if not resumed.stopped_early else resumed.epoch
+        for epoch in range(resumed.epoch, last_epoch):
+            if not (epoch == resumed.epoch and resumed.batches_done):
+                self.position = ckpt.TrainingState(epoch=epoch)
+                self._start_epoch(epoch)
+            self.feed.order.set_epoch(epoch, self.position.batches_done * self.config.batch_size)
+            row = self._run_epoch(epoch)
+            for callback in self.callbacks:
+                callback.on_epoch_end(self.model, row)
+            self._agree_on_stop(distributed.any_rank(self.stop_reason is not None, self.context, self.device))
+            if self.stop_reason is not None or self.step >= self.total_steps:
+                break
+        for callback in self.callbacks:
+            callback.on_train_end(self.model, self.result.history)
+        self.result.steps = self.step
+        return self.result
+
+    def _start_epoch(self, epoch: int) -> None:
+        for callback in self.callbacks:
+            callback.on_epoch_start(self.model, epoch)
+        if self._rewrap:
+            self.trainer = data_parallel(self.module, self.context, self.device, self.feed.broadcast_buffers)
+            self._rewrap = False
+
+    def _run_epoch(self, epoch: int) -> dict[str, Any]:
+        """Train one epoch, validate, log the epoch's row and return it."""
         epoch_started = time.perf_counter()
-        train_loss, train_acc, step = _train_epoch(
-            model, trainer, feed.train, optimizer, scheduler, scaler, loss_fn, device, amp_dtype, channels_last,
-            config, epoch, step, total_steps, log, reporter, callbacks, resumed, saver, context,
-        )
-        row: dict[str, Any] = {"kind": "epoch", "epoch": epoch + 1, "step": step, "train_loss": train_loss}
+        train_loss, train_acc = self._train_epoch(epoch)
+        row: dict[str, Any] = {"kind": "epoch", "epoch": epoch + 1, "step": self.step, "train_loss": train_loss}
         if train_acc is not None:
             row["train_accuracy"] = train_acc
-        row["lr"] = optimizer.param_groups[-1]["lr"]
-        if feed.val is not None:
-            row.update(validation_metrics(module, feed.val, device, amp_dtype, loss_fn, config.task, channels_last,
-                                          context))
+        row["lr"] = self.optimizer.param_groups[-1]["lr"]
+        if self.feed.val is not None:
+            row.update(validation_metrics(self.module, self.feed.val, self.device, self.amp_dtype, self.loss_fn,
+                                          self.config.task, self.channels_last, self.context))
         row["seconds"] = round(time.perf_counter() - epoch_started, 3)
-        result.history.append(row)
-        if log is not None:
-            log.write(row)
-            log.flush()
-        reporter.epoch(row)
-        for callback in callbacks:
-            callback.on_epoch_end(model, row)
-        result.epochs_run = epoch + 1
-        if feed.val is not None and stopper.update(row, model):
-            result.stopped_early = True
-            reporter.message(
-                f"early stopping after epoch {epoch + 1}: {config.monitored} did not improve for {config.patience} epochs"
-            )
-        if saver is not None:
-            saver.agree_on_signal(device)
-            if saver.due_at_epoch_end(last_epoch=result.stopped_early or step >= total_steps):
-                saver.save(ckpt.TrainingState(epoch=epoch + 1, global_step=step, stopped_early=result.stopped_early),
-                           result.history)
-            saver.stop_if_asked(epoch, step)
-        if result.stopped_early or step >= total_steps:
-            break
+        self.result.history.append(row)
+        if self.log is not None:
+            self.log.write(row)
+            self.log.flush()
+        self.result.epochs_run = epoch + 1
+        return row
 
-    for callback in callbacks:
-        callback.on_train_end(model, result.history)
-    result.steps = step
-    return result, stopper
+    def _train_epoch(self, epoch: int) -> tuple[float, float | None]:
+        """One pass over the epoch's batches (those not yet trained when resumed). Under
+        data-parallel training the step's loss and counts are summed over the ranks, so
+        every rank logs and returns the figures of the global batch."""
+        self.trainer.train()
+        position, config = self.position, self.config
+        batches = self.feed.train
+        batches_per_epoch = position.batches_done + len(batches)  # type: ignore[arg-type]
+        for batch_index, (images, targets) in enumerate(batches, start=position.batches_done):
+            images = batch_to(images, self.device, self.channels_last)
+            targets = targets.to(self.device, non_blocking=True)
+            with autocast(self.device, self.amp_dtype):
+                logits = self.trainer(images)
+                loss = self.loss_fn(logits.float(), targets)
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            if config.clip_grad:
+                self.scaler.unscale_(self.optimizer)
+                nn.utils.clip_grad_norm_(self.model.parameters(), config.clip_grad)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            lr = self.optimizer.param_groups[-1]["lr"]
+            self.scheduler.step()
+            self.step += 1
+            hits = int((logits.detach().argmax(1) == targets).sum()) if config.task == "multiclass" else 0
+            totals = StepTotals(float(loss.detach()), len(targets), hits, self._signalled(),
+                                self.stop_reason is not None).summed(self.context, self.device)
+            self._agree_on_signal(totals.signalled)
+            self._agree_on_stop(totals.stopping)
+            position.epoch_loss_sum += totals.loss * totals.samples
+            position.epoch_correct += totals.hits
+            position.epoch_seen += totals.samples
+            position.batches_done = batch_index + 1
+            position.global_step = self.step
+            row = {"kind": "step", "step": self.step, "epoch": epoch + 1, "loss": totals.loss, "lr": lr}
+            if self.log is not None:
+                self.log.write(row)
+            self.mid_epoch = batch_index + 1 < batches_per_epoch
+            for callback in self.callbacks:
+                callback.on_step_end(self.model, row, images)
+            if self.step >= self.total_steps or self.stop_reason is not None:
+                break
+        accuracy = position.epoch_correct / max(position.epoch_seen, 1) if config.task == "multiclass" else None
+        return position.epoch_loss_sum / max(position.epoch_seen, 1), accuracy
 
+    def _signalled(self) -> bool:
+        """Whether this process received SIGINT or SIGTERM (summed over the ranks with the step's figures)."""
+        return self.checkpointing is not None and self.checkpointing.plan.signal_received is not None
 
-def _train_epoch(
-    model: TransferModel,
-    module: nn.Module,
-    batches: Batches,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    scaler: torch.amp.GradScaler,
-    loss_fn: nn.Module,
-    device: torch.device,
-    amp_dtype: torch.dtype | None,
-    channels_last: bool,
-    config: TrainConfig,
-    epoch: int,
-    step: int,
-    total_steps: int,
-    log: MetricsLog | None,
-    reporter: Reporter,
-    callbacks: Sequence[Callback] = (),
-    resumed: ckpt.TrainingState | None = None,
-    saver: "BoundCheckpointing | None" = None,
-    context: DistContext = SINGLE,
-) -> tuple[float, float | None, int]:
-    """One pass over ``batches``; ``module`` computes the logits (the model, or its head on
-    cached features), ``model`` is what callbacks are shown. ``resumed``: the batches of
-    this epoch already trained and their running totals (a resumed run starts from them).
-    Under data-parallel training the step's loss and counts are summed over the ranks, so
-    every rank logs and returns the figures of the global batch."""
-    module.train()
-    resumed = resumed or ckpt.TrainingState(epoch=epoch)
-    loss_sum, correct, seen = resumed.epoch_loss_sum, resumed.epoch_correct, resumed.epoch_seen
-    batches_per_epoch = resumed.batches_done + len(batches)  # type: ignore[arg-type]
-    for batch_index, (images, targets) in enumerate(batches, start=resumed.batches_done):
-        images = batch_to(images, device, channels_last)
-        targets = targets.to(device, non_blocking=True)
-        with autocast(device, amp_dtype):
-            logits = module(images)
-            loss = loss_fn(logits.float(), targets)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        if config.clip_grad:
-            scaler.unscale_(optimizer)
-            nn.utils.clip_grad_norm_(model.parameters(), config.clip_grad)
-        scaler.step(optimizer)
-        scaler.update()
-        lr = optimizer.param_groups[-1]["lr"]
-        scheduler.step()
-        step += 1
-        hits = int((logits.detach().argmax(1) == targets).sum()) if config.task == "multiclass" else 0
-        signalled = saver is not None and saver.plan.signal_received is not None
-        totals = StepTotals(float(loss.detach()), len(targets), hits, signalled).summed(context, device)
-        if saver is not None:
-            saver.plan.stop_if_signalled(totals.signalled)
-        loss_value = totals.loss
-        loss_sum += loss_value * totals.samples
-        correct += totals.hits
-        seen += totals.samples
-        row = {"kind": "step", "step": step, "epoch": epoch + 1, "loss": loss_value, "lr": lr}
-        if log is not None:
-            log.write(row)
-        reporter.step(row)
-        for callback in callbacks:
-            callback.on_step_end(model, row, images)
-        if step >= total_steps:
-            break
-        if saver is not None and batch_index + 1 < batches_per_epoch and saver.due(step):  # the epoch's end saves anyway
-            saver.save(ckpt.TrainingState(epoch=epoch, batches_done=batch_index + 1, global_step=step,
-                                          epoch_loss_sum=loss_sum, epoch_correct=correct, epoch_seen=seen))
-            saver.stop_if_asked(epoch, step)
-    accuracy = correct / max(seen, 1) if config.task == "multiclass" else None
-    return loss_sum / max(seen, 1), accuracy, step
+    def _agree_on_stop(self, stopping_anywhere: bool) -> None:
+        """Every process stops where one was asked to (a callback's clock differs between
+        them): one rank going on alone would wait in the next collective for ever."""
+        if stopping_anywhere and self.stop_reason is None:
+            self.stop_reason = "another process stopped training"
+
+    def _agree_on_signal(self, signalled_anywhere: bool) -> None:
+        if self.checkpointing is not None:
+            self.checkpointing.plan.stop_if_signalled(signalled_anywhere)
 
 
 @dataclass
@@ -579,14 +605,17 @@ class StepTotals:
     samples: int
     hits: int
     signalled: bool
+    stopping: bool = False  # a callback asked this rank's loop to stop
 
     def summed(self, context: DistContext, device: torch.device) -> "StepTotals":
         if not context.active:
             return self
         values = distributed.all_reduce_sums({"loss_sum": self.loss * self.samples, "samples": self.samples,
-                                              "hits": self.hits, "signalled": float(self.signalled)}, context, device)
+                                              "hits": self.hits, "signalled": float(self.signalled),
+                                              "stopping": float(self.stopping)}, context, device)
         samples = int(values["samples"])
-        return StepTotals(values["loss_sum"] / max(samples, 1), samples, int(values["hits"]), values["signalled"] > 0)
+        return StepTotals(values["loss_sum"] / max(samples, 1), samples, int(values["hits"]), values["signalled"] > 0,
+                          values["stopping"] > 0)
 
 
 def data_parallel(module: nn.Module, context: DistContext, device: torch.device, broadcast_buffers: bool) -> nn.Module:
@@ -672,8 +701,11 @@ class Checkpointing:
 
 
 @dataclass
-class BoundCheckpointing:
-    """``Checkpointing`` together with the objects whose state it saves and restores."""
+class BoundCheckpointing(Callback):
+    """``Checkpointing`` together with the objects whose state it saves and restores: the
+    callback that restores a run at its start, and saves it inside epochs (every N steps,
+    or on a signal) and at their ends. It comes last in the loop's list, so the state it
+    saves is the one every other callback has acted on."""
 
     plan: Checkpointing
     model: nn.Module
@@ -690,24 +722,44 @@ class BoundCheckpointing:
     def generators(self) -> dict[str, torch.Generator]:
         return {"loader": self.feed.generator} if self.feed.generator is not None else {}
 
-    def resume(self, strategy: Strategy, result: FitResult) -> ckpt.TrainingState:
-        """The saved state restored into the model, optimizer, scheduler, scaler, generators
-        and early stopper (a fresh ``TrainingState`` when not resuming). Nothing may draw a
-        random number between this and the first batch."""
-        self.history = result.history
+    def on_train_start(self, model: nn.Module, total_steps: int) -> None:
+        """Restore the saved state into the model, optimizer, scheduler, scaler, generators,
+        early stopper and the other callbacks, and move the loop to where it stopped.
+        Nothing may draw a random number between this and the first batch."""
+        loop = self.loop
+        assert loop is not None, "bound to the loop before training starts"
+        self.history = loop.result.history
         if not self.plan.resume:
-            return ckpt.TrainingState()
-        for epoch in range(ckpt.read_training_state(self.plan.run_dir).epoch):
-            strategy.on_epoch_start(self.model, epoch)  # freeze-unfreeze changes the model at epoch starts
+            return
+        loop.position = saved = ckpt.read_training_state(self.plan.run_dir)
+        loop.restore_callbacks(saved.extra.get("callbacks", {}))  # a strategy's epochs replay before the weights load
         resumed = ckpt.load_checkpoint(self.plan.run_dir, self.model, self.optimizer, self.scheduler, self.scaler,
                                        generators=self.generators, config=self.plan.config)
         state = resumed.state
         self.stopper.best_value, self.stopper.best_epoch = state.best_metric, state.best_epoch
         self.stopper.bad_epochs = state.epochs_without_improvement
         self.stopper.best_state = resumed.best_model
-        result.history[:] = state.history
-        result.epochs_run, result.stopped_early = state.epoch, state.stopped_early
-        return state
+        loop.result.history[:] = state.history
+        loop.result.epochs_run, loop.result.stopped_early = state.epoch, state.stopped_early
+        loop.position = state
+
+    def on_step_end(self, model: nn.Module, row: dict[str, Any], images: torch.Tensor) -> None:
+        loop = self.loop
+        assert loop is not None
+        if loop.step >= loop.total_steps or not loop.mid_epoch or not self.due(loop.step):
+            return  # the epoch's end saves anyway; the run's end needs no checkpoint
+        self.save(replace(loop.position))
+        self.stop_if_asked(loop.epoch, loop.step)
+
+    def on_epoch_end(self, model: nn.Module, row: dict[str, Any]) -> None:
+        loop = self.loop
+        assert loop is not None
+        self.agree_on_signal(loop.device)
+        stopped = loop.result.stopped_early
+        if self.due_at_epoch_end(last_epoch=stopped or loop.step >= loop.total_steps):
+            self.save(ckpt.TrainingState(epoch=loop.epoch + 1, global_step=loop.step, stopped_early=stopped),
+                      loop.result.history)
+        self.stop_if_asked(loop.epoch, loop.step)
 
     def due(self, step: int) -> bool:
         every = self.plan.saving.every_steps
@@ -736,6 +788,8 @@ class BoundCheckpointing:
         state.best_metric, state.best_epoch = self.stopper.best_value, self.stopper.best_epoch
         state.epochs_without_improvement = self.stopper.bad_epochs
         state.history = list(history if history is not None else self.history)
+        if self.loop is not None:
+            state.extra = {**state.extra, "callbacks": self.loop.checkpoint_state()}
         ckpt.save_checkpoint(self.plan.run_dir, self.model, self.optimizer, self.scheduler, self.scaler, state,
                              generators=self.generators, best_model=self.stopper.best_state, config=self.plan.config)
         self.last_saved = time.monotonic()
@@ -755,8 +809,11 @@ class BoundCheckpointing:
 
 
 @dataclass
-class EarlyStopping:
-    """Tracks the best validation epoch, keeps its weights, and says when to stop."""
+class EarlyStopping(Callback):
+    """Tracks the best validation epoch, keeps its weights, and stops the loop when the
+    monitored figure has not improved for ``patience`` epochs. Its state travels in the
+    checkpoint's own fields (best value and epoch, epochs without improvement) and its
+    best weights beside the model's."""
 
     monitor: str
     patience: int | None
@@ -776,6 +833,15 @@ class EarlyStopping:
         else:
             self.bad_epochs += 1
         return self.patience is not None and self.bad_epochs >= self.patience
+
+    def on_epoch_end(self, model: nn.Module, row: dict[str, Any]) -> None:
+        loop = self.loop
+        if loop is None or loop.feed.val is None:
+            return
+        if self.update(row, model):
+            loop.result.stopped_early = True
+            loop.stop(f"early stopping after epoch {row['epoch']}: {self.monitor} did not improve for "
+                      f"{self.patience} epochs")
 
 
 def validation_metrics(

@@ -7,8 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tltk.testing import check_backbone, check_exporter, check_format, check_head, check_strategy
+from tltk.testing import check_backbone, check_callback, check_exporter, check_format, check_head, check_strategy
 from tltk_example_plugin.backbone import tinyconv
+from tltk_example_plugin.budget import time_budget
 from tltk_example_plugin.head import cosine
 from tltk_example_plugin.markdown import markdown_exporter, read_markdown_table
 from tltk_example_plugin.npz import read_npz
@@ -45,3 +46,16 @@ def test_npz_reader_meets_the_format_contract(tmp_path: Path) -> None:
     np.savez(file, images=images, labels=np.arange(12) % 3, class_names=np.array(["a", "b", "c"]))
     raw = check_format(read_npz, file)
     assert raw.class_names == ["a", "b", "c"]
+
+
+def test_time_budget_meets_the_callback_contract_and_stops_a_spent_run_after_one_step() -> None:
+    unlimited = check_callback(time_budget, options={"seconds": 3600})
+    assert unlimited.loop.result.epochs_run == 2 and unlimited.loop.stop_reason is None
+    spent = check_callback(time_budget, options={"seconds": 0})
+    assert spent.loop.step == 1 and "time budget of 0 s used up at step 1" in spent.loop.stop_reason
+
+
+def test_time_budget_carries_the_seconds_spent_across_a_resume() -> None:
+    budget = time_budget(seconds=100)
+    budget.load_state_dict({"spent": 99.5})
+    assert 99.5 <= budget.state_dict()["spent"] < 100
