@@ -7,8 +7,8 @@ from typing import Any, Callable
 import click
 from rich.table import Table
 
-from tltk.cli.app import TltkCommand, TltkGroup, backbone_opt, err, main, out, parse_options, print_json
-from tltk.cli.core import data_options, split_classes
+from tltk.cli.app import (TltkCommand, TltkGroup, backbone_opt, data_options, err, main, out, parse_options, print_json,
+                          split_classes)
 from tltk.errors import TltkError
 
 SPLIT_CHOICES = click.Choice(["all", "train", "val", "test"])
