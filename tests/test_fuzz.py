@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from tests.data_fixtures import write_image
 from tests.voc_fixtures import BILLION_LAUGHS
 from tltk.data.coco import read_annotation_file
-from tltk.data.formats import read_csv
+from tltk.data.csvfile import read_csv
 from tltk.data.samples import RawDataset
 from tltk.data.specs import parse_spec, resolve_spec
 from tltk.data.voc import VOC_CLASSES, parse_annotation
