@@ -207,7 +207,8 @@ def store_manifest(workdir):
     """A real 40-row store; each example rewrites its manifest and opens it again."""
     import numpy as np
 
-    from tltk.features.store import create_store, iter_chunks
+    from tltk.features.store import create_store
+    from tltk.features.writing import iter_chunks
 
     vectors = np.random.default_rng(0).normal(size=(40, 8)).astype(np.float32)
     rows = [{"id": str(i), "path": f"img{i}.png", "labels": ["a"], "split": "train"} for i in range(40)]
