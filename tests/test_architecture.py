@@ -71,13 +71,13 @@ EXCEPTIONS: dict[tuple[str, str], str] = {
 }
 
 
-def module_name(path: Path) -> str:
-    parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+def module_name(path: Path, package: Path = PACKAGE) -> str:
+    parts = list(path.relative_to(package.parent).with_suffix("").parts)
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def modules() -> dict[str, Path]:
-    return {module_name(path): path for path in sorted(PACKAGE.rglob("*.py"))}
+def modules(package: Path = PACKAGE) -> dict[str, Path]:
+    return {module_name(path, package): path for path in sorted(package.rglob("*.py"))}
 
 
 def _type_only(node: ast.If) -> bool:
@@ -130,9 +130,9 @@ def _owning_module(name: str, known: dict[str, Path]) -> str | None:
     return name or None
 
 
-def import_graph() -> dict[str, set[str]]:
+def import_graph(package: Path = PACKAGE) -> dict[str, set[str]]:
     """importer -> the tltk modules it imports (never itself)."""
-    known = modules()
+    known = modules(package)
     graph: dict[str, set[str]] = {}
     for name, path in known.items():
         is_package = path.name == "__init__.py"
@@ -210,11 +210,42 @@ def graph() -> dict[str, set[str]]:
     return import_graph()
 
 
-def test_the_graph_sees_imports_inside_functions_and_skips_type_only_ones(graph: dict[str, set[str]]) -> None:
-    # backbones/__init__ imports timm_nets inside backbone_info, and base only for type checking (plus lazily
-    # through importlib, which no graph reads).
-    assert "tltk.backbones.timm_nets" in graph["tltk.backbones"]
-    assert "tltk.backbones.base" in graph["tltk.backbones"]  # the function-level import in backbone_info
+def test_the_graph_reads_every_kind_of_import(tmp_path: Path) -> None:
+    package = tmp_path / "tltk"
+    (package / "sub").mkdir(parents=True)
+    files = {
+        "__init__.py": '_LAZY = {"thing": "tltk.lazy"}\n',
+        "lazy.py": "",
+        "top.py": "import tltk.plain\n",
+        "plain.py": "",
+        "typed.py": "",
+        "later.py": "",
+        "named.py": "",
+        "version_reader.py": "from tltk import __version__\n",
+        "sub/__init__.py": "",
+        "sub/a.py": (
+            "from typing import TYPE_CHECKING\n"
+            "from . import b\n"
+            "from ..plain import something\n"
+            "if TYPE_CHECKING:\n    from tltk.typed import T\n"
+            "def f():\n    from tltk.later import g\n"
+            "def h():\n    import importlib\n    return importlib.import_module('tltk.named')\n"
+        ),
+        "sub/b.py": "from tltk.sub import a\n",
+    }
+    for name, text in files.items():
+        (package / name).write_text(text)
+    graph = import_graph(package)
+    assert graph["tltk.sub.a"] == {"tltk.sub.b", "tltk.plain", "tltk.later", "tltk.named"}
+    assert graph["tltk.top"] == {"tltk.plain"}
+    assert graph["tltk"] == {"tltk.lazy"}
+    assert graph["tltk.version_reader"] == {VERSION}
+    assert find_circle(graph) == ["tltk.sub.a", "tltk.sub.b", "tltk.sub.a"]
+
+
+def test_the_real_graph_holds_function_level_imports(graph: dict[str, set[str]]) -> None:
+    assert "tltk.backbones.timm_nets" in graph["tltk.backbones"]  # imported inside backbone_info
+    assert "tltk.train.finetune" in graph["tltk"]  # a lazy re-export
     assert "tltk.model" not in graph["tltk.viz.common"]  # under TYPE_CHECKING only
 
 

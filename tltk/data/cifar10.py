@@ -12,7 +12,6 @@ from tltk.data.samples import RawDataset
 from tltk.errors import DataError
 from tltk.registry import DATA_FORMATS
 
-
 CIFAR10_DIRNAME = "cifar-10-batches-py"
 CIFAR10_TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
 CIFAR10_DEFAULT_NAMES = (

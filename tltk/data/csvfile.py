@@ -15,7 +15,6 @@ from tltk.data.samples import RawDataset, Sample
 from tltk.errors import DataError, printable
 from tltk.registry import DATA_FORMATS
 
-
 CSV_FILE_COLUMNS = ("filename", "file", "image", "path", "id")
 CSV_LABEL_COLUMNS = ("label", "class", "target")
 CSV_LABEL_LIST_COLUMNS = ("labels", "tags")

@@ -10,7 +10,6 @@ from tltk.data.samples import RawDataset, Sample, relative_id
 from tltk.errors import DataError
 from tltk.registry import DATA_FORMATS
 
-
 # Folder names that mean "a split of the dataset" rather than "a class".
 SPLIT_FOLDER_ALIASES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 

@@ -14,7 +14,6 @@ from tltk.data.samples import RawDataset
 from tltk.errors import DataError
 from tltk.registry import DATA_FORMATS
 
-
 MNIST_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
