@@ -21,7 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
-from tltk.features.store import FeatureStore, IndexOptions, create_store, iter_chunks, recall_at_k
+from tltk.features.faiss_index import IndexOptions, recall_at_k
+from tltk.features.store import FeatureStore, create_store
+from tltk.features.writing import iter_chunks
 
 HEADER = {"source": {"fingerprint": "benchmark", "description": "clustered vectors"}, "layer": "synthetic",
           "pool": "none", "class_names": [], "task": "multiclass", "data": []}

@@ -250,18 +250,18 @@ def test_csv_id_with_a_folder_matches_only_images_in_that_folder(tmp_path):
 def test_csv_ids_are_looked_up_in_one_listing_of_the_image_root_not_one_per_row(tmp_path, monkeypatch):
     import time
 
-    import tltk.data.formats as formats
+    import tltk.data.csvfile as csvfile
 
     folder = tmp_path / "train"
     folder.mkdir()
     for i in range(2000):
         (folder / f"{i:06d}.jpg").touch()
     scans = []
-    real_scan = formats.scan_image_files
-    monkeypatch.setattr(formats, "scan_image_files", lambda root: scans.append(root) or real_scan(root))
+    real_scan = csvfile.scan_image_files
+    monkeypatch.setattr(csvfile, "scan_image_files", lambda root: scans.append(root) or real_scan(root))
     names = [f"{i % 2000:06d}" for i in range(100_000)]
     started = time.perf_counter()
-    files = formats.resolve_image_names(names, folder, tmp_path / "train.csv")
+    files = csvfile.resolve_image_names(names, folder, tmp_path / "train.csv")
     assert time.perf_counter() - started < 10
     assert len(scans) == 1 and files[2001] == folder / "000001.jpg"
 

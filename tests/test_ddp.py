@@ -162,13 +162,12 @@ def test_multilabel_job_gathers_every_rank_scores_for_val_and_test_map(tmp_path:
 
 def test_signalled_job_saves_once_and_resumes_with_as_many_processes_to_the_uninterrupted_result(tmp_path: Path) -> None:
     args = ["--backbone", "lenet5", "--data", "builtin:digits", "--train-per-class", "20", "--weights", "none",
-            "--epochs", "40", "--batch-size", "8", "--checkpoint-every", "2", "--device", "cpu", "--workers", "0",
-            "--quiet", "--json"]
+            "--epochs", "40", "--batch-size", "8", "--checkpoint-every", "2"]
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={PROCESSES}",
                 "-m", "tltk.cli", "finetune"]
     interrupted = tmp_path / "interrupted"
-    job = subprocess.Popen([*launcher, *args, "--out", str(interrupted)], cwd=REPO, env=ENV, stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, text=True)
+    job = subprocess.Popen([*launcher, *args, "--device", "cpu", "--workers", "0", "--quiet", "--json", "--out",
+                            str(interrupted)], cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 180
     while not checkpoint.has_checkpoint(interrupted) and job.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -186,7 +185,7 @@ def test_signalled_job_saves_once_and_resumes_with_as_many_processes_to_the_unin
     resumed = subprocess.run([*launcher, "--resume", str(interrupted), "--quiet", "--json"], cwd=REPO, env=ENV,
                              capture_output=True, text=True, timeout=240)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    whole = tltk_finetune([a for a in args if a not in ("--quiet", "--json")], tmp_path / "whole", processes=PROCESSES)
+    whole = tltk_finetune(args, tmp_path / "whole", processes=PROCESSES)  # adds --device cpu --workers 0
     assert whole.returncode == 0, whole.stderr[-3000:]
     finished, reference = load_file(interrupted / "model.safetensors"), load_file(tmp_path / "whole" / "model.safetensors")
     assert all(torch.equal(finished[name], reference[name]) for name in reference)

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import platform
+import subprocess
 import sys
 from pathlib import Path
 
@@ -17,10 +20,26 @@ DEMO = Path(__file__).resolve().parents[1] / "examples" / "transfer_demo.py"
 
 @pytest.fixture(scope="module")
 def demo():
+    # Loading the demo pins torch's kernels through environment variables (for processes it
+    # starts); they must not leak into the subprocesses of later tests.
+    environment = dict(os.environ)
     spec = importlib.util.spec_from_file_location("transfer_demo", DEMO)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module
+    yield module
+    os.environ.clear()
+    os.environ.update(environment)
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="the kernel pin is for x86 CPUs")
+def test_the_demo_keeps_torch_to_its_avx2_kernels_so_every_x86_cpu_prints_the_same_table():
+    # AVX-512 kernels sum in another order: the fine-tuned run's accuracy moved by 4 images of 180.
+    script = (f"import runpy; runpy.run_path({str(DEMO)!r}, run_name='demo'); import torch; "
+              f"print(torch.backends.cpu.get_cpu_capability())")
+    environment = {k: v for k, v in os.environ.items() if k not in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")}
+    shown = subprocess.run([sys.executable, "-c", script], env=environment, capture_output=True, text=True, timeout=120)
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    assert shown.stdout.split()[-1] == "AVX2"
 
 
 def _written(folder: Path) -> dict[int, tuple[str, Path]]:

@@ -14,10 +14,19 @@ from click.testing import CliRunner
 
 from tltk.cli import main
 from tltk.errors import TltkError
-from tltk.features import FeatureStore, IndexOptions, Loading, extract, load_source, merge_parts, neighbours_of_rows
-from tltk.features import store as store_module
+from tltk.features import (
+    FeatureStore,
+    IndexOptions,
+    Loading,
+    extract,
+    load_source,
+    merge_parts,
+    neighbours_of_rows,
+    writing,
+)
 from tltk.features.extract import shard_rows
-from tltk.features.store import FEATURES, StorePart, open_part
+from tltk.features.manifest import FEATURES
+from tltk.features.shards import StorePart, open_part
 
 DATA = ["builtin:digits"]
 DATA_OPTIONS: dict[str, Any] = {"split": "test", "classes": ["0", "1", "2"]}  # 107 images: 7 batches of 16
@@ -234,7 +243,7 @@ def test_merge_refuses_the_leftovers_of_an_interrupted_shard(lenet, parts: dict[
             raise KeyboardInterrupt  # a killed process: ...
 
     with monkeypatch.context() as patched:
-        patched.setattr(store_module.shutil, "rmtree", lambda *args, **kwargs: None)  # ... gets no chance to clean up
+        patched.setattr(writing.shutil, "rmtree", lambda *args, **kwargs: None)  # ... gets no chance to clean up
         with pytest.raises(KeyboardInterrupt):
             extract(lenet, "fc7", tmp_path / "part1", *DATA, loading=CPU, shard=(1, 2), progress=interrupt, **DATA_OPTIONS)
     assert not (tmp_path / "part1").exists()

@@ -7,18 +7,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from data_fixtures import write_mnist
 from PIL import Image
 from safetensors.torch import load_file, save_file
+from voc_fixtures import write_voc
 
-from data_fixtures import write_mnist
 from tltk.data import ImageDataset, build_transforms, load_data
 from tltk.errors import TltkError
 from tltk.features import FeatureStore, Loading, add_images, extract, extract_or_reuse, load_source
 from tltk.features.extract import row_pictures
+from tltk.features.manifest import FEATURES
 from tltk.features.neighbors import neighbours_of_images, neighbours_of_rows
 from tltk.features.source import source_from_record
-from tltk.features.store import FEATURES
-from voc_fixtures import write_voc
 
 CPU = Loading(batch_size=32, device="cpu", workers=0)
 

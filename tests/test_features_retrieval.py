@@ -11,8 +11,10 @@ from sklearn.model_selection import LeaveOneOut, cross_val_predict
 from sklearn.neighbors import KNeighborsClassifier, NearestNeighbors
 
 from tltk.errors import TltkError
+from tltk.features.faiss_index import IndexOptions
 from tltk.features.retrieval import average_precision_at_k, evaluate_retrieval, knn_vote, precision_at_k
-from tltk.features.store import FeatureStore, IndexOptions, create_store, iter_chunks
+from tltk.features.store import FeatureStore, create_store
+from tltk.features.writing import iter_chunks
 
 CLASSES = ["ant", "bee", "cat", "dog"]
 

@@ -9,16 +9,10 @@ import numpy as np
 import pytest
 
 from tltk.errors import TltkError
-from tltk.features.store import (
-    FEATURES,
-    METADATA,
-    FeatureStore,
-    IndexOptions,
-    apply_search_params,
-    create_store,
-    iter_chunks,
-    recall_at_k,
-)
+from tltk.features.faiss_index import IndexOptions, apply_search_params, recall_at_k
+from tltk.features.manifest import FEATURES, METADATA
+from tltk.features.store import FeatureStore, create_store
+from tltk.features.writing import iter_chunks
 
 HEADER = {"source": {"fingerprint": "f" * 64, "description": "test vectors"}, "layer": "fc7", "pool": "avg",
           "class_names": ["a", "b", "c"], "task": "multiclass", "data": []}

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from tests.data_fixtures import write_image
 from tests.voc_fixtures import BILLION_LAUGHS
 from tltk.data.coco import read_annotation_file
-from tltk.data.formats import read_csv
+from tltk.data.csvfile import read_csv
 from tltk.data.samples import RawDataset
 from tltk.data.specs import parse_spec, resolve_spec
 from tltk.data.voc import VOC_CLASSES, parse_annotation
@@ -207,7 +207,8 @@ def store_manifest(workdir):
     """A real 40-row store; each example rewrites its manifest and opens it again."""
     import numpy as np
 
-    from tltk.features.store import create_store, iter_chunks
+    from tltk.features.store import create_store
+    from tltk.features.writing import iter_chunks
 
     vectors = np.random.default_rng(0).normal(size=(40, 8)).astype(np.float32)
     rows = [{"id": str(i), "path": f"img{i}.png", "labels": ["a"], "split": "train"} for i in range(40)]

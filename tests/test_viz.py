@@ -23,7 +23,7 @@ from tltk.evaluation import evaluate
 from tltk.run import Run
 from tltk.train.finetune import DataOptions, FinetuneConfig, finetune
 from tltk.train.trainer import TrainConfig
-from tltk.viz import activations, curves, filters, misclassified
+from tltk.viz import activations, common, curves, filters, misclassified
 
 # --- helpers ------------------------------------------------------------------------------
 
@@ -252,7 +252,7 @@ def test_channels_that_differ_most_between_classes_are_chosen() -> None:
 
 def test_unknown_layer_lists_the_layers_there_are(lenet) -> None:
     with pytest.raises(TltkError, match="named layers are conv1, pool5, fc6, fc7, logits"):
-        activations.resolve_layer(lenet, "conv9")
+        common.resolve_layer(lenet, "conv9")
 
 
 # --- mistakes ----------------------------------------------------------------------------------
@@ -284,7 +284,7 @@ def test_mistakes_are_listed_most_confident_first_and_the_confusion_matches_scik
 def test_misclassified_refuses_a_multilabel_run_with_a_pointer_to_evaluate(lenet, tmp_path: Path) -> None:
     loaded = Run(tmp_path, lenet, {"train": {"task": "multilabel"}, "class_names": ["a", "b", "c"]})
     with pytest.raises(TltkError, match="multi-class runs only.*tltk evaluate"):
-        misclassified.split_dataset(loaded, None, "test")
+        common.split_dataset(loaded, None, "test")
 
 
 # --- commands on a trained run ------------------------------------------------------------------

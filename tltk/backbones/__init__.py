@@ -1,8 +1,8 @@
 """Backbone registry: names people type (``resnet18``, ``timm:convnext_tiny``) to networks.
 
-Built-in families live one per module; each factory carries ``register_backbone`` and is
-also named in tltk's pyproject.toml under the ``tltk.backbones`` entry-point group, the
-group through which other packages add theirs. Nothing here imports torch: listing names
+Built-in families live one per module; each factory carries ``register_backbone``
+(from ``backbones/register.py``) and is also named in tltk's pyproject.toml under the
+``tltk.backbones`` entry-point group, the group through which other packages add theirs. Nothing here imports torch: listing names
 reads package metadata only, and a family's module is imported when one of its
 backbones is built.
 """
@@ -11,32 +11,17 @@ from __future__ import annotations
 
 import importlib
 import inspect
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
+from tltk.backbones.register import Factory, register_backbone
 from tltk.errors import TltkError
-from tltk.plugin import backbone_factory, backbone_problems
+from tltk.plugin import backbone_problems
 from tltk.registry import BACKBONES, PluginError
 
 if TYPE_CHECKING:
     from tltk.backbones.base import Backbone, BackboneInfo, Preprocessing
 
 TIMM_PREFIX = "timm:"
-
-Factory = Callable[..., "Backbone"]
-
-
-def register_backbone(
-    name: str, *, pretrained: bool, description: str = ""
-) -> Callable[[Factory], Factory]:
-    """Decorator for a factory ``(pretrained: bool, **options) -> Backbone``: marks it the
-    way ``tltk.plugin.backbone_factory`` marks a plugin's, and registers it from code."""
-
-    def decorator(factory: Factory) -> Factory:
-        backbone_factory(pretrained=pretrained, description=description)(factory)
-        BACKBONES.add(name, factory)
-        return factory
-
-    return decorator
 
 
 def backbone_info(name: str) -> BackboneInfo:

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from tltk.backbones import register_backbone
 from tltk.backbones.base import IMAGENET_MEAN, IMAGENET_STD, Backbone, Preprocessing
+from tltk.backbones.register import register_backbone
 from tltk.backbones.small import conv_then_dense, no_pretrained
 from tltk.backbones.torchvision_nets import ClassifierStackBackbone
 

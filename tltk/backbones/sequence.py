@@ -22,8 +22,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from tltk.backbones import register_backbone
 from tltk.backbones.base import HALF_MEAN, HALF_STD, Backbone, Preprocessing
+from tltk.backbones.register import register_backbone
 from tltk.backbones.small import check_choice, check_flag, check_positive_int, no_pretrained
 from tltk.errors import TltkError
 

@@ -17,8 +17,8 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from tltk.backbones import register_backbone
 from tltk.backbones.base import HALF_MEAN, HALF_STD, Backbone, Preprocessing
+from tltk.backbones.register import register_backbone
 from tltk.errors import TltkError
 
 ACTIVATIONS = ("relu", "leakyrelu")

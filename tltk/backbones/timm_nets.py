@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from tltk.backbones import register_backbone
 from tltk.backbones.base import Backbone, BackboneInfo, Preprocessing
+from tltk.backbones.register import register_backbone
 from tltk.errors import UnknownNameError
 
 

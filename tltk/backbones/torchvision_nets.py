@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from tltk.backbones import register_backbone
 from tltk.backbones.base import IMAGENET_MEAN, IMAGENET_STD, Backbone, Preprocessing
+from tltk.backbones.register import register_backbone
 
 
 class ClassifierStackBackbone(Backbone):

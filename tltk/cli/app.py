@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import Any, NoReturn
+from typing import Any, Callable, NoReturn
 
 import click
 from rich.console import Console
@@ -144,3 +144,25 @@ def _typed(value: str) -> Any:
 backbone_opt = click.option(
     "--backbone-opt", multiple=True, metavar="KEY=VALUE", help="Backbone option, repeatable (e.g. act=leakyrelu)."
 )
+
+
+def data_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Options that turn a --data spec into splits; shared by the commands that read data."""
+    options = [
+        click.option("--image-root", default=None, help="Folder that csv: file names are relative to."),
+        click.option("--val-split", type=float, default=None, help="Fraction of train held out for validation [0.1]."),
+        click.option("--test-split", type=float, default=None, help="Fraction held out for test where the data has no test split [0.2]."),
+        click.option("--classes", default=None, help="Comma-separated class names to keep, e.g. 0,1,2,3,4."),
+        click.option("--train-per-class", type=int, default=None, help="Keep at most N training images per class."),
+        click.option("--strict", is_flag=True, help="Stop at the first image that cannot be decoded instead of skipping it."),
+        click.option("--voc-difficult", default=None, type=click.Choice(["ignore", "positive", "negative"]),
+                     help="VOC objects marked difficult, COCO crowds: ignored when scoring (default), or counted."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def split_classes(classes: str | None) -> list[str] | None:
+    """--classes as a list of names; None where it was not given."""
+    return [c.strip() for c in classes.split(",") if c.strip()] if classes else None

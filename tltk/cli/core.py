@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 import click
 from rich.markup import escape
 from rich.table import Table
 
-from tltk.cli.app import backbone_opt, err, main, out, parse_options, print_json
+from tltk.cli.app import backbone_opt, data_options, err, main, out, parse_options, print_json, split_classes
 from tltk.errors import TltkError
 
 
@@ -94,27 +94,6 @@ def summary(backbone: str, head: str, num_classes: int, strategy: str, freeze: b
 
 
 # --- tltk finetune --------------------------------------------------------------------
-
-
-def data_options(command: Callable[..., Any]) -> Callable[..., Any]:
-    """Options that turn a --data spec into splits; shared by the commands that read data."""
-    options = [
-        click.option("--image-root", default=None, help="Folder that csv: file names are relative to."),
-        click.option("--val-split", type=float, default=None, help="Fraction of train held out for validation [0.1]."),
-        click.option("--test-split", type=float, default=None, help="Fraction held out for test where the data has no test split [0.2]."),
-        click.option("--classes", default=None, help="Comma-separated class names to keep, e.g. 0,1,2,3,4."),
-        click.option("--train-per-class", type=int, default=None, help="Keep at most N training images per class."),
-        click.option("--strict", is_flag=True, help="Stop at the first image that cannot be decoded instead of skipping it."),
-        click.option("--voc-difficult", default=None, type=click.Choice(["ignore", "positive", "negative"]),
-                     help="VOC objects marked difficult, COCO crowds: ignored when scoring (default), or counted."),
-    ]
-    for option in reversed(options):
-        command = option(command)
-    return command
-
-
-def split_classes(classes: str | None) -> list[str] | None:
-    return [c.strip() for c in classes.split(",") if c.strip()] if classes else None
 
 
 @main.command()

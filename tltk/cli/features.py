@@ -7,8 +7,18 @@ from typing import Any, Callable
 import click
 from rich.table import Table
 
-from tltk.cli.app import TltkCommand, TltkGroup, backbone_opt, err, main, out, parse_options, print_json
-from tltk.cli.core import data_options, split_classes
+from tltk.cli.app import (
+    TltkCommand,
+    TltkGroup,
+    backbone_opt,
+    data_options,
+    err,
+    main,
+    out,
+    parse_options,
+    print_json,
+    split_classes,
+)
 from tltk.errors import TltkError
 
 SPLIT_CHOICES = click.Choice(["all", "train", "val", "test"])
@@ -66,7 +76,7 @@ def index_options(command: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _index_config(opts: dict[str, Any]) -> Any:
-    from tltk.features.store import IndexOptions
+    from tltk.features.faiss_index import IndexOptions
 
     return IndexOptions(kind=opts["index_kind"], nlist=opts["nlist"], nprobe=opts["nprobe"], ef_search=opts["ef_search"],
                         pq_m=opts["pq_m"], threshold=opts["auto_threshold"], target_recall=opts["target_recall"])
@@ -114,7 +124,7 @@ class _ProgressBar:
 
 
 def _print_index(record: dict[str, Any]) -> None:
-    from tltk.features.store import RecallReport
+    from tltk.features.faiss_index import RecallReport
 
     if record.get("recall"):
         out.print(f"index {record['type']} ({record['factory']}): {RecallReport(**record['recall']).describe()}", soft_wrap=True)
@@ -178,7 +188,7 @@ def extract(source: str, layer: str, data_spec: str | None, split: str, out_dir:
     """Features of one layer of SOURCE (a run directory, or a backbone with --weights) into a FAISS store."""
     from tltk.features.extract import extract as run_extract
     from tltk.features.extract import parse_shard
-    from tltk.features.store import StorePart
+    from tltk.features.shards import StorePart
 
     shard_of = parse_shard(shard) if shard is not None else None
     model = _source(source, opts)
@@ -289,7 +299,7 @@ def index_store(store_dir: str, add: bool, data_spec: str | None, split: str, re
         out.print(f"added {report['added']} rows; the store now holds {store.count}")
     _print_store(store)
     if "check_recall" in report:
-        from tltk.features.store import RecallReport
+        from tltk.features.faiss_index import RecallReport
 
         out.print(f"check: {RecallReport(**report['check_recall']).describe()}", soft_wrap=True)
 
@@ -301,7 +311,7 @@ def index_store(store_dir: str, add: bool, data_spec: str | None, split: str, re
 @click.option("--json", "as_json", is_flag=True)
 def merge(parts: tuple[str, ...], out_dir: str, overwrite: bool, as_json: bool) -> None:
     """Join all the parts of `tltk extract --shard I/N` (any order) into the store one extraction writes."""
-    from tltk.features.store import merge_parts
+    from tltk.features.shards import merge_parts
 
     with _ProgressBar("merge", not as_json) as bar:
         store = merge_parts(parts, out_dir, overwrite=overwrite, progress=bar)
@@ -354,8 +364,9 @@ def neighbors(source: str, more: tuple[str, ...], query: tuple[str, ...], query_
     SOURCE is a store, or a model (run directory or backbone) with --layer and --data,
     whose store is built first or reused when one with the same fingerprint exists.
     """
+    from tltk.features.manifest import is_store
     from tltk.features.neighbors import check_k, neighbours_of_images, neighbours_of_rows
-    from tltk.features.store import FeatureStore, is_store
+    from tltk.features.store import FeatureStore
 
     check_k(k)  # before a store is built, which can take minutes
     images, rows = _queries(query, query_index, more)

@@ -7,8 +7,8 @@ from typing import Any, Callable
 import click
 from rich.table import Table
 
-from tltk.cli.app import TltkCommand, err, main, out, print_json
-from tltk.cli.core import data_options, finetune_config, split_classes
+from tltk.cli.app import TltkCommand, data_options, err, main, out, print_json, split_classes
+from tltk.cli.core import finetune_config
 from tltk.errors import TltkError
 
 

@@ -11,8 +11,10 @@ import re
 from pathlib import Path
 from typing import Sequence
 
+from tltk.data.cifar10 import find_cifar10_dir
 from tltk.data.coco import find_coco_dir
-from tltk.data.formats import DATA_FORMATS, find_cifar10_dir, find_mnist_dir
+from tltk.data.formats import DATA_FORMATS
+from tltk.data.mnist import find_mnist_dir
 from tltk.data.voc import find_voc_dir
 from tltk.data.images import is_hidden
 from tltk.data.samples import DataSplits

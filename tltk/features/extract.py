@@ -23,18 +23,11 @@ import torch
 from tltk.data import DataSplits, Sample, load_data
 from tltk.data.samples import positives
 from tltk.errors import DataError, TltkError
+from tltk.features.faiss_index import IndexOptions, check_metric
+from tltk.features.manifest import Chunk, is_store
+from tltk.features.shards import StorePart, create_part, shard_record
 from tltk.features.source import FeatureSource, source_from_record
-from tltk.features.store import (
-    Chunk,
-    FeatureStore,
-    IndexOptions,
-    StorePart,
-    check_metric,
-    create_part,
-    create_store,
-    is_store,
-    shard_record,
-)
+from tltk.features.store import FeatureStore, create_store
 from tltk.layers import check_layer_runs, check_pool, resolve_layer, tap
 from tltk.runtime import Inference, check_batch_size, resolve_device, stream_outputs
 
@@ -210,7 +203,7 @@ def extract(
     """Extract ``layer`` features of ``data`` with ``source`` into a new store at ``out``.
 
     With ``shard=(i, n)``, only shard ``i`` of ``n`` of those rows (``shard_rows``) go to
-    ``out``, as a part that ``tltk.features.store.merge_parts`` joins with the others into
+    ``out``, as a part that ``tltk.features.shards.merge_parts`` joins with the others into
     the store this call would write without ``shard``.
     """
     check_pool(pool)

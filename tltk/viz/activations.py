@@ -17,9 +17,8 @@ import torch
 from matplotlib.figure import Figure
 from torch import nn
 
-from tltk import layers
 from tltk.errors import DataError, TltkError
-from tltk.model import TransferModel
+from tltk.viz.common import resolve_layer, safe_name, split_dataset, unnormalise
 from tltk.viz.style import grid_shape, new_figure, save_figure, wrap
 
 
@@ -38,17 +37,6 @@ class ActivationResult:
     def to_dict(self) -> dict[str, Any]:
         return {"out": str(self.out), "layer": self.layer, "module": self.module, "channels": self.channels,
                 "size": list(self.size), "images": self.images, "classes": self.classes}
-
-
-# --- layers ---------------------------------------------------------------------------
-
-
-def resolve_layer(model: TransferModel, name: str) -> tuple[str, nn.Module]:
-    """(full module path in the model, module) for a layer name a person typed: a named
-    layer (``conv1``, ``fc7``), ``logits``, or a module path, as ``tltk.layers`` resolves
-    them everywhere else; the full path is what figure titles show."""
-    module = layers.resolve_layer(model, name).module
-    return next(path for path, candidate in model.named_modules() if candidate is module), module
 
 
 # --- capturing ------------------------------------------------------------------------
@@ -133,13 +121,6 @@ def square_tiles(maps: np.ndarray) -> np.ndarray:
     return block.reshape(rows, cols, *maps.shape[1:])
 
 
-def unnormalise(image: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
-    """A normalised C x H x W tensor back to an H x W x 3 array in 0..1, as a person sees it."""
-    mean_t = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
-    std_t = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
-    return (image.float().cpu() * std_t + mean_t).clamp(0, 1).permute(1, 2, 0).numpy()
-
-
 def image_maps_figure(picture: np.ndarray, maps: np.ndarray, title: str, description: str) -> Figure:
     """The input image on the left, its maps on one shared colour scale on the right."""
     grid = mosaic(square_tiles(maps))
@@ -197,7 +178,6 @@ def image_activations(
     from tltk.run import load_run
     from tltk.runtime import resolve_device
     from tltk.viz.curves import PLOTS, run_title
-    from tltk.viz.filters import safe_name
 
     _at_least_one("--max-maps", max_maps)
     source = Path(image).expanduser()
@@ -234,8 +214,6 @@ def class_average_activations(
     from tltk.run import load_run
     from tltk.runtime import stream_outputs
     from tltk.viz.curves import PLOTS, run_title
-    from tltk.viz.filters import safe_name
-    from tltk.viz.misclassified import split_dataset
 
     _at_least_one("--max-maps", max_maps)
     if per_class is not None:

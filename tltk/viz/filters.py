@@ -9,7 +9,6 @@ image; others as one grey tile per input channel.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ from torch import nn
 
 from tltk.errors import TltkError
 from tltk.model import TransferModel
-from tltk.viz.activations import resolve_layer
+from tltk.viz.common import resolve_layer, safe_name
 from tltk.viz.style import DPI, grid_shape, hide_ticks, new_figure, save_figure, wrap
 
 PAD_VALUE = 255  # white lines between tiles: a black kernel pixel stays distinguishable
@@ -179,11 +178,6 @@ def write_filters(model: TransferModel, path: str | Path, layer: str = "conv1", 
     figure = filters_figure(filter_grid(shown), heading, describe(module_path, weight, len(shown)))
     saved = save_figure(figure, path)
     return FiltersResult(saved, layer, module_path, tuple(weight.shape), len(shown))
-
-
-def safe_name(text: str) -> str:
-    """A layer or image name as a file-name part."""
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "layer"
 
 
 def visualize_filters(run: str | Path, layer: str = "conv1", out: str | Path | None = None) -> FiltersResult:

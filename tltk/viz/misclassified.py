@@ -15,11 +15,12 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
-from tltk.data import ImageDataset, Sample
-from tltk.errors import DataError, TltkError
+from tltk.data import ImageDataset
+from tltk.errors import TltkError
 from tltk.metrics import confusion_matrix
 from tltk.run import Run, load_run
 from tltk.runtime import collect_outputs
+from tltk.viz.common import split_dataset, unnormalise
 from tltk.viz.style import grid_shape, new_figure, save_figure, wrap
 
 MAX_ANNOTATED_CLASSES = 30  # above this the count in each cell is unreadable
@@ -49,38 +50,6 @@ class MisclassifiedResult:
         return {"n": self.n, "wrong": len(self.mistakes), "grid": str(self.grid),
                 "confusion_png": str(self.confusion_png), "confusion_matrix": self.confusion,
                 "mistakes": [m.to_dict() for m in self.mistakes[:limit]]}
-
-
-def split_dataset(
-    run: Run, data: str | None, split: str, *, per_class: int | None = None, **overrides: Any
-) -> tuple[ImageDataset, str]:
-    """(eval-transformed dataset of one split with targets in the run's class order, data spec).
-
-    The split settings default to the run's, as ``tltk evaluate`` does, so "test" is the
-    same images the run held out. ``per_class`` keeps the first N images of each class.
-    """
-    if run.task != "multiclass":
-        raise TltkError(
-            f"{run.path} is a multi-label run, and this picture is for multi-class runs only (one true class per "
-            f"image); `tltk evaluate {run.path}` gives its per-class AP and chart instead."
-        )
-    dataset, splits = run.split(split, data, **overrides)
-    if per_class is not None:
-        dataset = dataset.subset(_first_per_class(dataset.samples, per_class))
-    if not len(dataset):
-        raise DataError(f"{splits.spec} has no images in its {split} split; pick another --split.")
-    return dataset, splits.spec
-
-
-def _first_per_class(samples: Sequence[Sample], limit: int) -> list[int]:
-    """Positions of the first ``limit`` samples of each class."""
-    taken: dict[int, int] = {}
-    kept = []
-    for position, sample in enumerate(samples):
-        if taken.get(sample.target, 0) < limit:
-            taken[sample.target] = taken.get(sample.target, 0) + 1
-            kept.append(position)
-    return kept
 
 
 def find_mistakes(
@@ -153,7 +122,6 @@ def visualize_misclassified(
     """
     if n < 1:
         raise TltkError(f"--n must be at least 1 (the mistakes to show), not {n}.")
-    from tltk.viz.activations import unnormalise
     from tltk.viz.curves import PLOTS, run_title
 
     loaded = load_run(run)
