@@ -11,7 +11,8 @@ import pytest
 from click.testing import CliRunner
 
 from tltk.cli import main
-from tltk.registry import CALLBACKS
+import tltk.registry
+from tltk.registry import Registry
 from tltk.train import checkpoint
 from tltk.train.callbacks import Callback
 from tltk.train.finetune import DataOptions, FinetuneConfig, finetune
@@ -110,10 +111,12 @@ def test_a_callbacks_state_is_saved_with_the_checkpoint_and_restored_on_resume(t
 
 
 @pytest.fixture
-def recorder_plugin() -> None:
-    """A callback registered from code under a name, as an entry point would provide it."""
-    if "test-recorder" not in CALLBACKS:
-        CALLBACKS.add("test-recorder", lambda every=1: Recorder())
+def recorder_plugin(monkeypatch) -> None:
+    """A callback registered from code under a name, as an entry point would provide it, in
+    a registry of this test's own (tltk's stays as the other tests expect it)."""
+    registry = Registry("callback", "tltk.callbacks", ships_builtins=False)
+    registry.add("test-recorder", lambda every=1: Recorder())
+    monkeypatch.setattr(tltk.registry, "CALLBACKS", registry)
 
 
 def test_named_callbacks_are_built_from_the_command_line_and_recorded_in_config(tmp_path: Path, recorder_plugin) -> None:

@@ -34,9 +34,11 @@ from tltk.model import ModelSpec, build_model
 from tltk.registry import PluginError, refresh
 from tltk.strategies import Strategy, build_strategy
 from tltk.testing import (
-    ContractViolation, check_backbone, check_exporter, check_format, check_head, check_strategy, sample_predictions,
+    ContractViolation, check_backbone, check_callback, check_exporter, check_format, check_head, check_strategy,
+    sample_predictions,
 )
 from tltk_example_plugin.backbone import tinyconv
+from tltk_example_plugin.budget import time_budget
 from tltk_example_plugin.head import cosine
 from tltk_example_plugin.markdown import markdown_exporter, read_markdown_table
 from tltk_example_plugin.npz import read_npz
@@ -45,7 +47,7 @@ from tltk_example_plugin.strategy import gradual_unfreeze
 EXAMPLE = "tltk-example-plugin"
 EXAMPLE_SOURCE = f"{EXAMPLE}=={metadata.version(EXAMPLE)}"
 EXAMPLE_COMPONENTS = {"backbones": "tinyconv", "heads": "cosine", "strategies": "gradual-unfreeze",
-                      "exporters": "markdown", "formats": "npz"}
+                      "exporters": "markdown", "formats": "npz", "callbacks": "time-budget"}
 FAST = ["--epochs", "2", "--batch-size", "8", "--workers", "0", "--device", "cpu", "--quiet"]
 
 
@@ -288,6 +290,16 @@ def test_example_backbone_passes_the_contract_kit() -> None:
 def test_example_head_passes_the_contract_kit() -> None:
     head = check_head(cosine)
     assert sum(p.numel() for p in head.parameters()) == 3 * 16 + 1  # a vector per class and the temperature
+
+
+def test_example_callback_passes_the_contract_kit_and_stops_a_spent_run() -> None:
+    assert check_callback(time_budget, options={"seconds": 3600}).loop.result.epochs_run == 2
+    assert check_callback(time_budget, options={"seconds": 0}).loop.step == 1
+
+
+def test_the_contract_kit_rejects_a_callback_factory_that_builds_something_else() -> None:
+    with pytest.raises(ContractViolation, match="not a tltk.plugin.Callback"):
+        check_callback(lambda: object())
 
 
 def test_example_strategy_passes_the_contract_kit() -> None:

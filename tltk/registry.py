@@ -172,9 +172,11 @@ class Registry(Generic[T]):
     """
 
     def __init__(self, kind: str, group: str | None = None, *, call: CallShape | None = None,
-                 aliases_elsewhere: dict[str, str] | None = None) -> None:
+                 aliases_elsewhere: dict[str, str] | None = None, ships_builtins: bool = True) -> None:
         self.kind = kind
         self.group = group
+        # Whether tltk declares components of this kind itself (an empty kind then means a broken install).
+        self.ships_builtins = ships_builtins
         # Names people reach for that tltk spells another way: the unknown-name message says how.
         self.aliases_elsewhere = dict(aliases_elsewhere or {})
         self.call = call or CALL_SHAPES.get(group or "", CallShape())
@@ -441,7 +443,7 @@ class Registry(Generic[T]):
         if name in self.aliases_elsewhere:
             hint = f" {self.aliases_elsewhere[name]}"
         message = f"Unknown {self.kind} '{name}'.{hint} Known {_plural(self.kind)}: {', '.join(names) or '(none)'}."
-        if self.group in GROUPS and not any(e.builtin for e in self._entries):
+        if self.ships_builtins and self.group in GROUPS and not any(e.builtin for e in self._entries):
             message += (f" tltk's own {self.kind}s are missing from its package metadata: reinstall tltk "
                         f"(pip install -e .) and delete any stale tltk.egg-info folder on the Python path.")
         return message
@@ -607,7 +609,7 @@ STRATEGIES: Registry[Any] = Registry("strategy", "tltk.strategies", aliases_else
 })
 EXPORTERS: Registry[Any] = Registry("exporter", "tltk.exporters")
 DATA_FORMATS: Registry[Any] = Registry("data format", "tltk.datasets")
-CALLBACKS: Registry[Any] = Registry("callback", "tltk.callbacks")
+CALLBACKS: Registry[Any] = Registry("callback", "tltk.callbacks", ships_builtins=False)  # plugins and code only
 
 
 def registries() -> list[Registry[Any]]:
