@@ -34,7 +34,8 @@ VERSION = "tltk.__version__"
 # Layers from the bottom up, as in docs/architecture.md's table: a module's layer is the
 # one of the longest prefix listed here.
 LAYERS: dict[str, tuple[str, ...]] = {
-    "foundations": ("tltk.errors", "tltk.fileio", "tltk.progress", "tltk.distributed", "tltk.plugin", "tltk.registry",
+    "foundations": ("tltk.errors", "tltk.fileio", "tltk.progress", "tltk.distributed", "tltk.kinds", "tltk.plugin",
+                    "tltk.registry",
                     VERSION),
     "data": ("tltk.data",),
     "components": ("tltk.catalog", "tltk.backbones", "tltk.heads", "tltk.strategies",

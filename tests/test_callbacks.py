@@ -117,6 +117,7 @@ def recorder_plugin(monkeypatch) -> None:
     registry = Registry("callback", "tltk.callbacks", ships_builtins=False)
     registry.add("test-recorder", lambda every=1: Recorder())
     monkeypatch.setattr(tltk.registry, "CALLBACKS", registry)
+    monkeypatch.setitem(tltk.registry.REGISTRIES, "callback", registry)  # what build("callback", ...) reads
 
 
 def test_named_callbacks_are_built_from_the_command_line_and_recorded_in_config(tmp_path: Path, recorder_plugin) -> None:
@@ -132,7 +133,7 @@ def test_named_callbacks_are_built_from_the_command_line_and_recorded_in_config(
 
 @pytest.mark.parametrize("arguments,sentence", [
     (["--callback", "test-recorder", "--callback-opt", "test-recorder.colour=red"],
-     "callback 'test-recorder' cannot be built with the options given (colour)"),
+     "callback 'test-recorder' has no option 'colour'; it takes every=1."),
     (["--callback-opt", "test-recorder.every=2"], "no --callback names; add --callback test-recorder"),
     (["--callback", "test-recorder", "--callback-opt", "every=2"], "is not NAME.KEY=VALUE"),
     (["--callback", "no-such-callback"], "no-such-callback"),

@@ -79,6 +79,32 @@ def test_evaluate_prints_accuracy_per_class_table_and_confusion_matrix(run_dir: 
     assert "top-5" not in text  # three classes: top-5 means nothing
 
 
+@pytest.mark.parametrize("option,value,expected", [
+    ("--hidden", "128", "head 'linear' has no option 'hidden'; it takes dropout=0.0."),
+    ("--unfreeze-epoch", "2", "strategy 'finetune' has no option 'unfreeze_epoch'; it takes no options."),
+])
+def test_an_option_the_component_does_not_take_is_refused_before_anything_is_written(
+        folder: Path, tmp_path: Path, option, value, expected) -> None:
+    result = tltk("finetune", "--backbone", "lenet5", "--weights", "none", "--head", "linear", option, value,
+                  "--data", str(folder), "--out", str(tmp_path / "x"), *FAST)
+    assert_one_sentence_error(result, expected)
+    assert not (tmp_path / "x").exists()
+
+
+def test_list_details_shows_each_components_options() -> None:
+    heads = {r["name"]: r for r in json.loads(tltk("list", "heads", "--details", "--json").stdout)}
+    assert heads["linear"]["options"] == [{"name": "dropout", "default": 0.0, "required": False, "help": ""}]
+    assert [o["name"] for o in heads["mlp"]["options"]] == ["hidden", "dropout"]
+    strategies = {r["name"]: r for r in json.loads(tltk("list", "strategies", "--details", "--json").stdout)}
+    assert strategies["freeze"]["options"] == []
+    assert {o["name"]: o["default"] for o in strategies["freeze-unfreeze"]["options"]} == {
+        "unfreeze_epoch": 1, "backbone_lr_mult": 0.1}
+    table = tltk("list", "heads", "--details").stdout
+    assert "options" in table and "hidden=512" in table
+    formats = {r["name"]: r for r in json.loads(tltk("list", "formats", "--details", "--json").stdout)}
+    assert formats["folder"]["options"] == []  # a data format is called with its path only
+
+
 def test_unknown_backbone_names_close_matches(folder: Path, tmp_path: Path) -> None:
     result = tltk("finetune", "--backbone", "resnet81", "--data", str(folder), "--out", str(tmp_path / "x"), *FAST)
     assert_one_sentence_error(result, "Unknown backbone 'resnet81'", "resnet18")

@@ -20,9 +20,10 @@ from torch.utils.data import TensorDataset
 import tltk.train.trainer as trainer
 from tltk.backbones import Backbone, Preprocessing
 from tltk.backbones.base import HALF_MEAN, HALF_STD
-from tltk.errors import TltkError, UnknownNameError
+from tltk.errors import TltkError, UnknownNameError, UnknownOptionError
 from tltk.heads import HEADS, build_head
 from tltk.model import ModelSpec, TransferModel, build_model
+from tltk.registry import PluginError
 from tltk.strategies import STRATEGIES, Strategy, build_strategy, trainable_parameters
 from tltk.train.trainer import FitResult, TrainConfig, fit, lr_factor
 
@@ -58,7 +59,8 @@ class TinyBNBackbone(Backbone):
 def tiny_model(seed: int = 0, head: str = "linear") -> TransferModel:
     torch.manual_seed(seed)
     backbone = TinyBNBackbone()
-    head_module = build_head(head, backbone.feature_dim, backbone.spatial_channels, NUM_CLASSES, hidden=8)
+    options = {} if head == "linear" else {"hidden": 8}  # linear has no hidden layer, and says so
+    head_module = build_head(head, backbone.feature_dim, backbone.spatial_channels, NUM_CLASSES, **options)
     return TransferModel(backbone, head_module, ModelSpec("tiny-bn", head, NUM_CLASSES, weights="none"))
 
 
@@ -138,10 +140,64 @@ def without_timing(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
 @pytest.mark.parametrize("head", ["linear", "mlp", "conv"])
 def test_builtin_head_on_simplecnn_gives_one_logit_per_class(head):
     torch.manual_seed(0)
-    model = build_model(ModelSpec("simplecnn", head, 7, {"hidden": 16}, weights="none")).eval()
+    model = build_model(ModelSpec("simplecnn", head, 7, {} if head == "linear" else {"hidden": 16}, weights="none")).eval()
     with torch.no_grad():
         logits = model(torch.randn(3, 3, 32, 32))
     assert logits.shape == (3, 7)
+
+
+@pytest.mark.parametrize("head, options, message", [
+    ("linear", {"hidden": 128}, "head 'linear' has no option 'hidden'; it takes dropout=0.0."),
+    ("mlp", {"width": 3, "depth": 2}, "head 'mlp' has no options 'width', 'depth'; it takes hidden=512, dropout=0.5."),
+])
+def test_a_head_refuses_an_option_it_does_not_declare_in_one_sentence_naming_the_ones_it_takes(head, options, message):
+    with pytest.raises(UnknownOptionError) as info:
+        build_head(head, 64, 128, 3, **options)
+    assert str(info.value) == message
+
+
+def test_an_option_given_as_none_is_not_given_and_the_default_applies():
+    head = build_head("linear", 64, 128, 3, hidden=None, dropout=None)
+    assert not any(isinstance(m, nn.Dropout) for m in head.modules())
+    assert build_strategy("freeze", unfreeze_epoch=None, layer_decay=None).describe() == {"name": "freeze"}
+
+
+@pytest.mark.parametrize("strategy, options, message", [
+    ("freeze", {"unfreeze_epoch": 2}, "strategy 'freeze' has no option 'unfreeze_epoch'; it takes no options."),
+    ("discriminative", {"unfreeze_epoch": 2},
+     "strategy 'discriminative' has no option 'unfreeze_epoch'; it takes layer_decay=0.75."),
+])
+def test_a_strategy_refuses_an_option_it_does_not_declare(strategy, options, message):
+    with pytest.raises(UnknownOptionError) as info:
+        build_strategy(strategy, **options)
+    assert str(info.value) == message
+
+
+def test_a_head_and_a_strategy_that_break_their_contract_raise_what_a_backbone_raises(monkeypatch):
+    # One error class for a broken contract, whatever the kind.
+    import tltk.registry
+
+    heads = tltk.registry.Registry(tltk.registry.HEADS.record)
+    heads.add("stringy", lambda in_features, in_channels, num_classes: "not a module")
+    strategies = tltk.registry.Registry(tltk.registry.STRATEGIES.record)
+    strategies.add("hollow", lambda: object())
+    monkeypatch.setitem(tltk.registry.REGISTRIES, "head", heads)
+    monkeypatch.setitem(tltk.registry.REGISTRIES, "strategy", strategies)
+    with pytest.raises(PluginError, match="head 'stringy' from .* does not meet the head contract: the factory returned "
+                                          "a str, not a torch.nn.Module; see HeadFactory in tltk.plugin."):
+        tltk.registry.build("head", "stringy", in_features=4, in_channels=None, num_classes=2)
+    with pytest.raises(PluginError, match="strategy 'hollow' from .* does not meet the strategy contract: it has no "
+                                          "prepare, param_groups, on_epoch_start, describe method"):
+        build_strategy("hollow")
+
+
+def test_a_recorded_run_rebuilds_without_the_head_options_it_ignored_when_it_trained():
+    # Runs from before the options rule may record `hidden` on a linear head: it played no part.
+    spec = ModelSpec("simplecnn", "linear", 3, {"hidden": 128, "dropout": 0.2}, weights="none")
+    model = build_model(spec, load_weights=False)
+    assert [type(m).__name__ for m in model.head] == ["Dropout", "Linear"]
+    with pytest.raises(UnknownOptionError):
+        build_model(spec)
 
 
 def test_registry_has_the_builtin_heads_and_strategies():
@@ -230,10 +286,12 @@ def not_a_module(in_features, in_channels, num_classes):
 """
 
 
-def test_custom_head_from_a_file_path_gets_only_the_options_it_declares(tmp_path):
+def test_custom_head_from_a_file_path_gets_the_options_it_declares_and_refuses_others(tmp_path):
     path = tmp_path / "myhead.py"
     path.write_text(CUSTOM_HEAD_SOURCE)
-    model = build_model(ModelSpec("simplecnn", f"{path}:make_head", 3, {"width": 7, "hidden": 99}, weights="none"))
+    with pytest.raises(UnknownOptionError, match=r"has no option 'hidden'; it takes width=4\.$"):
+        build_model(ModelSpec("simplecnn", f"{path}:make_head", 3, {"width": 7, "hidden": 99}, weights="none"))
+    model = build_model(ModelSpec("simplecnn", f"{path}:make_head", 3, {"width": 7, "hidden": None}, weights="none"))
     assert [m.out_features for m in model.head.modules() if isinstance(m, nn.Linear)] == [7, 3]
     assert model.head[0].in_features == 64
     with torch.no_grad():
@@ -274,7 +332,7 @@ def test_bad_head_import_path_raises_a_tltk_error(tmp_path, spec, message):
 def test_custom_head_that_returns_something_other_than_a_module_is_refused(tmp_path):
     path = tmp_path / "myhead.py"
     path.write_text(CUSTOM_HEAD_SOURCE)
-    with pytest.raises(TltkError, match="not a torch.nn.Module"):
+    with pytest.raises(PluginError, match="does not meet the head contract: the factory returned a str, not a torch.nn.Module"):
         build_head(f"{path}:not_a_module", 64, 128, 3)
 
 

@@ -8,6 +8,7 @@ tests/test_plugins.py does the same with real installed packages.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import pkgutil
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ from typing import Any, Callable
 import pytest
 
 import tltk.registry
-from tltk.backbones import BACKBONES, backbone_info, register_backbone
+from tltk.backbones import BACKBONES, backbone_info
 from tltk.errors import TltkError, UnknownNameError
 from tltk.registry import BLOCKED, FAILED, NOT_LOADED, OK, PluginError, PluginPolicy, Registry, registries, STRATEGIES
 
@@ -129,17 +130,17 @@ def test_registering_the_same_object_twice_under_one_name_is_harmless():
     assert reg.get("a") is alpha
 
 
-def test_registering_a_module_level_function_again_after_a_reimport_is_harmless():
-    # A module imported twice (say, under importlib.reload) defines a new function object
-    # with the same module and qualified name: that is the same component, not a clash.
+def test_registering_a_module_level_function_again_after_a_reimport_is_a_clash():
+    # Registering in code is for code; packages declare entry points. Only the very same
+    # object registers twice without complaint: a reimported module's function is another one.
     source = "def factory():\n    return 'v'\n"
     first, second = {"__name__": "plugin_mod"}, {"__name__": "plugin_mod"}
     exec(source, first)
     exec(source, second)
-    assert first["factory"] is not second["factory"]
     reg: Registry[Callable[[], str]] = Registry("widget")
     reg.add("f", first["factory"])
-    reg.add("f", second["factory"])
+    with pytest.raises(TltkError, match="already registered"):
+        reg.add("f", second["factory"])
     assert reg.get("f") is first["factory"]
 
 
@@ -166,7 +167,7 @@ def test_registering_a_different_backbone_factory_under_a_taken_name_raises():
 
     original = backbone_info("simplecnn").factory
     with pytest.raises(TltkError, match="'simplecnn' is already registered"):
-        register_backbone("simplecnn", pretrained=False)(impostor)
+        BACKBONES.add("simplecnn", impostor)
     assert backbone_info("simplecnn").factory is original
     assert "simplecnn" in BACKBONES
 
@@ -446,15 +447,16 @@ def test_two_plugins_with_one_name_both_lose_it_and_the_error_names_both(monkeyp
     assert "dup" in reg  # claimed, so lookups explain rather than say 'unknown'
 
 
-def test_code_registering_the_component_an_entry_point_names_is_the_same_registration(monkeypatch):
+def test_code_registering_under_a_name_tltks_entry_point_holds_raises_without_loading_it(monkeypatch):
+    # tltk declares its own components once, as entry points: code that registers the same
+    # name is refused, and nothing reconciles the two.
     ep = FakeEntryPoint("alpha", lambda: alpha, FakeDist("tltk", "0.1.0"), value=f"{__name__}:alpha")
     monkeypatch.setattr(tltk.registry, "_entry_points", FakeEntryPoints([ep]))
     reg: Registry[Callable[[], str]] = Registry("widget", group="tltk.widgets")
-    reg.register("alpha")(alpha)  # what the decorator in the entry point's module does on import
-    entry = reg.entry("alpha")
-    assert (entry.status, entry.obj, entry.source, ep.loads) == (OK, alpha, "tltk==0.1.0", 0)
     with pytest.raises(TltkError, match="'alpha' is already registered by tltk==0.1.0"):
-        reg.add("alpha", beta)
+        reg.register("alpha")(alpha)
+    assert (reg.find("alpha").status, ep.loads) == (NOT_LOADED, 0)
+    assert reg.get("alpha") is alpha and ep.loads == 1
 
 
 # ----------------------------------------------------------------- TLTK_PLUGINS and autoload
@@ -509,12 +511,35 @@ def _import_every_module(package: str) -> None:
         importlib.import_module(info.name)
 
 
-def test_every_component_tltk_registers_in_code_is_also_declared_as_an_entry_point():
+def test_no_tltk_module_registers_a_component_in_code():
+    # Built-ins are declared once, in pyproject.toml: no decorator or add() call beside the
+    # entry point, so nothing has to reconcile two registrations of one component.
+    import ast
+    from pathlib import Path
+
+    package = Path(tltk.registry.__file__).parent
+    calls = []
+    for path in sorted(package.rglob("*.py")):
+        if path.name == "registry.py" and path.parent == package:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in ("register", "add") \
+                    and isinstance(node.func.value, ast.Name) and node.func.value.id.isupper():
+                calls.append(f"{path.relative_to(package)}:{node.lineno}")
+            if isinstance(node, ast.Name) and node.id == "register_backbone":
+                calls.append(f"{path.relative_to(package)}:{node.lineno}")
+    assert calls == []
+    assert not hasattr(Registry, "_same_component") and not hasattr(Registry, "_adopt")
+
+
+def test_tltk_declares_its_own_components_only_as_entry_points():
+    # Importing every component module registers nothing in code: each built-in is declared
+    # once, in pyproject.toml, and loads from there like a plugin's.
     for package in ("tltk.backbones", "tltk.heads", "tltk.strategies", "tltk.export", "tltk.data"):
         _import_every_module(package)
     for registry in registries():
-        undeclared = [e.name for e in registry.all_entries() if e.builtin and e.entry_point is None]
-        assert undeclared == [], f"add these to [project.entry-points.\"{registry.group}\"] in pyproject.toml"
+        from_code = [e.name for e in registry.all_entries() if e.entry_point is None]
+        assert from_code == [], f"declare these in [project.entry-points.\"{registry.group}\"] instead"
 
 
 def test_every_entry_point_tltk_declares_loads_and_meets_its_contract():
@@ -535,3 +560,97 @@ def test_unknown_name_message_uses_the_kinds_proper_plural():
     strategies.register("finetune")(lambda: None)
     with pytest.raises(UnknownNameError, match="Known strategies: finetune"):
         strategies.get("scratch")
+
+
+# ----------------------------------------------------------------- the kind table
+
+
+def test_every_kind_fact_comes_from_the_one_kind_table():
+    from tltk.catalog import LISTABLE
+    from tltk.cli.core import LISTABLE as CLI_LISTABLE
+    from tltk.kinds import KINDS
+    from tltk.plugin import GROUPS
+
+    assert [k.word for k in KINDS] == ["backbone", "head", "strategy", "exporter", "data format", "callback"]
+    assert GROUPS == {k.group: k.word for k in KINDS}
+    assert [r.record for r in registries()] == list(KINDS)
+    assert [(r.kind, r.group, r.call, r.ships_builtins) for r in registries()] == [
+        (k.word, k.group, k.call, k.ships_builtins) for k in KINDS]
+    assert LISTABLE == tuple(k.listed_as for k in KINDS) and CLI_LISTABLE == (*LISTABLE, "layers")
+    # The data-format kind keeps the group plugins declare in and the word `tltk list` takes.
+    assert (tltk.registry.DATA_FORMATS.group, tltk.registry.DATA_FORMATS.record.listed_as) == ("tltk.datasets", "formats")
+    assert not hasattr(tltk.registry, "CALL_SHAPES")
+
+
+def test_the_data_format_reader_contract_is_defined_once():
+    import tltk.data
+    import tltk.data.formats
+    import tltk.plugin
+
+    assert tltk.data.FormatReader is tltk.data.formats.FormatReader is tltk.plugin.FormatReader
+    assert tltk.data.DATA_FORMATS is tltk.registry.DATA_FORMATS and tltk.registry.DATA_FORMATS.kind == "data format"
+
+
+def test_a_kind_is_found_by_its_word_group_or_listing_word_and_an_unknown_one_is_one_sentence():
+    from tltk.kinds import DATA_FORMAT, kind
+
+    assert kind("data format") is kind("tltk.datasets") is kind("formats") is DATA_FORMAT
+    with pytest.raises(TltkError, match="^there is no component kind 'widget'; the kinds are backbone, head, .*callback\\.$"):
+        kind("widget")
+
+
+def test_build_applies_one_options_rule_to_every_kind_that_takes_options():
+    from tltk.errors import UnknownOptionError
+    from tltk.kinds import KINDS, OPTIONS_NONE
+    from tltk.registry import Registry, build
+
+    factories = {"backbone": lambda pretrained=False, width=1: ("backbone", width),
+                 "head": lambda in_features, in_channels, num_classes, width=1: ("head", width),
+                 "strategy": lambda width=1: ("strategy", width),
+                 "exporter": lambda predictions, out, width=1: ("exporter", width),
+                 "callback": lambda width=1: ("callback", width)}
+    arguments = {"backbone": ((), {"pretrained": False}), "head": ((), dict(in_features=1, in_channels=None, num_classes=2)),
+                 "strategy": ((), {}), "exporter": ((None, None), {}), "callback": ((), {})}
+    for record in KINDS:
+        if record.options == OPTIONS_NONE:
+            assert record.word == "data format"  # called with its path, no options
+            continue
+        registry = Registry(dataclasses.replace(record, check=None))  # only the options rule is under test
+        registry.add("w", factories[record.word])
+        args, keywords = arguments[record.word]
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setitem(tltk.registry.REGISTRIES, record.word, registry)
+            assert build(record.word, "w", *args, **keywords, width=3, depth=None) == (record.word, 3)
+            with pytest.raises(UnknownOptionError) as info:
+                build(record.word, "w", *args, **keywords, depth=2)
+        assert str(info.value) == f"{record.word} 'w' has no option 'depth'; it takes width=1."
+
+
+def test_a_factory_that_takes_any_keyword_takes_any_option_and_an_explicit_declaration_wins():
+    from tltk.errors import UnknownOptionError
+    from tltk.kinds import STRATEGY, Option, declare_options, options_of
+    from tltk.registry import build_from
+
+    unchecked = dataclasses.replace(STRATEGY, check=None)  # only the options rule is under test
+
+    def anything(**options: Any) -> dict[str, Any]:
+        return options
+
+    assert options_of(anything, STRATEGY.call) is None
+    assert build_from(unchecked, "any", anything, "here", colour="red", depth=None) == {"colour": "red"}
+    stated = declare_options(Option("colour", "blue", "what colour"))(lambda **options: options)
+    assert options_of(stated, STRATEGY.call) == (Option("colour", "blue", "what colour"),)
+    with pytest.raises(UnknownOptionError, match="^strategy 'stated' has no option 'size'; it takes colour='blue'\\.$"):
+        build_from(unchecked, "stated", stated, "here", size=3)
+
+
+def test_listing_every_kind_imports_no_torch():
+    import subprocess
+    import sys
+
+    probe = ("import sys; from click.testing import CliRunner; from tltk.cli import main; "
+             "codes = [CliRunner().invoke(main, ['list', w]).exit_code for w in "
+             "('backbones', 'heads', 'strategies', 'exporters', 'formats', 'callbacks')]; "
+             "print(codes, 'torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert done.stdout.split("]")[-1].strip() == "False" and "[0, 0, 0, 0, 0, 0]" in done.stdout, done.stderr

@@ -10,27 +10,24 @@ from __future__ import annotations
 from importlib import metadata
 from typing import Any
 
-from tltk.registry import (
-    BACKBONES, BLOCKED, CALLBACKS, DATA_FORMATS, EXPORTERS, FAILED, HEADS, OK, STRATEGIES, Entry, PluginPolicy,
-    Registry, registries,
-)
+from tltk.kinds import KINDS, OPTIONS_NONE, REQUIRED, Kind, options_of
+from tltk.registry import BLOCKED, FAILED, OK, Entry, PluginPolicy, registries, registry
 
-KINDS: dict[str, Registry[Any]] = {
-    "backbones": BACKBONES, "heads": HEADS, "strategies": STRATEGIES, "exporters": EXPORTERS, "formats": DATA_FORMATS,
-    "callbacks": CALLBACKS,
-}
+# The words `tltk list` takes, one per kind, from the kind table.
+LISTABLE: tuple[str, ...] = tuple(record.listed_as for record in KINDS)
 
 
 def catalog(kind: str, details: bool = False) -> list[dict[str, Any]]:
-    """One row per name of ``kind`` (a key of ``KINDS``): name and ``package==version``;
-    with ``details``, also status and description (and for backbones, published weights)."""
-    registry = KINDS[kind]
+    """One row per name of ``kind`` (one of ``LISTABLE``): name and ``package==version``;
+    with ``details``, also status, description and options (and for backbones, published weights)."""
+    found = registry(kind)
     rows = []
-    for entry in registry.entries():
-        row: dict[str, Any] = {"name": registry.listed_name(entry), "source": entry.source,
+    for entry in found.entries():
+        row: dict[str, Any] = {"name": found.listed_name(entry), "source": entry.source,
                                "package": entry.package, "version": entry.version}
         if details:
-            row.update(_details(kind, registry.try_load(entry)))
+            row.update(_details(kind, found.try_load(entry)))
+            row["options"] = _options(found.record, entry)
         rows.append(row)
     if kind == "backbones":
         rows.append(_timm_row(details))
@@ -47,6 +44,32 @@ def _details(kind: str, entry: Entry[Any]) -> dict[str, Any]:
     return row
 
 
+def _options(record: Kind, entry: Entry[Any]) -> list[dict[str, Any]] | None:
+    """The options a loaded component declares (name, default, help; a default of None where it
+    has none and must be given), [] for none, None when it takes any (``**kwargs``) or did not load."""
+    if entry.status != OK:
+        return None
+    declared = () if record.options == OPTIONS_NONE else options_of(entry.obj, record.call)
+    if declared is None:
+        return None
+    return [{"name": o.name, "default": None if o.default is REQUIRED else o.default, "required": o.default is REQUIRED,
+             "help": o.help} for o in declared]
+
+
+def options_text(options: list[dict[str, Any]] | None) -> str:
+    """The options column of ``tltk list KIND --details``: ``hidden=512, dropout=0.5``."""
+    if options is None:
+        return "any"
+    if not options:
+        return "-"
+    return ", ".join(_option_text(o) for o in options)
+
+
+def _option_text(option: dict[str, Any]) -> str:
+    value = f"{option['name']} (required)" if option["required"] else f"{option['name']}={option['default']!r}"
+    return f"{value}: {option['help']}" if option["help"] else value
+
+
 def _timm_row(details: bool) -> dict[str, Any]:
     try:
         version = metadata.version("timm")
@@ -55,7 +78,8 @@ def _timm_row(details: bool) -> dict[str, Any]:
     row: dict[str, Any] = {"name": "timm:NAME", "source": f"timm=={version}" if version else "timm",
                            "package": "timm", "version": version}
     if details:
-        row.update({"status": OK, "pretrained": "per model", "description": "any timm model, by its timm name"})
+        row.update({"status": OK, "pretrained": "per model", "description": "any timm model, by its timm name",
+                    "options": []})
     return row
 
 

@@ -29,6 +29,11 @@ class UnknownNameError(TltkError, KeyError):
         return printable(str(self.args[0])) if self.args else ""
 
 
+class UnknownOptionError(TltkError):
+    """An option given to a component (backbone, head, strategy, exporter, callback) that it
+    does not declare; the message lists the ones it takes."""
+
+
 class DataError(TltkError):
     """A data spec, dataset file or image that cannot be used."""
 

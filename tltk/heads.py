@@ -5,35 +5,34 @@ spatial map, the number of outputs and its own options, and returns a module. A 
 that reads the spatial map instead of the vector says so with ``uses_spatial = True``.
 Custom heads come from the ``tltk.heads`` entry-point group (``package:name`` picks one
 explicitly) or an import path (``pkg.mod:factory`` or ``path/to/file.py:Factory``).
+tltk's own heads below are declared, like a plugin's, as entry points in pyproject.toml;
+each takes the options its signature names (``hidden``, ``dropout``) and no others.
 """
 
 from __future__ import annotations
 
 import importlib
 import importlib.util
-import inspect
-from pathlib import Path
 from typing import Any, Callable
 
 from torch import nn
 
 from tltk.errors import TltkError
 from tltk.fileio import user_path
-from tltk.registry import HEADS
+from tltk.kinds import HEAD, options_of
+from tltk.registry import HEADS, build_from
 
 HeadFactory = Callable[..., nn.Module]
 
 
-@HEADS.register("linear")
-def linear_head(in_features: int, in_channels: int | None, num_classes: int, dropout: float = 0.0, **_: Any) -> nn.Module:
+def linear_head(in_features: int, in_channels: int | None, num_classes: int, dropout: float = 0.0) -> nn.Module:
     """One Linear layer: softmax regression (multi-class) or per-class sigmoids (multi-label)."""
     layers: list[nn.Module] = [nn.Dropout(dropout)] if dropout > 0 else []
     return nn.Sequential(*layers, nn.Linear(in_features, num_classes))
 
 
-@HEADS.register("mlp")
 def mlp_head(
-    in_features: int, in_channels: int | None, num_classes: int, hidden: int = 512, dropout: float = 0.5, **_: Any
+    in_features: int, in_channels: int | None, num_classes: int, hidden: int = 512, dropout: float = 0.5
 ) -> nn.Module:
     """Two layers with a ReLU and dropout between them."""
     return nn.Sequential(
@@ -64,9 +63,8 @@ class ConvHead(nn.Module):
         return self.fc(self.dropout(self.pool(self.conv(spatial)).flatten(1)))
 
 
-@HEADS.register("conv")
 def conv_head(
-    in_features: int, in_channels: int | None, num_classes: int, hidden: int = 256, dropout: float = 0.0, **_: Any
+    in_features: int, in_channels: int | None, num_classes: int, hidden: int = 256, dropout: float = 0.0
 ) -> nn.Module:
     """A conv layer on the backbone's spatial map (pool5), then global pooling and Linear."""
     if in_channels is None:
@@ -83,24 +81,26 @@ def resolve_head(name: str) -> HeadFactory:
 
 
 def build_head(name: str, in_features: int, in_channels: int | None, num_classes: int, **options: Any) -> nn.Module:
+    """The head ``name`` built through the one component path (``tltk.registry.build_from``):
+    an option it does not declare is refused, a non-module result breaks the head contract."""
     factory = resolve_head(name)
-    accepted = _accepted_options(factory, options)
-    head = factory(in_features=in_features, in_channels=in_channels, num_classes=num_classes, **accepted)
-    if not isinstance(head, nn.Module):
-        raise TltkError(f"head '{name}' returned {type(head).__name__}, not a torch.nn.Module.")
-    return head
+    origin = HEADS.origin(name) if name in HEADS else name.rpartition(":")[0]
+    return build_from(HEAD, name, factory, origin, in_features=in_features, in_channels=in_channels,
+                      num_classes=num_classes, **options)
+
+
+def recorded_head_options(name: str, options: dict[str, Any]) -> dict[str, Any]:
+    """The options of a recorded run that its head takes. Runs trained before tltk refused
+    undeclared options may record some their head ignored (``hidden`` on ``linear``); they
+    played no part in the model, so rebuilding it without them gives the model it trained."""
+    declared = options_of(resolve_head(name), HEAD.call)
+    if declared is None:
+        return dict(options)
+    return {key: value for key, value in options.items() if key in {o.name for o in declared}}
 
 
 def head_uses_spatial(head: nn.Module) -> bool:
     return bool(getattr(head, "uses_spatial", False))
-
-
-def _accepted_options(factory: HeadFactory, options: dict[str, Any]) -> dict[str, Any]:
-    """Pass only the options a factory declares (or all, if it takes ``**kwargs``)."""
-    params = inspect.signature(factory).parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return {k: v for k, v in options.items() if v is not None}
-    return {k: v for k, v in options.items() if k in params and v is not None}
 
 
 def _import_factory(spec: str) -> HeadFactory:

@@ -17,7 +17,7 @@ from torch import nn
 from tltk.backbones import Backbone, backbone_info, build_backbone
 from tltk.errors import TltkError
 from tltk.fileio import user_path
-from tltk.heads import build_head, head_uses_spatial
+from tltk.heads import build_head, head_uses_spatial, recorded_head_options
 from tltk.weights import apply_init, load_backbone_weights
 
 
@@ -114,8 +114,10 @@ def build_model(spec: ModelSpec, *, load_weights: bool = True) -> TransferModel:
     )
     if load_weights and choice not in ("imagenet", "none"):
         backbone.pretrained_source = load_backbone_weights(backbone, user_path(choice))
+    # A recorded run is rebuilt as it trained, without options its head ignored back then.
+    head_options = spec.head_options if load_weights else recorded_head_options(spec.head, spec.head_options)
     head = build_head(
-        spec.head, backbone.feature_dim, backbone.spatial_channels, spec.num_classes, **spec.head_options
+        spec.head, backbone.feature_dim, backbone.spatial_channels, spec.num_classes, **head_options
     )
     if load_weights and choice == "none":
         apply_init(backbone, spec.init)

@@ -13,6 +13,11 @@ breaking extensions. The groups and what their entry points name:
 ``tltk.callbacks``  a ``CallbackFactory``: ``(**options)`` -> a ``Callback`` (``tltk.plugin.Callback``)
 ==================  ===================================================================
 
+Each row is a record of ``tltk.kinds.KINDS``. A component's options are its factory's
+parameters beyond those tltk passes (or what ``declare_options`` states); one it does not
+declare is refused by name, and one given as None counts as not given. A data format
+takes no options.
+
 The contracts are typing Protocols: a component meets one by its shape, not by
 inheriting from anything. The base classes and helpers at the end (``Backbone``,
 ``Strategy``, ``RawDataset``, ``write_text``, ...) save a plugin work; they load on first
@@ -34,7 +39,8 @@ import importlib
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Callable, Protocol, TypeVar, runtime_checkable
 
-from tltk.errors import DataError, TltkError
+from tltk.errors import DataError, TltkError, UnknownOptionError
+from tltk.kinds import KINDS, Option, backbone_problems, callback_problems, declare_options, head_problems, strategy_problems
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -47,15 +53,9 @@ if TYPE_CHECKING:
 PLUGIN_API_VERSION = "1.0"
 API_ATTRIBUTE = "TLTK_PLUGIN_API"
 
-# The kind of component each entry-point group holds, in the words error messages use.
-GROUPS: dict[str, str] = {
-    "tltk.backbones": "backbone",
-    "tltk.heads": "head",
-    "tltk.strategies": "strategy",
-    "tltk.exporters": "exporter",
-    "tltk.datasets": "data format",
-    "tltk.callbacks": "callback",
-}
+# The kind of component each entry-point group holds, in the words error messages use
+# (derived from the one kind table, tltk.kinds).
+GROUPS: dict[str, str] = {kind.group: kind.word for kind in KINDS}
 
 
 # --- the contracts ------------------------------------------------------------------------
@@ -112,7 +112,7 @@ class HeadFactory(Protocol):
     ``in_channels`` the channels of its spatial map (None for backbones without one).
     The returned module maps a vector batch (N, in_features) to (N, num_classes), or, if it
     sets ``uses_spatial = True``, the map (N, in_channels, H, W). Options the factory
-    declares (``hidden``, ``dropout``) are passed when the user gives them."""
+    declares (``hidden``, ``dropout``) are passed when the user gives them; others are refused."""
 
     def __call__(self, *, in_features: int, in_channels: int | None, num_classes: int, **options: Any) -> nn.Module: ...
 
@@ -147,7 +147,7 @@ class TrainingStrategy(Protocol):
 
 
 class StrategyFactory(Protocol):
-    """Entry point in ``tltk.strategies``; options it declares are passed when given."""
+    """Entry point in ``tltk.strategies``; options it declares are passed when given, others refused."""
 
     def __call__(self, **options: Any) -> TrainingStrategy: ...
 
@@ -197,70 +197,6 @@ def backbone_factory(*, pretrained: bool = False, description: str = "") -> Call
         return factory
 
     return decorator
-
-
-# --- checking the contracts at run time ----------------------------------------------------
-
-BACKBONE_MEMBERS = ("net", "feature_dim", "spatial_channels", "layers", "preprocessing",
-                    "forward_spatial", "forward_vector", "stages")
-STRATEGY_METHODS = ("prepare", "param_groups", "on_epoch_start", "describe")
-
-
-def backbone_problems(backbone: object) -> list[str]:
-    """What a built backbone lacks of ``BackboneModule``: cheap checks tltk runs on every build."""
-    from torch import nn
-
-    if not isinstance(backbone, nn.Module):
-        return [f"the factory returned a {type(backbone).__name__}, not a torch.nn.Module"]
-    missing = [m for m in BACKBONE_MEMBERS if not hasattr(backbone, m)]
-    if missing:
-        return [f"it has no {', '.join(missing)}"]
-    problems = _dimension_problems(backbone) + _preprocessing_problems(backbone.preprocessing)
-    return problems + _layer_problems(backbone)
-
-
-def _dimension_problems(backbone: Any) -> list[str]:
-    problems = []
-    if not _positive_int(backbone.feature_dim):
-        problems.append(f"feature_dim is {backbone.feature_dim!r}, not a positive int")
-    if backbone.spatial_channels is not None and not _positive_int(backbone.spatial_channels):
-        problems.append(f"spatial_channels is {backbone.spatial_channels!r}, not None or a positive int")
-    return problems
-
-
-def _preprocessing_problems(prep: Any) -> list[str]:
-    size = getattr(prep, "input_size", None)
-    if not (isinstance(size, (tuple, list)) and len(size) == 2 and all(_positive_int(n) for n in size)):
-        return [f"preprocessing.input_size is {size!r}, not (height, width)"]
-    for field in ("mean", "std"):
-        values = getattr(prep, field, None)
-        if not (isinstance(values, (tuple, list)) and len(values) == 3 and all(isinstance(v, (int, float)) for v in values)):
-            return [f"preprocessing.{field} is {values!r}, not three numbers (R, G, B)"]
-    if any(v <= 0 for v in prep.std):
-        return [f"preprocessing.std {tuple(prep.std)} has a value that is not positive"]
-    return []
-
-
-def _layer_problems(backbone: Any) -> list[str]:
-    if not isinstance(backbone.layers, Mapping):
-        return [f"layers is a {type(backbone.layers).__name__}, not a mapping of layer names to module paths"]
-    problems = []
-    for label, path in backbone.layers.items():
-        try:
-            backbone.net.get_submodule(path)
-        except (AttributeError, TypeError):
-            problems.append(f"layers['{label}'] = {path!r} names no module inside .net")
-    return problems
-
-
-def strategy_problems(strategy: object) -> list[str]:
-    """What a built strategy lacks of ``TrainingStrategy``."""
-    missing = [m for m in STRATEGY_METHODS if not callable(getattr(strategy, m, None))]
-    return [f"it has no {', '.join(missing)} method"] if missing else []
-
-
-def _positive_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 # --- the API version ------------------------------------------------------------------------
@@ -318,6 +254,6 @@ __all__ = [
     "PLUGIN_API_VERSION", "API_ATTRIBUTE", "GROUPS",
     "BackboneFactory", "BackboneModule", "PreprocessingLike", "HeadFactory", "TransferModelLike",
     "TrainingStrategy", "StrategyFactory", "PredictionsLike", "Exporter", "FormatReader",
-    "backbone_factory", "backbone_problems", "strategy_problems", "api_incompatibility",
-    "TltkError", "DataError", *_LAZY,
+    "backbone_factory", "backbone_problems", "head_problems", "strategy_problems", "callback_problems",
+    "Option", "declare_options", "api_incompatibility", "TltkError", "DataError", "UnknownOptionError", *_LAZY,
 ]

@@ -1,8 +1,10 @@
 """Named components (backbones, heads, strategies, exporters, data formats, callbacks) and how they are found.
 
-Each kind of component has a ``Registry`` fed by an entry-point group. tltk's own
-components are declared in its pyproject.toml exactly as a plugin declares its own, so
-the path plugins take is the one every run takes. Reading a group reads package metadata
+Each kind of component (a record of ``tltk.kinds.KINDS``) has a ``Registry`` fed by its
+entry-point group, and every kind is built by one function, ``build(kind, name, **options)``,
+which applies one options rule and the kind's contract check. tltk's own components are
+declared only as entry points in its pyproject.toml, exactly as a plugin declares its own,
+so the path plugins take is the one every run takes. Reading a group reads package metadata
 only: a component's module is imported the first time that component is used, so
 listing names stays fast and a broken plugin costs nothing until someone asks for it.
 
@@ -17,10 +19,8 @@ that registered it; ``package:name`` picks a plugin's component explicitly.
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import functools
-import inspect
 import os
 import re
 import sys
@@ -31,7 +31,8 @@ from importlib import metadata
 from typing import Any, Callable, Generic, Iterable, TypeVar
 
 from tltk.errors import TltkError, UnknownNameError
-from tltk.plugin import API_ATTRIBUTE, GROUPS, PLUGIN_API_VERSION, api_incompatibility
+from tltk.kinds import KINDS, OPTIONS_ATTRIBUTE, CallShape, Kind, kind
+from tltk.plugin import API_ATTRIBUTE, PLUGIN_API_VERSION, api_incompatibility
 
 T = TypeVar("T")
 
@@ -127,39 +128,6 @@ class Entry(Generic[T]):
         return f"{self.package}:{self.name}"
 
 
-@dataclass(frozen=True)
-class CallShape:
-    """How tltk calls the components of one group. Checked when an entry point loads, so a
-    factory of the wrong shape is reported by name before anything runs."""
-
-    positional: tuple[str, ...] = ()
-    keywords: tuple[str, ...] = ()
-    protocol: str = ""
-
-    def problem(self, obj: object) -> str | None:
-        if not callable(obj):
-            return f"it names a {type(obj).__name__}, not a callable"
-        try:
-            signature = inspect.signature(obj)
-        except (TypeError, ValueError):  # some C callables have no signature; calling will tell
-            return None
-        try:
-            signature.bind(*([None] * len(self.positional)), **dict.fromkeys(self.keywords))
-        except TypeError as exc:
-            return f"it cannot be called as f({', '.join([*self.positional, *(f'{k}=...' for k in self.keywords)])}): {exc}"
-        return None
-
-
-CALL_SHAPES: dict[str, CallShape] = {
-    "tltk.backbones": CallShape(keywords=("pretrained",), protocol="BackboneFactory"),
-    "tltk.heads": CallShape(keywords=("in_features", "in_channels", "num_classes"), protocol="HeadFactory"),
-    "tltk.strategies": CallShape(protocol="StrategyFactory"),
-    "tltk.exporters": CallShape(positional=("predictions", "out"), protocol="Exporter"),
-    "tltk.datasets": CallShape(positional=("path",), keywords=("image_root", "strict"), protocol="FormatReader"),
-    "tltk.callbacks": CallShape(protocol="CallbackFactory"),
-}
-
-
 # --- the registry ---------------------------------------------------------------------------
 
 
@@ -171,23 +139,34 @@ class Registry(Generic[T]):
     component is also reachable as ``package:name``.
     """
 
-    def __init__(self, kind: str, group: str | None = None, *, call: CallShape | None = None,
+    def __init__(self, kind: str | Kind, group: str | None = None, *, call: CallShape | None = None,
                  aliases_elsewhere: dict[str, str] | None = None, ships_builtins: bool = True) -> None:
-        self.kind = kind
-        self.group = group
+        """A registry for one of tltk's kinds (``Registry(HEAD)``, everything read from its
+        record), or an ad-hoc one named by a word, with an entry-point group if any."""
+        if isinstance(kind, Kind):
+            record = kind
+        else:  # a group of the kind table keeps its call shape and contract check
+            known = next((k for k in KINDS if group and k.group == group), None)
+            record = Kind(kind, group or "", known.listed_as if known else "",
+                          call or (known.call if known else CallShape()),
+                          check=known.check if known else None, ships_builtins=ships_builtins)
+        self.record = record
+        self.kind = record.word
+        self.group = record.group or None
         # Whether tltk declares components of this kind itself (an empty kind then means a broken install).
-        self.ships_builtins = ships_builtins
+        self.ships_builtins = record.ships_builtins
         # Names people reach for that tltk spells another way: the unknown-name message says how.
         self.aliases_elsewhere = dict(aliases_elsewhere or {})
-        self.call = call or CALL_SHAPES.get(group or "", CallShape())
+        self.call = record.call
         self._entries: list[Entry[T]] = []
-        self._discovered = group is None
+        self._discovered = self.group is None
         _ALL_REGISTRIES.add(self)
 
     # registering from code
 
     def register(self, name: str, *, source: str | None = None, **meta: Any) -> Callable[[T], T]:
-        """Decorator: ``@HEADS.register("linear")`` above a factory."""
+        """Decorator: ``@HEADS.register("mine")`` above a factory defined in code (a notebook,
+        a test); a package, tltk itself included, declares an entry point instead."""
 
         def decorator(obj: T) -> T:
             self.add(name, obj, source=source, **meta)
@@ -198,14 +177,13 @@ class Registry(Generic[T]):
     def add(self, name: str, obj: T, *, source: str | None = None, **meta: Any) -> None:
         """Register ``obj`` under ``name``.
 
-        The same component again is harmless (a module imported twice, or a module that an
-        entry point also names); a different one under a name that tltk or code already
-        registered raises. A plugin holding the name gives way, and the clash is reported.
+        This is for code (a notebook, a test, an application embedding tltk); packages,
+        tltk itself included, declare entry points instead. The very same object again is
+        harmless; another one under a name that tltk or code already holds raises. A plugin
+        holding the name gives way, and the clash is reported.
         """
         self._discover()
-        same = self._same_component(name, obj)
-        if same is not None:
-            self._adopt(same, obj, meta)
+        if any(e.name == name and e.obj is obj for e in self._entries):
             return
         owner = self._owner(name)
         if owner is not None and not owner.from_plugin:
@@ -378,22 +356,6 @@ class Registry(Generic[T]):
         return (f"{self.kind} '{entry.name}' is provided by {' and '.join(e.label for e in rivals)}; "
                 f"pick one as {' or '.join(e.qualified_name for e in rivals)}.")
 
-    def _same_component(self, name: str, obj: T) -> Entry[T] | None:
-        for entry in self._entries:
-            if entry.name != name:
-                continue
-            if entry.obj is not None and _same_object(entry.obj, obj):
-                return entry
-            if entry.obj is None and entry.target and _is_target(obj, entry.target):
-                return entry
-        return None
-
-    def _adopt(self, entry: Entry[T], obj: T, meta: dict[str, Any]) -> None:
-        """The entry point's own module registered it in code: load it from there."""
-        entry.metadata.update(meta)
-        if entry.status == NOT_LOADED:
-            entry.obj, entry.status = obj, OK
-
     def _load(self, entry: Entry[T]) -> None:
         if entry.status == OK:
             return
@@ -442,8 +404,8 @@ class Registry(Generic[T]):
         hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
         if name in self.aliases_elsewhere:
             hint = f" {self.aliases_elsewhere[name]}"
-        message = f"Unknown {self.kind} '{name}'.{hint} Known {_plural(self.kind)}: {', '.join(names) or '(none)'}."
-        if self.ships_builtins and self.group in GROUPS and not any(e.builtin for e in self._entries):
+        message = f"Unknown {self.kind} '{name}'.{hint} Known {self.record.plural}: {', '.join(names) or '(none)'}."
+        if self.ships_builtins and self.group and not any(e.builtin for e in self._entries):
             message += (f" tltk's own {self.kind}s are missing from its package metadata: reinstall tltk "
                         f"(pip install -e .) and delete any stale tltk.egg-info folder on the Python path.")
         return message
@@ -473,38 +435,10 @@ def _guard(kind: str, entry: Entry[Any]) -> Callable[..., Any]:
                 f"report it to the authors of {entry.package}, or pick another {kind}."
             ) from exc
 
-    for attribute in ("pretrained_available", "description"):
+    for attribute in ("pretrained_available", "description", OPTIONS_ATTRIBUTE):
         if hasattr(component, attribute):
             setattr(guarded, attribute, getattr(component, attribute))
     return guarded
-
-
-def _same_object(a: Any, b: Any) -> bool:
-    """The same component registered again, e.g. by a module imported twice.
-
-    Module-level functions and classes match by module and qualified name; lambdas and
-    closures never match each other (they share a qualified name); dataclass records
-    match field by field.
-    """
-    if a is b:
-        return True
-    if type(a) is not type(b):
-        return False
-    if dataclasses.is_dataclass(a) and not isinstance(a, type):
-        return all(_same_object(getattr(a, f.name), getattr(b, f.name)) for f in dataclasses.fields(a))
-    qualname = getattr(a, "__qualname__", None)
-    if callable(a) and isinstance(qualname, str):
-        if "<lambda>" in qualname or "<locals>" in qualname:
-            return False
-        return (a.__module__, qualname) == (getattr(b, "__module__", None), getattr(b, "__qualname__", None))
-    return not callable(a) and a == b
-
-
-def _is_target(obj: object, target: str) -> bool:
-    """Whether ``obj`` is what the entry-point value ``module:attribute`` names."""
-    module, _, attribute = target.partition(":")
-    attribute = attribute.split("[")[0].strip()
-    return (getattr(obj, "__module__", None), getattr(obj, "__qualname__", None)) == (module.strip(), attribute)
 
 
 def _entry_module(entry: Entry[Any]) -> str:
@@ -599,23 +533,60 @@ def report(message: str) -> None:
     _reporter(message)
 
 
-# --- tltk's registries, one per entry-point group ---------------------------------------------
+# --- tltk's registries, one per kind of the kind table ------------------------------------------
 
-BACKBONES: Registry[Any] = Registry("backbone", "tltk.backbones")
-HEADS: Registry[Any] = Registry("head", "tltk.heads")
-STRATEGIES: Registry[Any] = Registry("strategy", "tltk.strategies", aliases_elsewhere={
-    "scratch": "Training from scratch is not a strategy here: use --weights none (random initial weights) "
-               "with --strategy finetune.",
-})
-EXPORTERS: Registry[Any] = Registry("exporter", "tltk.exporters")
-DATA_FORMATS: Registry[Any] = Registry("data format", "tltk.datasets")
-CALLBACKS: Registry[Any] = Registry("callback", "tltk.callbacks", ships_builtins=False)  # plugins and code only
+# Names people reach for that tltk spells another way, per kind: the unknown-name message says how.
+_ELSEWHERE: dict[str, dict[str, str]] = {
+    "strategy": {"scratch": "Training from scratch is not a strategy here: use --weights none (random initial weights) "
+                            "with --strategy finetune."},
+}
+
+REGISTRIES: dict[str, Registry[Any]] = {
+    record.word: Registry(record, aliases_elsewhere=_ELSEWHERE.get(record.word)) for record in KINDS
+}
+BACKBONES: Registry[Any] = REGISTRIES["backbone"]
+HEADS: Registry[Any] = REGISTRIES["head"]
+STRATEGIES: Registry[Any] = REGISTRIES["strategy"]
+EXPORTERS: Registry[Any] = REGISTRIES["exporter"]
+DATA_FORMATS: Registry[Any] = REGISTRIES["data format"]
+CALLBACKS: Registry[Any] = REGISTRIES["callback"]
 
 
 def registries() -> list[Registry[Any]]:
-    """Every registry tltk reads, in the order ``tltk plugins`` shows them."""
-    return [BACKBONES, HEADS, STRATEGIES, EXPORTERS, DATA_FORMATS, CALLBACKS]
+    """Every registry tltk reads, in the order of the kind table (the order ``tltk plugins`` shows)."""
+    return [REGISTRIES[record.word] for record in KINDS]
 
 
-def _plural(kind: str) -> str:
-    return kind[:-1] + "ies" if kind.endswith("y") else kind + "s"
+def registry(key: str) -> Registry[Any]:
+    """The registry of a kind, by its word, entry-point group or ``tltk list`` word."""
+    return REGISTRIES[kind(key).word]
+
+
+# --- building a component: one path for every kind ----------------------------------------------
+
+
+def build(kind_key: str, name: str, /, *args: Any, **options: Any) -> Any:
+    """The component ``name`` of a kind (``"head"``, ``"strategy"``, ...), built: the one way
+    tltk turns a name and options into a component.
+
+    ``args`` and the keywords of the kind's call shape (``in_features`` for a head,
+    ``pretrained`` for a backbone) are tltk's own arguments; every other keyword is an
+    option, refused unless the component declares it, and None means "not given".
+    """
+    found = registry(kind_key)
+    factory = found.get(name)
+    return build_from(found.record, name, factory, found.origin(name), *args, **options)
+
+
+def build_from(record: Kind, name: str, factory: Any, origin: str, /, *args: Any, **options: Any) -> Any:
+    """``build`` for a factory found another way (``timm:NAME``, a head by import path):
+    the options rule, the call, and the kind's contract check on what it built."""
+    arguments = {key: options.pop(key) for key in record.call.keywords if key in options}
+    accepted = record.check_options(name, factory, options)
+    built = factory(*args, **arguments, **accepted)
+    problems = record.check(built) if record.check else []
+    if problems:
+        protocol = f"; see {record.call.protocol} in tltk.plugin" if record.call.protocol else ""
+        raise PluginError(f"{record.word} '{name}' from {origin} does not meet the {record.word} contract: "
+                          f"{'; '.join(problems)}{protocol}.")
+    return built

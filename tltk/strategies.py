@@ -3,19 +3,19 @@
 A strategy decides three things: which parameter groups the optimizer gets (and their
 learning rates), what is frozen at the start, and what changes at an epoch boundary.
 Other packages add strategies through the ``tltk.strategies`` entry-point group (the
-contract is ``TrainingStrategy`` in ``tltk.plugin``). This module imports no torch, so
-that plugins can subclass ``Strategy`` in a module that is cheap to import.
+contract is ``TrainingStrategy`` in ``tltk.plugin``); tltk's own factories below are
+declared, like a plugin's, as entry points in pyproject.toml, and each takes the options
+its signature names and no others. This module imports no torch, so that plugins can
+subclass ``Strategy`` in a module that is cheap to import.
 """
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
 from tltk.errors import TltkError
-from tltk.plugin import strategy_problems
-from tltk.registry import STRATEGIES, PluginError
+from tltk.registry import STRATEGIES, build  # noqa: F401  (STRATEGIES: where callers look strategies up)
 
 if TYPE_CHECKING:
     from torch import nn
@@ -48,8 +48,7 @@ class Strategy:
 StrategyFactory = Callable[..., Strategy]
 
 
-@STRATEGIES.register("finetune")
-def finetune(**_: Any) -> Strategy:
+def finetune() -> Strategy:
     """Every parameter trains at the base learning rate."""
     return Strategy()
 
@@ -66,8 +65,7 @@ class Freeze(Strategy):
         model.freeze_backbone(True)
 
 
-@STRATEGIES.register("freeze")
-def freeze(**_: Any) -> Strategy:
+def freeze() -> Strategy:
     """Only the head trains; the backbone, BatchNorm statistics included, stays as loaded."""
     return Freeze()
 
@@ -99,8 +97,7 @@ class FreezeUnfreeze(Strategy):
         return {"name": self.name, "unfreeze_epoch": self.unfreeze_epoch, "backbone_lr_mult": self.backbone_lr_mult}
 
 
-@STRATEGIES.register("freeze-unfreeze")
-def freeze_unfreeze(unfreeze_epoch: int = 1, backbone_lr_mult: float = 0.1, **_: Any) -> Strategy:
+def freeze_unfreeze(unfreeze_epoch: int = 1, backbone_lr_mult: float = 0.1) -> Strategy:
     """The head alone for --unfreeze-epoch epochs, then everything, the backbone at --backbone-lr-mult."""
     return FreezeUnfreeze(unfreeze_epoch, backbone_lr_mult)
 
@@ -124,8 +121,7 @@ class Discriminative(Strategy):
         return {"name": self.name, "layer_decay": self.layer_decay}
 
 
-@STRATEGIES.register("discriminative")
-def discriminative(layer_decay: float = 0.75, **_: Any) -> Strategy:
+def discriminative(layer_decay: float = 0.75) -> Strategy:
     """Layer-wise learning rates: each stage nearer the input learns --layer-decay times slower."""
     if not 0 < layer_decay <= 1:
         raise TltkError(f"--layer-decay must be in (0, 1], not {layer_decay}.")
@@ -133,24 +129,9 @@ def discriminative(layer_decay: float = 0.75, **_: Any) -> Strategy:
 
 
 def build_strategy(name: str, **options: Any) -> Strategy:
-    """The named strategy with the options it declares (the rest belong to other strategies)."""
-    factory = STRATEGIES.get(name)
-    strategy = factory(**_declared_options(factory, options))
-    problems = strategy_problems(strategy)
-    if problems:
-        raise PluginError(
-            f"strategy '{name}' from {STRATEGIES.origin(name)} does not meet the strategy contract: "
-            f"{'; '.join(problems)}; see TrainingStrategy in tltk.plugin."
-        )
-    return strategy
-
-
-def _declared_options(factory: StrategyFactory, options: dict[str, Any]) -> dict[str, Any]:
-    given = {k: v for k, v in options.items() if v is not None}
-    params = inspect.signature(factory).parameters.values()
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
-        return given
-    return {k: v for k, v in given.items() if k in {p.name for p in params}}
+    """The named strategy, built through the one component path (``tltk.registry.build``):
+    an option it does not declare is refused, one left None is not given."""
+    return build("strategy", name, **options)  # type: ignore[no-any-return]
 
 
 def trainable_parameters(groups: list[dict[str, Any]]) -> list[nn.Parameter]:

@@ -29,7 +29,7 @@ from torch import nn
 from tltk.data.samples import RawDataset, Sample
 from tltk.errors import TltkError
 from tltk.plugin import backbone_problems, strategy_problems
-from tltk.registry import CALL_SHAPES
+from tltk.kinds import kind
 
 DATASET_SPLITS = {"train", "val", "test", "all"}
 
@@ -44,7 +44,7 @@ def _require(condition: bool, message: str) -> None:
 
 
 def _callable_as(group: str, component: object) -> None:
-    problem = CALL_SHAPES[group].problem(component)
+    problem = kind(group).call.problem(component)
     _require(problem is None, f"tltk cannot call it: {problem}")
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 from torch import nn
 
 from tltk.backbones.base import IMAGENET_MEAN, IMAGENET_STD, Backbone, Preprocessing
-from tltk.backbones.register import register_backbone
+from tltk.plugin import backbone_factory
 from tltk.backbones.small import conv_then_dense, no_pretrained
 from tltk.backbones.torchvision_nets import ClassifierStackBackbone
 
@@ -31,8 +31,7 @@ ALEXNET_CONVS = (  # (out_channels, kernel, stride, padding, max-pool after)
 )
 
 
-@register_backbone(
-    "alexnet-bn", pretrained=False,
+@backbone_factory(pretrained=False,
     description="AlexNet (torchvision layout) with BatchNorm after every conv, fc7 = 4096-d; 227x227",
 )
 def alexnet_bn(pretrained: bool = False) -> Backbone:
@@ -79,8 +78,7 @@ def _alexnet_bn_features() -> nn.Sequential:
 # --- the CIFAR-10 report's VGG-style nets -----------------------------------------------
 
 
-@register_backbone(
-    "cifar-vgg7-bn", pretrained=False,
+@backbone_factory(pretrained=False,
     description="CIFAR-10 report's GoodModel: 5 3x3 convs (32-32-64-64-128) + BatchNorm, dense 64; 32x32",
 )
 def cifar_vgg7_bn(pretrained: bool = False) -> Backbone:
@@ -101,8 +99,7 @@ def cifar_vgg7_bn(pretrained: bool = False) -> Backbone:
     return conv_then_dense("cifar-vgg7-bn", nn.Sequential(*modules), fc, 32, layers)
 
 
-@register_backbone(
-    "cifar-vgg11-bn", pretrained=False,
+@backbone_factory(pretrained=False,
     description="CIFAR-10 report's GoodestModel: 8 3x3 convs (64 to 512) + BatchNorm, dense 1024-1024; 32x32",
 )
 def cifar_vgg11_bn(pretrained: bool = False) -> Backbone:

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from tltk.backbones.base import HALF_MEAN, HALF_STD, Backbone, Preprocessing
-from tltk.backbones.register import register_backbone
+from tltk.plugin import backbone_factory
 from tltk.backbones.small import check_choice, check_flag, check_positive_int, no_pretrained
 from tltk.errors import TltkError
 
@@ -108,8 +108,7 @@ def _recurrent(
     return row_sequence_backbone(name, rnn, rows, size)
 
 
-@register_backbone(
-    "rnn", pretrained=False,
+@backbone_factory(pretrained=False,
     description="Elman RNN over image rows, last hidden state; 28x28; options hidden, layers, nonlinearity, greyscale, size",
 )
 def rnn(
@@ -122,8 +121,7 @@ def rnn(
     return _recurrent("rnn", nn.RNN, hidden, layers, greyscale, size, nonlinearity=nonlinearity)
 
 
-@register_backbone(
-    "lstm", pretrained=False,
+@backbone_factory(pretrained=False,
     description="LSTM over image rows, last hidden state; 28x28; options hidden, layers, greyscale, size",
 )
 def lstm(pretrained: bool = False, hidden: int = 128, layers: int = 1, greyscale: bool = False, size: int = 28) -> Backbone:
@@ -132,8 +130,7 @@ def lstm(pretrained: bool = False, hidden: int = 128, layers: int = 1, greyscale
     return _recurrent("lstm", nn.LSTM, hidden, layers, greyscale, size)
 
 
-@register_backbone(
-    "gru", pretrained=False,
+@backbone_factory(pretrained=False,
     description="GRU over image rows, last hidden state; 28x28; options hidden, layers, greyscale, size",
 )
 def gru(pretrained: bool = False, hidden: int = 128, layers: int = 1, greyscale: bool = False, size: int = 28) -> Backbone:

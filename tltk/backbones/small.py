@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from tltk.backbones.base import HALF_MEAN, HALF_STD, Backbone, Preprocessing
-from tltk.backbones.register import register_backbone
+from tltk.plugin import backbone_factory
 from tltk.errors import TltkError
 
 ACTIVATIONS = ("relu", "leakyrelu")
@@ -56,7 +56,7 @@ def no_pretrained(name: str, pretrained: bool) -> None:
         raise ValueError(f"{name} has no published pretrained weights")
 
 
-@register_backbone("simplecnn", pretrained=False, description="3 x (5x5 conv + 2x2 max-pool), dense 64; 32x32")
+@backbone_factory(pretrained=False, description="3 x (5x5 conv + 2x2 max-pool), dense 64; 32x32")
 def simplecnn(pretrained: bool = False) -> Backbone:
     no_pretrained("simplecnn", pretrained)
     blocks: list[nn.Module] = []
@@ -68,8 +68,7 @@ def simplecnn(pretrained: bool = False) -> Backbone:
     return conv_then_dense("simplecnn", nn.Sequential(*blocks), fc, 32, layers)
 
 
-@register_backbone(
-    "lenet5", pretrained=False,
+@backbone_factory(pretrained=False,
     description="LeNet-5: 6 and 16 5x5 convs, dense 120-84; 32x32; options act, negative_slope, batchnorm",
 )
 def lenet5(pretrained: bool = False, act: str = "relu", negative_slope: float = 0.01, batchnorm: bool = False) -> Backbone:
@@ -103,7 +102,7 @@ def _batchnorm(enabled: bool, kind: type[nn.Module], channels: int) -> list[nn.M
     return [kind(channels)] if enabled else []
 
 
-@register_backbone("mnist-cnn", pretrained=False, description="TensorFlow-tutorial MNIST CNN: 32, 64 5x5 convs, dense 1024; 28x28")
+@backbone_factory(pretrained=False, description="TensorFlow-tutorial MNIST CNN: 32, 64 5x5 convs, dense 1024; 28x28")
 def mnist_cnn(pretrained: bool = False) -> Backbone:
     no_pretrained("mnist-cnn", pretrained)
     features = nn.Sequential(

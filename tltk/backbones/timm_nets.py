@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from tltk.backbones.base import Backbone, BackboneInfo, Preprocessing
-from tltk.backbones.register import register_backbone
+from tltk.plugin import backbone_factory
 from tltk.errors import UnknownNameError
 
 
@@ -78,7 +78,7 @@ def timm_backbone_info(model_name: str) -> BackboneInfo:
     return BackboneInfo(f"timm:{model_name}", factory, timm.is_model_pretrained(model_name), "timm model")
 
 
-@register_backbone("resnet18", pretrained=True, description="ResNet-18 from timm, 512-d pooled features")
+@backbone_factory(pretrained=True, description="ResNet-18 from timm, 512-d pooled features")
 def resnet18(pretrained: bool = False) -> Backbone:
     backbone = build_timm_backbone("resnet18", pretrained)
     backbone.layers.update({"pool5": "layer4", "layer4": "layer4"})

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from tltk.backbones.base import IMAGENET_MEAN, IMAGENET_STD, Backbone, Preprocessing
-from tltk.backbones.register import register_backbone
+from tltk.plugin import backbone_factory
 
 
 class ClassifierStackBackbone(Backbone):
@@ -60,17 +60,17 @@ def _vgg_layers(features_len: int, first_relu: int) -> dict[str, str]:
     }
 
 
-@register_backbone("alexnet", pretrained=True, description="AlexNet (torchvision layout), fc7 = 4096-d")
+@backbone_factory(pretrained=True, description="AlexNet (torchvision layout), fc7 = 4096-d")
 def alexnet(pretrained: bool = False) -> Backbone:
     layers = {"conv1": "features.1", "pool5": "features.12", "fc6": "classifier.2", "fc7": "classifier.5"}
     return _torchvision_backbone("alexnet", pretrained, 224, layers)
 
 
-@register_backbone("vgg16", pretrained=True, description="VGG-16 (torchvision layout), fc7 = 4096-d")
+@backbone_factory(pretrained=True, description="VGG-16 (torchvision layout), fc7 = 4096-d")
 def vgg16(pretrained: bool = False) -> Backbone:
     return _torchvision_backbone("vgg16", pretrained, 224, _vgg_layers(31, first_relu=1))
 
 
-@register_backbone("vgg16_bn", pretrained=True, description="VGG-16 with BatchNorm (torchvision layout)")
+@backbone_factory(pretrained=True, description="VGG-16 with BatchNorm (torchvision layout)")
 def vgg16_bn(pretrained: bool = False) -> Backbone:
     return _torchvision_backbone("vgg16_bn", pretrained, 224, _vgg_layers(44, first_relu=2))

@@ -8,19 +8,20 @@ import click
 from rich.markup import escape
 from rich.table import Table
 
+from tltk.catalog import LISTABLE as KIND_WORDS  # reads package metadata only: no torch
 from tltk.cli.app import backbone_opt, data_options, err, main, out, parse_options, print_json, split_classes
 from tltk.errors import TltkError
 
 
 # --- tltk list ------------------------------------------------------------------------
 
-LISTABLE = ("backbones", "heads", "strategies", "exporters", "formats", "callbacks", "layers")
+LISTABLE = (*KIND_WORDS, "layers")
 
 
 @main.command("list")
 @click.argument("what", type=click.Choice(LISTABLE), default="backbones")
 @click.option("--details", is_flag=True,
-              help="Import each component to show its status and description (slower: loads torch).")
+              help="Import each component to show its status, description and options (slower: loads torch).")
 @click.option("--backbone", default=None, help="list layers: the backbone whose layers to show (as `tltk layers`).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 @click.pass_context
@@ -28,7 +29,7 @@ def list_command(ctx: click.Context, what: str, details: bool, backbone: str | N
     """List registered backbones, heads, strategies, exporters or data formats, each with the
     package and version it came from. Reads package metadata only, unless --details.
     `tltk list layers --backbone NAME` lists a backbone's named layers with their shapes."""
-    from tltk.catalog import catalog
+    from tltk.catalog import catalog, options_text
 
     if what == "layers":
         if backbone is None:
@@ -41,7 +42,9 @@ def list_command(ctx: click.Context, what: str, details: bool, backbone: str | N
     if as_json:
         print_json(rows)
         return
-    columns = ["name", "source", *(["status", "pretrained", "description"] if details else [])]
+    columns = ["name", "source", *(["status", "pretrained", "description", "options"] if details else [])]
+    for row in rows if details else []:
+        row["options"] = options_text(row["options"])
     table = Table(title=what)
     for column in columns:
         if not rows or column in rows[0]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from tltk.data import builtin, cifar10, csvfile, folder, mnist  # noqa: F401  (each registers its reader)
+from tltk.data import builtin, cifar10, csvfile, folder, mnist  # noqa: F401  (readers; declared as entry points)
 from tltk.data.builtin import BUILTIN_DATASETS
 from tltk.data.formats import DATA_FORMATS, FormatReader
 from tltk.data.images import IMAGE_EXTENSIONS, load_image, scan_image_files, validate_images

@@ -11,7 +11,6 @@ import numpy as np
 from tltk.data.formats import in_memory_dataset
 from tltk.data.samples import RawDataset
 from tltk.errors import DataError, printable
-from tltk.registry import DATA_FORMATS
 
 
 def _load_digits() -> tuple[np.ndarray, np.ndarray]:
@@ -29,7 +28,6 @@ BUILTIN_DATASETS: dict[str, tuple[Callable[[], tuple[np.ndarray, np.ndarray]], l
 }
 
 
-@DATA_FORMATS.register("builtin")
 def read_builtin(path: Path, *, image_root: Path | None = None, strict: bool = False) -> RawDataset:
     """A small dataset that ships with a dependency, for demos and tests (``builtin:digits``)."""
     name = str(path)

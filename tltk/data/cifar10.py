@@ -10,7 +10,6 @@ import numpy as np
 from tltk.data.formats import check_label_range, in_memory_dataset
 from tltk.data.samples import RawDataset
 from tltk.errors import DataError
-from tltk.registry import DATA_FORMATS
 
 CIFAR10_DIRNAME = "cifar-10-batches-py"
 CIFAR10_TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
@@ -19,7 +18,6 @@ CIFAR10_DEFAULT_NAMES = (
 )
 
 
-@DATA_FORMATS.register("cifar10")
 def read_cifar10(path: Path, *, image_root: Path | None = None, strict: bool = False) -> RawDataset:
     """The CIFAR-10 "python version" pickles (``data_batch_1..5``, ``test_batch``).
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from tltk.data.formats import DATA_FORMATS, drop_undecodable
+from tltk.data.formats import drop_undecodable
 from tltk.data.samples import RawDataset, Sample, relative_id
 from tltk.errors import DataError, printable
 
@@ -52,7 +52,6 @@ class CocoFile:
     instances: dict[int, list[tuple[int, bool]]]  # image id -> (category id, is crowd) per instance
 
 
-@DATA_FORMATS.register("coco")
 def read_coco(path: Path, *, image_root: Path | None = None, strict: bool = False) -> RawDataset:
     """A COCO folder: ``annotations/instances_*.json`` and the image folders beside them."""
     files = annotation_files(path)

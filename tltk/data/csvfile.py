@@ -13,14 +13,12 @@ from typing import Iterable, Sequence
 from tltk.data.images import is_image_file, scan_image_files, validate_images
 from tltk.data.samples import RawDataset, Sample
 from tltk.errors import DataError, printable
-from tltk.registry import DATA_FORMATS
 
 CSV_FILE_COLUMNS = ("filename", "file", "image", "path", "id")
 CSV_LABEL_COLUMNS = ("label", "class", "target")
 CSV_LABEL_LIST_COLUMNS = ("labels", "tags")
 
 
-@DATA_FORMATS.register("csv")
 def read_csv(path: Path, *, image_root: Path | None = None, strict: bool = False) -> RawDataset:
     """A ``filename,label`` CSV, or multi-label: ``filename,labels`` (space-separated) or 0/1 columns.
 

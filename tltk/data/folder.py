@@ -8,13 +8,11 @@ from pathlib import Path
 from tltk.data.images import is_hidden, scan_image_files, validate_images
 from tltk.data.samples import RawDataset, Sample, relative_id
 from tltk.errors import DataError
-from tltk.registry import DATA_FORMATS
 
 # Folder names that mean "a split of the dataset" rather than "a class".
 SPLIT_FOLDER_ALIASES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 
 
-@DATA_FORMATS.register("folder")
 def read_folder(path: Path, *, image_root: Path | None = None, strict: bool = False) -> RawDataset:
     """Class-named subfolders, optionally inside ``train/``, ``val/`` and ``test/``."""
     root = _existing_dir(path, "folder")

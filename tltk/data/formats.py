@@ -1,5 +1,5 @@
-"""What every data format shares: the reader's call shape, the registry readers join, and
-the helpers more than one reader uses.
+"""What every data format shares: the reader's contract, the registry readers are found in,
+and the helpers more than one reader uses.
 
 Each format is a module of its own (``folder``, ``cifar10``, ``mnist``, ``csvfile``,
 ``builtin``, ``voc``, ``coco``). Readers only read. They keep the dataset's own splits
@@ -7,26 +7,23 @@ Each format is a module of its own (``folder``, ``cifar10``, ``mnist``, ``csvfil
 carving, class filtering and per-class limits to ``tltk.data.splits`` so every format
 behaves the same way.
 
-A reader is ``(path: Path, *, image_root: Path | None, strict: bool) -> RawDataset``
-registered in ``DATA_FORMATS``; plugins add formats through the ``tltk.datasets``
-entry-point group.
+A data format is read by a ``FormatReader`` (``tltk.plugin``'s contract, ``(path, *,
+image_root, strict) -> RawDataset``) found in ``DATA_FORMATS``, the registry of the
+``tltk.datasets`` entry-point group, where tltk declares its own readers in pyproject.toml
+and plugins add theirs.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Protocol
 
 import numpy as np
 
 from tltk.data.images import validate_images
 from tltk.data.samples import RawDataset, Sample
 from tltk.errors import DataError
-from tltk.registry import DATA_FORMATS  # the registry of the tltk.datasets entry-point group
-
-
-class FormatReader(Protocol):
-    def __call__(self, path: Path, *, image_root: Path | None, strict: bool) -> RawDataset: ...
+from tltk.plugin import FormatReader
+from tltk.registry import DATA_FORMATS
 
 
 def in_memory_dataset(

@@ -12,7 +12,6 @@ import numpy as np
 from tltk.data.formats import check_label_range, in_memory_dataset
 from tltk.data.samples import RawDataset
 from tltk.errors import DataError
-from tltk.registry import DATA_FORMATS
 
 MNIST_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
@@ -23,7 +22,6 @@ IDX_LABELS_MAGIC = 0x00000801
 MNIST_CLASS_NAMES = [str(i) for i in range(10)]
 
 
-@DATA_FORMATS.register("mnist")
 def read_mnist(path: Path, *, image_root: Path | None = None, strict: bool = False) -> RawDataset:
     """MNIST IDX files (optionally gzipped), flat or in torchvision's ``MNIST/raw/``."""
     folder = find_mnist_dir(path)

@@ -24,7 +24,7 @@ from xml.etree.ElementTree import Element
 import defusedxml.ElementTree as SafeET
 from defusedxml import DefusedXmlException
 
-from tltk.data.formats import DATA_FORMATS, drop_undecodable
+from tltk.data.formats import drop_undecodable
 from tltk.data.samples import RawDataset, Sample
 from tltk.errors import DataError, printable
 
@@ -55,7 +55,6 @@ class _Listed:
     objects: tuple[VocObject, ...]
 
 
-@DATA_FORMATS.register("voc")
 def read_voc(path: Path, *, image_root: Path | None = None, strict: bool = False) -> RawDataset:
     """A VOCdevkit folder (or one year's folder inside it), multi-label: the PASCAL 20 classes
     or the export's own (see the module docstring for how the classes are found)."""

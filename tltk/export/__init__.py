@@ -1,16 +1,16 @@
 """Exporters: predictions to files people hand in or feed to other tools.
 
-An exporter is ``(predictions, out, **options) -> None`` registered in ``EXPORTERS``;
-tltk's own are named in its pyproject.toml under the ``tltk.exporters`` entry-point
-group, where other packages add theirs (the contract is ``Exporter`` in ``tltk.plugin``). Options an
-exporter does not declare are refused by name, so ``--sample-submission`` with
-``--format jsonl`` is an error rather than silently ignored. Every exporter writes its
-file atomically and checks everything before writing.
+An exporter is ``(predictions, out, **options) -> None``; tltk's own are declared only as
+entry points in its pyproject.toml under the ``tltk.exporters`` group, where other
+packages add theirs (the contract is ``Exporter`` in ``tltk.plugin``). It is called
+through the one component path (``tltk.registry.build``), so an option it does not
+declare is refused by name: ``sample_submission`` with the ``jsonl`` format is an error
+rather than silently ignored. Every exporter writes its file atomically and checks
+everything before writing.
 """
 
 from __future__ import annotations
 
-import inspect
 import json
 from pathlib import Path
 from typing import Any, Callable
@@ -18,22 +18,16 @@ from typing import Any, Callable
 from tltk.errors import TltkError
 from tltk.fileio import user_path, write_text
 from tltk.predict import Predictions
-from tltk.registry import EXPORTERS, PluginError
+from tltk.registry import EXPORTERS, PluginError, build
 
 Exporter = Callable[..., None]
 ID_SOURCES = ("stem", "path", "index")
 
 
 def export(predictions: Predictions, out: str | Path, format: str = "csv", **options: Any) -> Path:
-    exporter = EXPORTERS.get(format)
-    given = {k: v for k, v in options.items() if v is not None}
-    accepted = inspect.signature(exporter).parameters
-    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values()):
-        unknown = [k for k in given if k not in accepted]
-        if unknown:
-            raise TltkError(f"--{unknown[0].replace('_', '-')} does not apply to --format {format}; drop it.")
+    """Write ``predictions`` to ``out`` with the exporter ``format``; options left None are not given."""
     path = user_path(out)
-    exporter(predictions, path, **given)
+    build("exporter", format, predictions, path, **options)
     if not path.is_file():
         raise PluginError(f"exporter '{format}' from {EXPORTERS.origin(format)} wrote no file at {path}; "
                           f"an exporter must write the file it is given.")
@@ -63,7 +57,6 @@ def label_sets(predictions: Predictions, threshold: float) -> list[list[str]]:
     return [[names[i]] for i in predictions.predicted_index()]
 
 
-@EXPORTERS.register("csv")
 def csv_exporter(predictions: Predictions, out: Path, *, threshold: float = 0.5, id_from: str = "path") -> None:
     """id, path, predicted label(s) and one probability column per class."""
     import csv
@@ -78,7 +71,6 @@ def csv_exporter(predictions: Predictions, out: Path, *, threshold: float = 0.5,
     write_text(out, buffer.getvalue())
 
 
-@EXPORTERS.register("jsonl")
 def jsonl_exporter(predictions: Predictions, out: Path, *, threshold: float = 0.5, id_from: str = "path") -> None:
     """One JSON object per image: id, path, predicted label(s), probabilities by class."""
     lines = []

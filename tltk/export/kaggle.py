@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from tltk.errors import TltkError
-from tltk.export import EXPORTERS, label_sets, output_ids
+from tltk.export import label_sets, output_ids
 from tltk.fileio import write_text
 from tltk.predict import Predictions
 
@@ -23,7 +23,6 @@ LABEL_AS = ("name", "index")
 MULTILABEL_AS = ("probs", "labels")
 
 
-@EXPORTERS.register("kaggle")
 def kaggle_exporter(
     predictions: Predictions,
     out: Path,

@@ -139,18 +139,12 @@ def build_callbacks(specs: Sequence[Mapping[str, Any]]) -> list[Callback]:
     """The named callbacks of a run (``{"name": ..., "options": {...}}`` each, as config.json
     records them), built before the run directory is touched so a bad name or option
     leaves nothing half-written."""
-    from tltk.registry import CALLBACKS
+    from tltk.registry import CALLBACKS, build
 
     built = []
     for spec in specs:
         name, options = str(spec["name"]), dict(spec.get("options") or {})
-        factory = CALLBACKS.get(name)
-        try:
-            callback = factory(**options)
-        except TypeError as exc:
-            given = ", ".join(sorted(options)) or "none"
-            raise TltkError(f"callback '{name}' cannot be built with the options given ({given}): {exc}; "
-                            f"check its options with `tltk list callbacks --details`.") from exc
+        callback = build("callback", name, **options)  # refuses an option the callback does not declare
         if not isinstance(callback, Callback):
             raise TltkError(f"callback '{name}' ({CALLBACKS.origin(name)}) built a {type(callback).__name__}, "
                             f"not a tltk.plugin.Callback; its factory must return one.")
