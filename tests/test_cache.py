@@ -59,7 +59,7 @@ def digits_sets(augment: str = "none") -> tuple[ImageDataset, ImageDataset]:
 
 def lenet(head: str = "mlp") -> TransferModel:
     torch.manual_seed(0)
-    return build_model(ModelSpec("lenet5", head, 3, {"hidden": 16}, "none"))
+    return build_model(ModelSpec("lenet5", head, 3, {} if head == "linear" else {"hidden": 16}, "none"))
 
 
 def probe(head: str = "mlp", reporter: Recorder | None = None, cache_dir: Path | None = None, **train: Any) -> tuple[TransferModel, FitResult]:

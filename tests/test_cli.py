@@ -93,7 +93,7 @@ def test_an_option_the_component_does_not_take_is_refused_before_anything_is_wri
 
 def test_list_details_shows_each_components_options() -> None:
     heads = {r["name"]: r for r in json.loads(tltk("list", "heads", "--details", "--json").stdout)}
-    assert heads["linear"]["options"] == [{"name": "dropout", "default": 0.0, "required": False, "help": ""}]
+    assert [(o["name"], o["default"]) for o in heads["linear"]["options"]] == [("dropout", 0.0)]
     assert [o["name"] for o in heads["mlp"]["options"]] == ["hidden", "dropout"]
     strategies = {r["name"]: r for r in json.loads(tltk("list", "strategies", "--details", "--json").stdout)}
     assert strategies["freeze"]["options"] == []
@@ -259,3 +259,12 @@ def test_only_the_options_that_take_lists_are_repeatable() -> None:
 def test_a_repeated_option_is_named_with_the_command(args: list[str], fragment: str) -> None:
     result = CliRunner().invoke(main, args, prog_name="tltk")
     assert_one_sentence_error(result, fragment)
+
+
+def test_list_details_shows_the_help_of_tltks_own_options() -> None:
+    heads = {r["name"]: r for r in json.loads(tltk("list", "heads", "--details", "--json").stdout)}
+    assert heads["mlp"]["options"][0] == {"name": "hidden", "default": 512, "required": False,
+                                          "help": "width of the hidden layer"}
+    exporters = {r["name"]: r for r in json.loads(tltk("list", "exporters", "--details", "--json").stdout)}
+    assert "sample_submission" in {o["name"] for o in exporters["kaggle"]["options"]}
+    assert all(o["help"] for name in ("csv", "jsonl", "kaggle") for o in exporters[name]["options"])

@@ -654,3 +654,14 @@ def test_listing_every_kind_imports_no_torch():
              "print(codes, 'torch' in sys.modules)")
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert done.stdout.split("]")[-1].strip() == "False" and "[0, 0, 0, 0, 0, 0]" in done.stdout, done.stderr
+
+
+def test_option_help_joins_the_options_read_from_the_signature_and_refuses_a_name_it_does_not_take():
+    from tltk.kinds import STRATEGY, Option, option_help, options_of
+
+    @option_help(depth="how deep")
+    def factory(depth: int = 2, width: int = 1) -> None: ...
+
+    assert options_of(factory, STRATEGY.call) == (Option("depth", 2, "how deep"), Option("width", 1, ""))
+    with pytest.raises(TltkError, match="option_help names colour, which factory does not take"):
+        option_help(colour="red")(factory)

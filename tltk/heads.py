@@ -19,18 +19,20 @@ from torch import nn
 
 from tltk.errors import TltkError
 from tltk.fileio import user_path
-from tltk.kinds import HEAD, options_of
+from tltk.kinds import HEAD, option_help, options_of
 from tltk.registry import HEADS, build_from
 
 HeadFactory = Callable[..., nn.Module]
 
 
+@option_help(dropout="dropout before the Linear layer (0: none)")
 def linear_head(in_features: int, in_channels: int | None, num_classes: int, dropout: float = 0.0) -> nn.Module:
     """One Linear layer: softmax regression (multi-class) or per-class sigmoids (multi-label)."""
     layers: list[nn.Module] = [nn.Dropout(dropout)] if dropout > 0 else []
     return nn.Sequential(*layers, nn.Linear(in_features, num_classes))
 
 
+@option_help(hidden="width of the hidden layer", dropout="dropout before the last layer")
 def mlp_head(
     in_features: int, in_channels: int | None, num_classes: int, hidden: int = 512, dropout: float = 0.5
 ) -> nn.Module:
@@ -63,6 +65,7 @@ class ConvHead(nn.Module):
         return self.fc(self.dropout(self.pool(self.conv(spatial)).flatten(1)))
 
 
+@option_help(hidden="channels of the 3x3 conv", dropout="dropout before the Linear layer")
 def conv_head(
     in_features: int, in_channels: int | None, num_classes: int, hidden: int = 256, dropout: float = 0.0
 ) -> nn.Module:

@@ -92,6 +92,7 @@ class Option:
 
 
 OPTIONS_ATTRIBUTE = "tltk_options"
+HELP_ATTRIBUTE = "tltk_option_help"
 
 
 def declare_options(*options: Option) -> Callable[[F], F]:
@@ -100,6 +101,23 @@ def declare_options(*options: Option) -> Callable[[F], F]:
 
     def decorator(factory: F) -> F:
         setattr(factory, OPTIONS_ATTRIBUTE, tuple(options))
+        return factory
+
+    return decorator
+
+
+def option_help(**texts: str) -> Callable[[F], F]:
+    """Decorator: help text for options read from the factory's signature, so that each
+    default stays stated once, in the signature, and ``tltk list KIND --details`` can say
+    what the option does. A name that is not a parameter of the factory is a mistake here."""
+
+    def decorator(factory: F) -> F:
+        signature = _signature(factory)
+        unknown = sorted(set(texts) - set(signature.parameters)) if signature is not None else []
+        if unknown:
+            raise TltkError(f"option_help names {', '.join(unknown)}, which {getattr(factory, '__name__', 'the factory')} "
+                            f"does not take; give help only for its parameters.")
+        setattr(factory, HELP_ATTRIBUTE, dict(texts))
         return factory
 
     return decorator
@@ -118,8 +136,9 @@ def options_of(factory: object, call: CallShape) -> tuple[Option, ...] | None:
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
         return None
     named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    texts: dict[str, str] = getattr(factory, HELP_ATTRIBUTE, None) or {}
     return tuple(
-        Option(p.name, REQUIRED if p.default is inspect.Parameter.empty else p.default)
+        Option(p.name, REQUIRED if p.default is inspect.Parameter.empty else p.default, texts.get(p.name, ""))
         for p in params if p.kind in named and p.name not in call.arguments
     )
 

@@ -40,7 +40,9 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Callable, Protocol, TypeVar, runtime_checkable
 
 from tltk.errors import DataError, TltkError, UnknownOptionError
-from tltk.kinds import KINDS, Option, backbone_problems, callback_problems, declare_options, head_problems, strategy_problems
+from tltk.kinds import (
+    KINDS, Option, backbone_problems, callback_problems, declare_options, head_problems, option_help, strategy_problems,
+)
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -255,5 +257,5 @@ __all__ = [
     "BackboneFactory", "BackboneModule", "PreprocessingLike", "HeadFactory", "TransferModelLike",
     "TrainingStrategy", "StrategyFactory", "PredictionsLike", "Exporter", "FormatReader",
     "backbone_factory", "backbone_problems", "head_problems", "strategy_problems", "callback_problems",
-    "Option", "declare_options", "api_incompatibility", "TltkError", "DataError", "UnknownOptionError", *_LAZY,
+    "Option", "declare_options", "option_help", "api_incompatibility", "TltkError", "DataError", "UnknownOptionError", *_LAZY,
 ]

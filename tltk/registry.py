@@ -31,7 +31,7 @@ from importlib import metadata
 from typing import Any, Callable, Generic, Iterable, TypeVar
 
 from tltk.errors import TltkError, UnknownNameError
-from tltk.kinds import KINDS, OPTIONS_ATTRIBUTE, CallShape, Kind, kind
+from tltk.kinds import HELP_ATTRIBUTE, KINDS, OPTIONS_ATTRIBUTE, CallShape, Kind, kind
 from tltk.plugin import API_ATTRIBUTE, PLUGIN_API_VERSION, api_incompatibility
 
 T = TypeVar("T")
@@ -435,7 +435,7 @@ def _guard(kind: str, entry: Entry[Any]) -> Callable[..., Any]:
                 f"report it to the authors of {entry.package}, or pick another {kind}."
             ) from exc
 
-    for attribute in ("pretrained_available", "description", OPTIONS_ATTRIBUTE):
+    for attribute in ("pretrained_available", "description", OPTIONS_ATTRIBUTE, HELP_ATTRIBUTE):
         if hasattr(component, attribute):
             setattr(guarded, attribute, getattr(component, attribute))
     return guarded

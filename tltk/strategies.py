@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
 from tltk.errors import TltkError
+from tltk.kinds import option_help
 from tltk.registry import STRATEGIES, build  # noqa: F401  (STRATEGIES: where callers look strategies up)
 
 if TYPE_CHECKING:
@@ -97,6 +98,7 @@ class FreezeUnfreeze(Strategy):
         return {"name": self.name, "unfreeze_epoch": self.unfreeze_epoch, "backbone_lr_mult": self.backbone_lr_mult}
 
 
+@option_help(unfreeze_epoch="epochs of head-only training", backbone_lr_mult="backbone lr as a multiple of lr")
 def freeze_unfreeze(unfreeze_epoch: int = 1, backbone_lr_mult: float = 0.1) -> Strategy:
     """The head alone for --unfreeze-epoch epochs, then everything, the backbone at --backbone-lr-mult."""
     return FreezeUnfreeze(unfreeze_epoch, backbone_lr_mult)
@@ -121,6 +123,7 @@ class Discriminative(Strategy):
         return {"name": self.name, "layer_decay": self.layer_decay}
 
 
+@option_help(layer_decay="lr factor per stage towards the input, in (0, 1]")
 def discriminative(layer_decay: float = 0.75) -> Strategy:
     """Layer-wise learning rates: each stage nearer the input learns --layer-decay times slower."""
     if not 0 < layer_decay <= 1:

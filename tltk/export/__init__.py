@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 from tltk.errors import TltkError
 from tltk.fileio import user_path, write_text
+from tltk.kinds import option_help
 from tltk.predict import Predictions
 from tltk.registry import EXPORTERS, PluginError, build
 
@@ -57,6 +58,7 @@ def label_sets(predictions: Predictions, threshold: float) -> list[list[str]]:
     return [[names[i]] for i in predictions.predicted_index()]
 
 
+@option_help(threshold="multi-label: probability at which a label is predicted", id_from="row ids: stem, path or index")
 def csv_exporter(predictions: Predictions, out: Path, *, threshold: float = 0.5, id_from: str = "path") -> None:
     """id, path, predicted label(s) and one probability column per class."""
     import csv
@@ -71,6 +73,7 @@ def csv_exporter(predictions: Predictions, out: Path, *, threshold: float = 0.5,
     write_text(out, buffer.getvalue())
 
 
+@option_help(threshold="multi-label: probability at which a label is predicted", id_from="row ids: stem, path or index")
 def jsonl_exporter(predictions: Predictions, out: Path, *, threshold: float = 0.5, id_from: str = "path") -> None:
     """One JSON object per image: id, path, predicted label(s), probabilities by class."""
     lines = []

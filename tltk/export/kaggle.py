@@ -17,12 +17,17 @@ import numpy as np
 from tltk.errors import TltkError
 from tltk.export import label_sets, output_ids
 from tltk.fileio import write_text
+from tltk.kinds import option_help
 from tltk.predict import Predictions
 
 LABEL_AS = ("name", "index")
 MULTILABEL_AS = ("probs", "labels")
 
 
+@option_help(label_as="multi-class: name or index of the class", multilabel_as="multi-label: probs or labels",
+             threshold="multi-label: probability at which a label is predicted",
+             sample_submission="match this file's header, id column and row order",
+             id_from="row ids: stem, path or index")
 def kaggle_exporter(
     predictions: Predictions,
     out: Path,
