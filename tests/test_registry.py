@@ -665,3 +665,18 @@ def test_option_help_joins_the_options_read_from_the_signature_and_refuses_a_nam
     assert options_of(factory, STRATEGY.call) == (Option("depth", 2, "how deep"), Option("width", 1, ""))
     with pytest.raises(TltkError, match="option_help names colour, which factory does not take"):
         option_help(colour="red")(factory)
+
+
+def test_an_option_without_a_default_must_be_given_and_its_absence_is_one_sentence():
+    from tltk.kinds import STRATEGY
+    from tltk.registry import build_from
+
+    unchecked = dataclasses.replace(STRATEGY, check=None)
+
+    def factory(seconds: float, grace: int = 0) -> tuple[float, int]:
+        return seconds, grace
+
+    assert build_from(unchecked, "budget", factory, "here", seconds=5) == (5, 0)
+    with pytest.raises(TltkError, match=r"^strategy 'budget' needs the option 'seconds'; it takes seconds \(required\), "
+                                        r"grace=0\.$"):
+        build_from(unchecked, "budget", factory, "here", seconds=None)

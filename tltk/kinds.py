@@ -188,6 +188,10 @@ class Kind:
         unknown = [key for key in given if key not in {o.name for o in declared}]
         if unknown:
             raise UnknownOptionError(unknown_options_message(self.word, name, unknown, declared))
+        missing = [o.name for o in declared if o.default is REQUIRED and o.name not in given]
+        if missing:
+            raise TltkError(f"{self.word} '{name}' needs the option{'s' if len(missing) > 1 else ''} "
+                            f"{', '.join(repr(m) for m in missing)}; it takes {', '.join(o.describe() for o in declared)}.")
         return given
 
 
