@@ -88,12 +88,12 @@ def plugin_rows(include_builtin: bool = False) -> list[dict[str, str]]:
     ``ok``, ``failed`` (would not load, breaks its contract, or lost its name to a clash)
     or ``blocked`` (by TLTK_PLUGINS or TLTK_DISABLE_PLUGIN_AUTOLOAD), and why."""
     rows = []
-    for registry in registries():
-        for entry in registry.all_entries():
+    for found in registries():
+        for entry in found.all_entries():
             if entry.builtin and not include_builtin:
                 continue
-            status, detail = _status(registry.try_load(entry))
-            rows.append({"group": registry.group or "", "name": entry.name, "package": entry.package,
+            status, detail = _status(found.try_load(entry))
+            rows.append({"group": found.group or "", "name": entry.name, "package": entry.package,
                          "version": entry.version, "source": entry.source, "status": status, "detail": detail})
     return rows
 
