@@ -177,22 +177,24 @@ class Kind:
 
     def check_options(self, name: str, factory: object, options: Mapping[str, Any]) -> dict[str, Any]:
         """The options to pass to ``factory``: those given (not None), once each is known to be
-        one it declares; an undeclared one is refused in one sentence listing the ones it takes."""
+        one it declares and every option without a default is among them."""
         given = given_options(options)
-        if self.options == OPTIONS_NONE:
-            declared: tuple[Option, ...] | None = ()
-        else:
-            declared = options_of(factory, self.call)
-        if declared is None:
-            return given
+        declared = () if self.options == OPTIONS_NONE else options_of(factory, self.call)
+        if declared is not None:
+            self._refuse_undeclared(name, given, declared)
+            self._require_missing(name, given, declared)
+        return given
+
+    def _refuse_undeclared(self, name: str, given: Mapping[str, Any], declared: tuple[Option, ...]) -> None:
         unknown = [key for key in given if key not in {o.name for o in declared}]
         if unknown:
             raise UnknownOptionError(unknown_options_message(self.word, name, unknown, declared))
+
+    def _require_missing(self, name: str, given: Mapping[str, Any], declared: tuple[Option, ...]) -> None:
         missing = [o.name for o in declared if o.default is REQUIRED and o.name not in given]
         if missing:
             raise TltkError(f"{self.word} '{name}' needs the option{'s' if len(missing) > 1 else ''} "
                             f"{', '.join(repr(m) for m in missing)}; it takes {', '.join(o.describe() for o in declared)}.")
-        return given
 
 
 def unknown_options_message(word: str, name: str, unknown: list[str], declared: tuple[Option, ...]) -> str:
