@@ -11,8 +11,7 @@ from safetensors.torch import load_file
 
 from tltk.data import ImageDataset, build_transforms, load_data
 from tltk.errors import DataError, RunDirError, TltkError
-from tltk.evaluation import evaluate
-from tltk.run import load_run
+from tltk.run import evaluate, load_run
 from tltk.train.finetune import DataOptions, FinetuneConfig, RunResult, finetune
 from tltk.train.trainer import TrainConfig
 

@@ -22,7 +22,7 @@ from tltk.errors import TltkError
 from tltk.evaluation import ClassificationTally
 from tltk.metrics import classification_report
 from tltk.model import ModelSpec, build_model
-from tltk.predict import iter_predictions, predict
+from tltk.run import iter_predictions, predict
 from tltk.runtime import resolve_precision
 from tltk.strategies import build_strategy
 from tltk.train.finetune import DataOptions, FinetuneConfig, finetune

@@ -15,10 +15,8 @@ from torch import nn
 import tltk
 from tltk.data import ImageDataset, Sample
 from tltk.errors import DataError, TltkError
-from tltk.evaluation import evaluate
 from tltk.model import ModelSpec, build_model
-from tltk.predict import predict
-from tltk.run import Run, align_to_run_classes, load_run
+from tltk.run import Run, align_to_run_classes, evaluate, load_run, predict
 from tltk.runtime import Inference, collect_outputs, stream_outputs
 from tltk.train.finetune import DataOptions, FinetuneConfig, finetune
 from tltk.train.trainer import TrainConfig

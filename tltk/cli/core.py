@@ -305,7 +305,7 @@ def evaluate(run: str, data_spec: str | None, split: str, image_root: str | None
              voc_difficult: str | None, device: str, batch_size: int | None, plot: str | None, as_json: bool) -> None:
     """Multi-class: accuracy, top-5, per-class accuracy, confusion matrix. Multi-label: per-class AP and mAP."""
     from tltk.distributed import launched_rank
-    from tltk.evaluation import evaluate as run_evaluate
+    from tltk.run import evaluate as run_evaluate
 
     report = run_evaluate(
         run, data_spec, split, device=device, batch_size=batch_size, image_root=image_root,

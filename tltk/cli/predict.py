@@ -27,7 +27,7 @@ def predict(run: str, data_spec: str | None, split: str, out_file: str, fmt: str
             id_from: str | None, image_root: str | None, device: str, batch_size: int, as_json: bool) -> None:
     """Predict with RUN and write one row per image, in the order of the input listing."""
     from tltk.export import export
-    from tltk.predict import predict as run_predict
+    from tltk.run import predict as run_predict
 
     predictions = run_predict(run, data_spec, split, device=device, batch_size=batch_size, image_root=image_root)
     path = export(predictions, out_file, fmt, label_as=label_as, multilabel_as=multilabel_as, threshold=threshold,
