@@ -114,7 +114,7 @@ def test_streamed_outputs_are_the_models_on_each_batch_in_dataset_order() -> Non
 
 
 def test_stream_outputs_refuses_a_batch_size_below_one_in_one_sentence() -> None:
-    with pytest.raises(TltkError, match="--batch-size must be at least 1, not 0"):
+    with pytest.raises(TltkError, match="batch_size must be at least 1, not 0"):
         next(stream_outputs(_Shift(), _numbers(2), Inference(device="cpu", batch_size=0)))
 
 

@@ -9,7 +9,7 @@ import click
 from rich.console import Console
 from rich.markup import escape
 
-from tltk.errors import TltkError
+from tltk.errors import SettingError, TltkError
 from tltk.registry import set_reporter
 
 out = Console(highlight=False)
@@ -96,7 +96,8 @@ class TltkGroup(RefusesRepeatedOptions, click.Group):
 
 def report_error(ctx: click.Context, exc: TltkError) -> NoReturn:
     """The error's one sentence on stderr, then exit with its code."""
-    err.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)
+    sentence = exc.with_flags() if isinstance(exc, SettingError) else str(exc)  # the flags the user typed
+    err.print(f"[bold red]error:[/] {escape(sentence)}", soft_wrap=True)
     ctx.exit(exc.exit_code)
 
 

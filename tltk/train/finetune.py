@@ -6,7 +6,7 @@ before the run directory is touched, so bad input leaves nothing half-written.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -141,10 +141,11 @@ def _finetune(
     if resume:
         check_resumable(out)
     saving.check()
-    config.train.validate()
+    config.train.validate_settings()
     data = config.data.load()
     _check_trainable(data)
-    config.train.task = resolve_task(config.task, data)
+    # A resolved copy: the caller's config stays as given (task "auto" follows each dataset).
+    config = replace(config, train=replace(config.train, task=resolve_task(config.task, data)))
     if config.train.task == "multilabel":
         data = data.as_multilabel()
     config.train.validate()

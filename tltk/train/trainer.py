@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, Subset
 
 from tltk import distributed
 from tltk.distributed import SINGLE, DistContext, EpochOrder
-from tltk.errors import RunDirError, TltkError
+from tltk.errors import RunDirError, SettingError, TltkError
 from tltk.metrics import multilabel_report
 from tltk.model import TransferModel
 from tltk.rundir import MetricsLog
@@ -90,46 +90,53 @@ class TrainConfig:
     compile: bool = False  # torch.compile the module that trains
 
     def validate(self) -> None:
-        _one_of("--optimizer", self.optimizer, OPTIMIZERS)
-        _one_of("--schedule", self.schedule, SCHEDULES)
-        _one_of("--precision", self.precision, PRECISIONS)
-        _one_of("--channels-last", self.channels_last, CHANNELS_LAST)
-        cache.parse_size(self.cache_mem)
-        _one_of("--monitor", self.monitor, MONITORS)
-        _one_of("--task", self.task, TASKS)
+        self.validate_settings()
+        _one_of("task", self.task, TASKS)
         if self.monitor == "val_map" and self.task != "multilabel":
-            raise TltkError("--monitor val_map needs a multi-label task; use val_accuracy or val_loss.")
+            raise SettingError("monitor val_map needs a multi-label task; use val_accuracy or val_loss.", ["monitor"])
+
+    def validate_settings(self) -> None:
+        """Every check but those that need the task, which ``finetune`` learns from the data:
+        a wrong setting is told before the data is read."""
+        _one_of("optimizer", self.optimizer, OPTIMIZERS)
+        _one_of("schedule", self.schedule, SCHEDULES)
+        _one_of("precision", self.precision, PRECISIONS)
+        _one_of("channels_last", self.channels_last, CHANNELS_LAST)
+        cache.parse_size(self.cache_mem)
+        _one_of("monitor", self.monitor, MONITORS)
         if self.epochs < 1 and not self.max_steps:
-            raise TltkError(f"--epochs must be at least 1, not {self.epochs}.")
+            raise SettingError(f"epochs must be at least 1, not {self.epochs}.", ["epochs"])
         check_batch_size(self.batch_size)
         if self.lr <= 0:
-            raise TltkError(f"--lr must be positive, not {self.lr}.")
+            raise SettingError(f"lr must be positive, not {self.lr}.", ["lr"])
         if self.workers is not None and self.workers < 0:
-            raise TltkError(f"--workers must be 0 or more, not {self.workers}.")
+            raise SettingError(f"workers must be 0 or more, not {self.workers}.", ["workers"])
         self._validate_optimizer_and_schedule()
 
     def _validate_optimizer_and_schedule(self) -> None:
         """Values torch would take without complaint and train wrongly with (a negative
-        --clip-grad flips every gradient; --patience 0 stops after the first epoch), or
-        refuse with a traceback (negative weight decay, Nesterov without momentum)."""
+        clip_grad flips every gradient; patience 0 stops after the first epoch), or refuse
+        with a traceback (negative weight decay, Nesterov without momentum)."""
         if not 0 <= self.momentum < 1:
-            raise TltkError(f"--momentum must be in [0, 1), not {self.momentum}.")
+            raise SettingError(f"momentum must be in [0, 1), not {self.momentum}.", ["momentum"])
         if self.nesterov and (self.optimizer != "sgd" or self.momentum == 0):
-            raise TltkError("--nesterov needs --optimizer sgd and a --momentum above 0.")
-        if self.weight_decay < 0:
-            raise TltkError(f"--weight-decay must be 0 or more, not {self.weight_decay}.")
-        if self.warmup_steps < 0:
-            raise TltkError(f"--warmup-steps must be 0 or more, not {self.warmup_steps}.")
-        if self.step_epochs < 1:
-            raise TltkError(f"--step-epochs must be at least 1, not {self.step_epochs}.")
+            raise SettingError("nesterov needs optimizer sgd and a momentum above 0.", ["nesterov", "optimizer", "momentum"])
+        at_least = {"weight_decay": 0, "warmup_steps": 0, "step_epochs": 1}
+        for name, least in at_least.items():
+            if getattr(self, name) < least:
+                wording = "0 or more" if least == 0 else "at least 1"
+                raise SettingError(f"{name} must be {wording}, not {getattr(self, name)}.", [name])
         if self.gamma <= 0:
-            raise TltkError(f"--gamma must be positive, not {self.gamma}.")
+            raise SettingError(f"gamma must be positive, not {self.gamma}.", ["gamma"])
         if self.max_steps is not None and self.max_steps < 1:
-            raise TltkError(f"--max-steps must be at least 1, not {self.max_steps}; leave it out to train --epochs.")
+            raise SettingError(f"max_steps must be at least 1, not {self.max_steps}; leave it out to train epochs.",
+                               ["max_steps", "epochs"])
         if self.patience is not None and self.patience < 1:
-            raise TltkError(f"--patience must be at least 1, not {self.patience}; leave it out to train every epoch.")
+            raise SettingError(f"patience must be at least 1, not {self.patience}; leave it out to train every epoch.",
+                               ["patience"])
         if self.clip_grad is not None and self.clip_grad <= 0:
-            raise TltkError(f"--clip-grad must be positive, not {self.clip_grad}; leave it out not to clip.")
+            raise SettingError(f"clip_grad must be positive, not {self.clip_grad}; leave it out not to clip.",
+                               ["clip_grad"])
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -147,9 +154,9 @@ class TrainConfig:
         return "val_map" if self.task == "multilabel" else "val_accuracy"
 
 
-def _one_of(option: str, value: str, choices: Sequence[str]) -> None:
+def _one_of(setting: str, value: str, choices: Sequence[str]) -> None:
     if value not in choices:
-        raise TltkError(f"{option} '{value}' is not one of {', '.join(choices)}.")
+        raise SettingError(f"{setting} '{value}' is not one of {', '.join(choices)}.", [setting])
 
 
 @dataclass
