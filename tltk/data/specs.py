@@ -56,6 +56,33 @@ def resolve_spec(spec: str) -> tuple[str, Path]:
     return detect_format(path), path
 
 
+def absolute_spec(spec: str) -> str:
+    """``spec`` with its path made absolute (``~`` expanded) and its format prefix kept as
+    given: what a run directory records, so that the run finds its data from any working
+    directory. A builtin name is not a path and stays as it is."""
+    format_name, location = parse_spec(spec)
+    if format_name == "builtin":
+        return f"builtin:{location}"
+    path = absolute_path(location)
+    return f"{format_name}:{path}" if format_name is not None else path
+
+
+def absolute_path(text: str) -> str:
+    """``text`` as an absolute path (``~`` expanded, relative to the working directory)."""
+    return str(user_path(text).absolute())
+
+
+def spec_location(spec: str) -> Path | None:
+    """Where on disk the data of ``spec`` lives, as written (relative stays relative); None for builtin."""
+    format_name, location = parse_spec(spec)
+    return None if format_name == "builtin" else user_path(location)
+
+
+def same_data(spec: str, other: str) -> bool:
+    """Whether two specs name the same data, however each spelled the path, as seen from here."""
+    return absolute_spec(spec) == absolute_spec(other)
+
+
 def detect_format(path: Path) -> str:
     """Which built-in format the data at ``path`` is in, from what is on disk."""
     if path.is_dir():
