@@ -25,7 +25,7 @@ from tltk.runtime import Inference
 
 # The data settings a run records that choose its images (config.json's "data").
 DATA_SETTINGS = ("spec", "image_root", "val_split", "test_split", "seed", "strict", "classes", "train_per_class",
-                 "difficult")
+                 "difficult", "image_column", "label_column")
 
 
 @dataclass

@@ -52,13 +52,15 @@ class DataOptions:
     classes: list[str] | None = None
     train_per_class: int | None = None
     difficult: str = "ignore"
+    image_column: str | None = None  # hf: the column of images, when not found from the features
+    label_column: str | None = None  # hf: the column of labels, likewise
     spec_as_typed: str | None = None  # the --data the user typed, for display; ``spec`` is what loads
 
     def load(self) -> DataSplits:
         return load_data(
             self.spec, image_root=self.image_root, val_split=self.val_split, test_split=self.test_split,
             seed=self.seed, strict=self.strict, classes=self.classes, train_per_class=self.train_per_class,
-            difficult=self.difficult,
+            difficult=self.difficult, image_column=self.image_column, label_column=self.label_column,
         )
 
     def with_absolute_paths(self) -> "DataOptions":
