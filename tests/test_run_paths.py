@@ -63,6 +63,15 @@ def test_a_run_evaluates_and_predicts_from_another_working_directory(trained: Pa
     assert len(rows) == 1 + report["n"]
 
 
+def test_the_pictures_of_a_run_read_its_data_from_another_working_directory(trained: Path) -> None:
+    result = tltk("visualize", "misclassified", trained, "--device", "cpu", "--json")
+    assert result.exit_code == 0, result.output
+    result = tltk("visualize", "activations", trained, "--layer", "conv1", "--class-average", "--per-class", "2",
+                  "--device", "cpu", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["images"] == 6
+
+
 def test_the_runs_own_spec_typed_again_from_its_folder_keeps_its_class_filter(tmp_path: Path, monkeypatch) -> None:
     project = tmp_path / "project"
     write_image_folder(project / "data" / "photos", LAYOUT)
