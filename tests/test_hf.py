@@ -124,6 +124,24 @@ def test_a_sequence_of_class_labels_is_multi_label(tmp_path: Path) -> None:
     assert targets["train/5"] == (1, 0, 1) and targets["train/0"] == (0, 0, 0) and targets["test/0"] == (0, 0, 0)
 
 
+def test_an_integer_label_column_without_class_names_gives_its_values_in_numeric_order(tmp_path: Path) -> None:
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.Value("int64")})
+    rows = {"image": image_rows(12), "label": [10, 3, 7] * 4}
+    datasets.Dataset.from_dict(rows, features=features).save_to_disk(str(tmp_path / "d"))
+    data = load_data(f"hf:{tmp_path / 'd'}")
+    assert data.class_names == ["3", "7", "10"]
+    assert {s.id: s.target for s in data.train + data.val + data.test}["all/0"] == 2
+
+
+def test_splits_other_than_train_validation_test_are_left_out_and_train_is_needed(tmp_path: Path) -> None:
+    root = write_saved(tmp_path / "svhn", {"train": 12, "test": 6, "extra": 9})
+    data = load_data(f"hf:{root}")
+    assert len(data.train) + len(data.val) == 12 and len(data.test) == 6
+    root = write_saved(tmp_path / "no-train", {"validation": 6, "test": 6})
+    with pytest.raises(DataError, match="has the splits validation, test but no train split; name the training split"):
+        load_data(f"hf:{root}")
+
+
 def test_a_test_split_without_labels_is_left_out_and_test_is_carved_from_train(tmp_path: Path) -> None:
     parts = {"train": hf_split(20), "test": hf_split(6, labels=[-1] * 6)}
     datasets.DatasetDict(parts).save_to_disk(str(tmp_path / "d"))
