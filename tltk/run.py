@@ -21,15 +21,17 @@ import numpy as np
 from tltk import distributed, rundir
 from tltk.backbones.base import Preprocessing
 from tltk.data import DataSplits, ImageDataset, Sample, load_data
+from tltk.data.specs import parse_spec, same_data, spec_location
 from tltk.errors import DataError, RunDirError
 from tltk.evaluation import evaluate_model
+from tltk.fileio import user_path
 from tltk.model import ModelSpec, TransferModel, build_model
 from tltk.predict import Predictions, as_predictions, is_unlabelled_folder, probability_batches, unlabelled_samples
 from tltk.runtime import Inference, check_batch_size, resolve_device
 
 # The data settings a run records that choose its images (config.json's "data").
 DATA_SETTINGS = ("spec", "image_root", "val_split", "test_split", "seed", "strict", "classes", "train_per_class",
-                 "difficult")
+                 "difficult", "image_column", "label_column")
 
 
 @dataclass
@@ -75,10 +77,7 @@ class Run:
     def data(self, spec: str | None = None, **overrides: Any) -> DataSplits:
         """The run's own data settings (so "test" is the images training held out), with
         another spec or explicit settings on top; another spec drops the run's class filter."""
-        options = {key: value for key, value in self.config["data"].items() if key in DATA_SETTINGS}
-        if spec is not None and spec != options["spec"]:
-            options.update(spec=spec, classes=None, train_per_class=None)
-        options.update({key: value for key, value in overrides.items() if value is not None})
+        options = recorded_data_options(self.path, self.config["data"], spec, overrides)
         splits = load_data(options.pop("spec"), **options)
         return splits.as_multilabel() if self.task == "multilabel" else splits
 
@@ -199,6 +198,49 @@ def load_run(path: str | Path) -> Run:
     return run
 
 
+def recorded_data_options(run: Path, record: dict[str, Any], spec: str | None,
+                          overrides: dict[str, Any]) -> dict[str, Any]:
+    """``load_data``'s arguments (``spec`` among them) for a run's data: the recorded settings,
+    with another spec or explicit settings on top. Another spec drops the class filter; the
+    recorded spec (given again, however its path is spelled) keeps it, and must still be
+    where training found it."""
+    options = {key: value for key, value in record.items() if key in DATA_SETTINGS}
+    if spec is not None and not same_data(spec, options["spec"]):
+        options.update(spec=spec, classes=None, train_per_class=None)
+    elif overrides.get("image_root") is None:
+        check_recorded_data(run, record)
+    else:
+        check_recorded_data(run, {**record, "image_root": None})
+    options.update({key: value for key, value in overrides.items() if value is not None})
+    return options
+
+
+def check_recorded_data(run: Path, record: dict[str, Any]) -> None:
+    """Say in one sentence where a run's data was and how to give its new place, when the
+    recorded path (absolute since tltk records it so; relative in older runs) is gone."""
+    spec = str(record["spec"])
+    location = spec_location(spec)
+    if location is not None and not location.exists():
+        raise DataError(moved_data_message(run, spec, location, record))
+    image_root = record.get("image_root")
+    if image_root is not None and not user_path(image_root).exists():
+        raise DataError(f"Run {run} read its images under --image-root {image_root}, which is not there any more; "
+                        f"if the images have moved, give their new place with --image-root NEW_PATH.")
+
+
+def moved_data_message(run: Path, spec: str, location: Path, record: dict[str, Any]) -> str:
+    format_name, _ = parse_spec(spec)
+    new_place = f"{format_name or record.get('format') or 'folder'}:NEW_PATH"
+    classes = record.get("classes")
+    advice = f"--data {new_place}" + (f" --classes {','.join(classes)}" if classes else "")
+    if not location.is_absolute():
+        return (f"Run {run} records its data as {spec}, a path relative to the folder it was trained in, which is "
+                f"not found from {Path.cwd()}; run the command from that folder, or give the data's place with {advice}.")
+    typed = record.get("spec_as_typed")
+    return (f"Run {run} was trained on data at {location}" + (f" (--data {typed})" if typed and typed != spec else "")
+            + f", which is not there any more; if the data has moved, give its new place with {advice}.")
+
+
 def as_run(run: str | Path | Run) -> Run:
     return run if isinstance(run, Run) else load_run(run)
 
@@ -227,5 +269,5 @@ def align_to_run_classes(samples: Sequence[Sample], data_classes: list[str], run
     return [Sample(s.source, index[data_classes[s.target]], s.id) for s in samples]
 
 
-__all__ = ["DATA_SETTINGS", "Run", "align_to_run_classes", "as_run", "evaluate", "iter_predictions", "load_run",
-           "predict"]
+__all__ = ["DATA_SETTINGS", "Run", "align_to_run_classes", "as_run", "check_recorded_data", "evaluate",
+           "iter_predictions", "load_run", "predict", "recorded_data_options"]

@@ -158,6 +158,8 @@ def data_options(command: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--strict", is_flag=True, help="Stop at the first image that cannot be decoded instead of skipping it."),
         click.option("--voc-difficult", default=None, type=click.Choice(["ignore", "positive", "negative"]),
                      help="VOC objects marked difficult, COCO crowds: ignored when scoring (default), or counted."),
+        click.option("--image-column", default=None, help="hf: the column of images [the one Image column]."),
+        click.option("--label-column", default=None, help="hf: the column of labels [the one ClassLabel column]."),
     ]
     for option in reversed(options):
         command = option(command)

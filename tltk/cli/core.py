@@ -104,8 +104,8 @@ def summary(backbone: str, head: str, num_classes: int, strategy: str, freeze: b
 @click.option("--weights", default="auto", show_default=True,
               help="imagenet, none, FILE (.safetensors/.pth) or RUN_DIR; auto = imagenet where published, else none.")
 @click.option("--init", "init", default="default", show_default=True, help="Random init: default, xavier, kaiming, gaussian.")
-@click.option("--data", "data_spec", help="folder:PATH, cifar10:PATH, mnist:PATH, voc:PATH, csv:FILE, builtin:digits, "
-              "or a path.  [required]")
+@click.option("--data", "data_spec", help="folder:PATH, cifar10:PATH, mnist:PATH, voc:PATH, coco:PATH, hf:PATH, csv:FILE, "
+              "builtin:digits, or a path.  [required]")
 @click.option("--out", help="Run directory to create.  [required]")
 @click.option("--overwrite", is_flag=True, help="Replace a run already in --out.")
 @click.option("--resume", metavar="RUN", default=None,
@@ -223,6 +223,7 @@ def finetune_config(opts: dict[str, Any]) -> Any:
         opts["data_spec"], opts["image_root"],
         _default(opts["val_split"], 0.1), _default(opts["test_split"], 0.2), opts["seed"],
         opts["strict"], split_classes(opts["classes"]), opts["train_per_class"], opts["voc_difficult"] or "ignore",
+        opts.get("image_column"), opts.get("label_column"),
     )
     train_fields = TrainConfig.__dataclass_fields__
     config = FinetuneConfig(
@@ -302,7 +303,8 @@ def _fmt(value: Any) -> str:
 @click.option("--json", "as_json", is_flag=True)
 def evaluate(run: str, data_spec: str | None, split: str, image_root: str | None, val_split: float | None,
              test_split: float | None, classes: str | None, train_per_class: int | None, strict: bool,
-             voc_difficult: str | None, device: str, batch_size: int | None, plot: str | None, as_json: bool) -> None:
+             voc_difficult: str | None, image_column: str | None, label_column: str | None, device: str,
+             batch_size: int | None, plot: str | None, as_json: bool) -> None:
     """Multi-class: accuracy, top-5, per-class accuracy, confusion matrix. Multi-label: per-class AP and mAP."""
     from tltk.distributed import launched_rank
     from tltk.run import evaluate as run_evaluate
@@ -311,6 +313,7 @@ def evaluate(run: str, data_spec: str | None, split: str, image_root: str | None
         run, data_spec, split, device=device, batch_size=batch_size, image_root=image_root,
         val_split=val_split, test_split=test_split, classes=split_classes(classes),
         train_per_class=train_per_class, strict=strict or None, difficult=voc_difficult,
+        image_column=image_column, label_column=label_column,
     )
     if launched_rank() != 0:
         return  # under torchrun every rank holds the whole report; rank 0 shows it

@@ -18,6 +18,7 @@ def _data_overrides(opts: dict[str, Any]) -> dict[str, Any]:
         "image_root": opts.get("image_root"), "val_split": opts.get("val_split"), "test_split": opts.get("test_split"),
         "classes": split_classes(opts.get("classes")), "train_per_class": opts.get("train_per_class"),
         "strict": opts.get("strict") or None, "difficult": opts.get("voc_difficult"),
+        "image_column": opts.get("image_column"), "label_column": opts.get("label_column"),
     }
 
 

@@ -15,6 +15,7 @@ import torch
 from tltk import distributed, rundir
 from tltk.backbones.base import Preprocessing, check_size_option
 from tltk.data import DataSplits, ImageDataset, load_data
+from tltk.data.specs import absolute_path, absolute_spec
 from tltk.errors import DataError, RunDirError
 from tltk.evaluation import evaluate_model
 from tltk.layers import check_input_size
@@ -51,12 +52,24 @@ class DataOptions:
     classes: list[str] | None = None
     train_per_class: int | None = None
     difficult: str = "ignore"
+    image_column: str | None = None  # hf: the column of images, when not found from the features
+    label_column: str | None = None  # hf: the column of labels, likewise
+    spec_as_typed: str | None = None  # the --data the user typed, for display; ``spec`` is what loads
 
     def load(self) -> DataSplits:
         return load_data(
             self.spec, image_root=self.image_root, val_split=self.val_split, test_split=self.test_split,
             seed=self.seed, strict=self.strict, classes=self.classes, train_per_class=self.train_per_class,
-            difficult=self.difficult,
+            difficult=self.difficult, image_column=self.image_column, label_column=self.label_column,
+        )
+
+    def with_absolute_paths(self) -> "DataOptions":
+        """These options with the data's path and ``image_root`` absolute, the spec as typed
+        kept beside: what a run records, so that it is evaluated, predicted and resumed from
+        any working directory."""
+        return replace(
+            self, spec=absolute_spec(self.spec), spec_as_typed=self.spec_as_typed or self.spec,
+            image_root=absolute_path(self.image_root) if self.image_root is not None else None,
         )
 
 
@@ -143,6 +156,8 @@ def _finetune(
     saving.check()
     config.train.validate_settings()
     data = config.data.load()
+    if not resume or records_absolute_paths(out):
+        config = replace(config, data=config.data.with_absolute_paths())
     _check_trainable(data)
     # A resolved copy: the caller's config stays as given (task "auto" follows each dataset).
     config = replace(config, train=replace(config.train, task=resolve_task(config.task, data)))
@@ -209,6 +224,12 @@ def check_resumable(run: Path) -> None:
         finished = (run / rundir.SUMMARY).is_file()
         why = "it finished (the checkpoint is removed at the end)" if finished else "it holds no checkpoint"
         raise RunDirError(f"cannot resume {run}: {why}; start a new run with `tltk finetune --out`.")
+
+
+def records_absolute_paths(run: Path) -> bool:
+    """Whether a run records its data paths in absolute form. An interrupted run from before
+    tltk did is resumed with its paths as they were written, which its checkpoint compares."""
+    return "spec_as_typed" in rundir.read_config(run).get("data", {})
 
 
 def config_of_run(run: str | Path) -> FinetuneConfig:
