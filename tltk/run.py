@@ -21,6 +21,7 @@ import numpy as np
 from tltk import distributed, rundir
 from tltk.backbones.base import Preprocessing
 from tltk.data import DataSplits, ImageDataset, Sample, load_data
+from tltk.data.options import DATA_SETTINGS
 from tltk.data.specs import parse_spec, same_data, spec_location
 from tltk.errors import DataError, RunDirError
 from tltk.evaluation import evaluate_model
@@ -29,9 +30,6 @@ from tltk.model import ModelSpec, TransferModel, build_model
 from tltk.predict import Predictions, as_predictions, is_unlabelled_folder, probability_batches, unlabelled_samples
 from tltk.runtime import Inference, check_batch_size, resolve_device
 
-# The data settings a run records that choose its images (config.json's "data").
-DATA_SETTINGS = ("spec", "image_root", "val_split", "test_split", "seed", "strict", "classes", "train_per_class",
-                 "difficult", "image_column", "label_column")
 
 
 @dataclass

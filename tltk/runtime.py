@@ -29,9 +29,6 @@ from tltk.data.transforms import dataset_is_deterministic
 from tltk.distributed import SINGLE, DistContext, EpochOrder
 from tltk.errors import SettingError
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-CHANNELS_LAST = ("auto", "on", "off")
-
 Batches = Iterable[tuple[torch.Tensor, Any]]  # a DataLoader, or cached features in the same shape
 Forward = Callable[[torch.Tensor], torch.Tensor]
 

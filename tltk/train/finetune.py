@@ -14,8 +14,8 @@ import torch
 
 from tltk import distributed, rundir
 from tltk.backbones.base import Preprocessing, check_size_option
-from tltk.data import DataSplits, ImageDataset, load_data
-from tltk.data.specs import absolute_path, absolute_spec
+from tltk.data import DataSplits, ImageDataset
+from tltk.data.options import DataOptions
 from tltk.errors import DataError, RunDirError
 from tltk.evaluation import evaluate_model
 from tltk.layers import check_input_size
@@ -37,40 +37,6 @@ from tltk.train.trainer import (
     seed_everything,
 )
 from tltk.viz.curves import write_curves
-
-
-@dataclass
-class DataOptions:
-    """How a ``--data`` spec becomes train/val/test: stored so evaluation sees the same split."""
-
-    spec: str
-    image_root: str | None = None
-    val_split: float = 0.1
-    test_split: float = 0.2
-    seed: int = 0
-    strict: bool = False
-    classes: list[str] | None = None
-    train_per_class: int | None = None
-    difficult: str = "ignore"
-    image_column: str | None = None  # hf: the column of images, when not found from the features
-    label_column: str | None = None  # hf: the column of labels, likewise
-    spec_as_typed: str | None = None  # the --data the user typed, for display; ``spec`` is what loads
-
-    def load(self) -> DataSplits:
-        return load_data(
-            self.spec, image_root=self.image_root, val_split=self.val_split, test_split=self.test_split,
-            seed=self.seed, strict=self.strict, classes=self.classes, train_per_class=self.train_per_class,
-            difficult=self.difficult, image_column=self.image_column, label_column=self.label_column,
-        )
-
-    def with_absolute_paths(self) -> "DataOptions":
-        """These options with the data's path and ``image_root`` absolute, the spec as typed
-        kept beside: what a run records, so that it is evaluated, predicted and resumed from
-        any working directory."""
-        return replace(
-            self, spec=absolute_spec(self.spec), spec_as_typed=self.spec_as_typed or self.spec,
-            image_root=absolute_path(self.image_root) if self.image_root is not None else None,
-        )
 
 
 @dataclass
