@@ -24,8 +24,6 @@ import tempfile
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
-
 from _common import (
     add_common_arguments,
     interleave,
@@ -36,12 +34,12 @@ from _common import (
     set_threads,
     write_jpeg_folder,
 )
+from torch.utils.data import DataLoader
 
 from tltk.data import ImageDataset, Sample
-from tltk.model import ModelSpec, build_model
-from tltk.predict import predict
 from tltk.evaluation import evaluate_model
-from tltk.run import Run
+from tltk.model import ModelSpec, build_model
+from tltk.run import Run, predict
 from tltk.train.trainer import TrainConfig
 
 CLASSES = [f"class{i}" for i in range(10)]

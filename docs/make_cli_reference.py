@@ -16,9 +16,9 @@ from tltk.cli import main
 PYTHON_API = {
     "list": "tltk.catalog.catalog(kind)",
     "summary": "tltk.summary.summarize(tltk.build_model(ModelSpec(...)), input_size)",
-    "finetune": "tltk.finetune(FinetuneConfig(...), out)",
-    "evaluate": "tltk.evaluate(run, data, split)",
-    "predict": "tltk.predict.predict(run, data) then tltk.export.export(predictions, out, fmt)",
+    "finetune": "tltk.finetune(backbone, data=..., out=..., **settings) -> Run",
+    "evaluate": "tltk.load_run(run).evaluate(split, data)",
+    "predict": "tltk.load_run(run).predict(data) then tltk.export.export(predictions, out, fmt)",
     "plugins": "tltk.catalog.plugin_rows(...)",
     "plot": "tltk.viz.curves.write_curves(run)",
     "visualize": "tltk.viz.filters.visualize_filters / activations.image_activations / misclassified.visualize_misclassified",

@@ -33,7 +33,7 @@ from safetensors.torch import load_file
 
 from tltk.model import ModelSpec, build_model
 from tltk.train import checkpoint
-from tltk.evaluation import evaluate
+from tltk.run import evaluate
 from tltk.rundir import read_metrics
 from tltk.train.trainer import seed_everything
 from tolerances import tolerance_for

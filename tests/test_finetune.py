@@ -11,8 +11,7 @@ from safetensors.torch import load_file
 
 from tltk.data import ImageDataset, build_transforms, load_data
 from tltk.errors import DataError, RunDirError, TltkError
-from tltk.evaluation import evaluate
-from tltk.run import load_run
+from tltk.run import evaluate, load_run
 from tltk.train.finetune import DataOptions, FinetuneConfig, RunResult, finetune
 from tltk.train.trainer import TrainConfig
 
@@ -107,3 +106,20 @@ def test_bad_input_leaves_no_run_directory_behind(tmp_path: Path) -> None:
     with pytest.raises(TltkError):
         finetune(small_config(backbone="lenet55"), tmp_path / "never")
     assert not (tmp_path / "never").exists()
+
+
+def test_finetune_leaves_the_callers_config_as_given_and_monitors_map_on_data_it_finds_multilabel(tmp_path) -> None:
+    # task "auto" is resolved on a copy; monitor val_map is judged against the resolved task,
+    # not against the TrainConfig default (which refused it before any data was read).
+    import copy
+
+    from voc_fixtures import write_voc
+
+    voc = write_voc(tmp_path / "voc", images=24)
+    config = FinetuneConfig(backbone="simplecnn", input_size=32, weights="none", data=DataOptions(f"voc:{voc}"),
+                            train=TrainConfig(epochs=1, batch_size=4, workers=0, device="cpu", precision="fp32",
+                                              monitor="val_map"))
+    given = copy.deepcopy(config)
+    result = finetune(config, tmp_path / "run")
+    assert config == given
+    assert result.summary["task"] == "multilabel" and result.summary["monitor"] == "val_map"

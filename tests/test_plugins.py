@@ -210,7 +210,7 @@ def test_tltk_plugins_lists_every_example_component_ok_and_hides_tltks_own_unles
     rows = json.loads(tltk("plugins", "--json").stdout)["plugins"]
     mine = {(r["group"], r["name"]): r for r in rows if r["package"] == EXAMPLE}
     assert set(mine) == {("tltk.backbones", "tinyconv"), ("tltk.heads", "cosine"), ("tltk.strategies", "gradual-unfreeze"),
-                         ("tltk.exporters", "markdown"), ("tltk.datasets", "npz")}
+                         ("tltk.exporters", "markdown"), ("tltk.datasets", "npz"), ("tltk.callbacks", "time-budget")}
     assert {(r["status"], r["source"], r["detail"]) for r in mine.values()} == {("ok", EXAMPLE_SOURCE, "")}
     assert not any(r["package"] == "tltk" for r in rows)
     everything = json.loads(tltk("plugins", "--all", "--json").stdout)["plugins"]

@@ -22,7 +22,7 @@ from tltk.errors import TltkError
 from tltk.evaluation import ClassificationTally
 from tltk.metrics import classification_report
 from tltk.model import ModelSpec, build_model
-from tltk.predict import iter_predictions, predict
+from tltk.run import iter_predictions, predict
 from tltk.runtime import resolve_precision
 from tltk.strategies import build_strategy
 from tltk.train.finetune import DataOptions, FinetuneConfig, finetune
@@ -61,7 +61,7 @@ def test_explicit_precisions_are_taken_as_given_and_fp16_needs_cuda():
     assert resolve_precision("fp32", CPU) is None
     assert resolve_precision("bf16", CPU) is torch.bfloat16
     assert resolve_precision("fp16", CUDA) is torch.float16
-    with pytest.raises(TltkError, match="--precision fp16 needs a CUDA device; use bf16 or fp32 on the CPU"):
+    with pytest.raises(TltkError, match="^precision fp16 needs a CUDA device; use bf16 or fp32 on the CPU"):
         resolve_precision("fp16", CPU)
 
 

@@ -15,7 +15,8 @@ from PIL import Image
 from tltk.cli import main
 from tltk.errors import TltkError
 from tltk.export import export
-from tltk.predict import Predictions, predict
+from tltk.predict import Predictions
+from tltk.run import predict
 from tltk.train.finetune import DataOptions, FinetuneConfig, finetune
 from tltk.train.trainer import TrainConfig
 

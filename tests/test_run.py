@@ -15,10 +15,8 @@ from torch import nn
 import tltk
 from tltk.data import ImageDataset, Sample
 from tltk.errors import DataError, TltkError
-from tltk.evaluation import evaluate
 from tltk.model import ModelSpec, build_model
-from tltk.predict import predict
-from tltk.run import Run, align_to_run_classes, load_run
+from tltk.run import Run, align_to_run_classes, evaluate, load_run, predict
 from tltk.runtime import Inference, collect_outputs, stream_outputs
 from tltk.train.finetune import DataOptions, FinetuneConfig, finetune
 from tltk.train.trainer import TrainConfig
@@ -116,7 +114,7 @@ def test_streamed_outputs_are_the_models_on_each_batch_in_dataset_order() -> Non
 
 
 def test_stream_outputs_refuses_a_batch_size_below_one_in_one_sentence() -> None:
-    with pytest.raises(TltkError, match="--batch-size must be at least 1, not 0"):
+    with pytest.raises(TltkError, match="batch_size must be at least 1, not 0"):
         next(stream_outputs(_Shift(), _numbers(2), Inference(device="cpu", batch_size=0)))
 
 

@@ -7,31 +7,35 @@ import pytest
 from click.testing import CliRunner
 
 from tltk.cli import main
-from tltk.errors import TltkError
+from tltk.errors import SettingError
 from tltk.train.trainer import TrainConfig
 
+# (settings, the sentence from Python, the same sentence on the command line)
 REFUSED = [
-    (dict(momentum=-0.1), "--momentum must be in [0, 1)"),
-    (dict(momentum=1.5), "--momentum must be in [0, 1)"),
-    (dict(optimizer="sgd", momentum=0.0, nesterov=True), "--nesterov needs --optimizer sgd"),
-    (dict(optimizer="adamw", nesterov=True), "--nesterov needs --optimizer sgd"),
-    (dict(weight_decay=-1.0), "--weight-decay must be 0 or more"),
-    (dict(warmup_steps=-5), "--warmup-steps must be 0 or more"),
-    (dict(step_epochs=0), "--step-epochs must be at least 1"),
-    (dict(gamma=0.0), "--gamma must be positive"),
-    (dict(max_steps=0), "--max-steps must be at least 1"),
-    (dict(max_steps=-1), "--max-steps must be at least 1"),
-    (dict(patience=0), "--patience must be at least 1"),
-    (dict(clip_grad=-1.0), "--clip-grad must be positive"),
-    (dict(clip_grad=0.0), "--clip-grad must be positive"),
+    (dict(momentum=-0.1), "momentum must be in [0, 1)", "--momentum must be in [0, 1)"),
+    (dict(momentum=1.5), "momentum must be in [0, 1)", "--momentum must be in [0, 1)"),
+    (dict(optimizer="sgd", momentum=0.0, nesterov=True), "nesterov needs optimizer sgd",
+     "--nesterov needs --optimizer sgd and a --momentum above 0"),
+    (dict(optimizer="adamw", nesterov=True), "nesterov needs optimizer sgd", "--nesterov needs --optimizer sgd"),
+    (dict(weight_decay=-1.0), "weight_decay must be 0 or more", "--weight-decay must be 0 or more"),
+    (dict(warmup_steps=-5), "warmup_steps must be 0 or more", "--warmup-steps must be 0 or more"),
+    (dict(step_epochs=0), "step_epochs must be at least 1", "--step-epochs must be at least 1"),
+    (dict(gamma=0.0), "gamma must be positive", "--gamma must be positive"),
+    (dict(max_steps=0), "max_steps must be at least 1", "--max-steps must be at least 1, not 0; leave it out to train --epochs"),
+    (dict(max_steps=-1), "max_steps must be at least 1", "--max-steps must be at least 1"),
+    (dict(patience=0), "patience must be at least 1", "--patience must be at least 1"),
+    (dict(clip_grad=-1.0), "clip_grad must be positive", "--clip-grad must be positive"),
+    (dict(clip_grad=0.0), "clip_grad must be positive", "--clip-grad must be positive"),
 ]
 
 
-@pytest.mark.parametrize("settings, sentence", REFUSED, ids=[s for _, s in REFUSED])
-def test_a_setting_that_would_train_wrongly_is_refused(settings, sentence):
-    with pytest.raises(TltkError) as refused:
+@pytest.mark.parametrize("settings, sentence, flags", REFUSED, ids=[s for _, s, _ in REFUSED])
+def test_a_setting_that_would_train_wrongly_is_refused_in_the_words_of_whoever_gave_it(settings, sentence, flags):
+    # Python is told about the setting it passed, the command line about the flag it typed.
+    with pytest.raises(SettingError) as refused:
         TrainConfig(**settings).validate()
-    assert str(refused.value).startswith(sentence)
+    assert str(refused.value).startswith(sentence) and "--" not in str(refused.value)
+    assert refused.value.with_flags().startswith(flags)
 
 
 def test_the_defaults_and_the_usual_sgd_recipe_pass():

@@ -19,8 +19,7 @@ from torch import nn
 from tltk.cli import main
 from tltk.errors import TltkError
 from tltk.model import ModelSpec, build_model
-from tltk.evaluation import evaluate
-from tltk.run import Run
+from tltk.run import Run, evaluate
 from tltk.train.finetune import DataOptions, FinetuneConfig, finetune
 from tltk.train.trainer import TrainConfig
 from tltk.viz import activations, common, curves, filters, misclassified

@@ -11,11 +11,11 @@ from typing import Any
 __version__ = "0.1.0"
 
 _LAZY = {
-    "finetune": "tltk.train.finetune",
+    "finetune": "tltk.api",
     "FinetuneConfig": "tltk.train.finetune",
     "TrainConfig": "tltk.train.trainer",
     "DataOptions": "tltk.train.finetune",
-    "evaluate": "tltk.evaluation",
+    "evaluate": "tltk.run",
     "load_run": "tltk.run",
     "Run": "tltk.run",
     "build_model": "tltk.model",

@@ -8,6 +8,9 @@ bug and keeps its traceback.
 
 from __future__ import annotations
 
+import re
+from typing import Mapping, Sequence
+
 
 class TltkError(Exception):
     """A problem with the user's input, reported as one sentence and a non-zero exit.
@@ -44,6 +47,28 @@ class WeightsError(TltkError):
 
 class RunDirError(TltkError):
     """A run directory that is missing, incomplete, or would be overwritten."""
+
+
+class SettingError(TltkError):
+    """A setting given a value it cannot take.
+
+    The sentence names settings as the Python API spells them (``weight_decay``), since a
+    Python user never typed a flag; ``settings`` lists the names it mentions, so that the
+    command line can show its own spelling instead (``--weight-decay``, ``with_flags``).
+    """
+
+    def __init__(self, message: str, settings: Sequence[str]) -> None:
+        super().__init__(message)
+        self.settings = tuple(settings)
+
+    def with_flags(self, flags: Mapping[str, str] | None = None) -> str:
+        """The sentence with each named setting as its command-line flag (``--`` and dashes
+        unless ``flags`` says otherwise)."""
+        text = str(self)
+        for name in sorted(self.settings, key=len, reverse=True):
+            flag = (flags or {}).get(name, "--" + name.replace("_", "-"))
+            text = re.sub(rf"(?<![\w-]){re.escape(name)}(?![\w-])", flag, text)
+        return text
 
 
 def printable(text: str) -> str:

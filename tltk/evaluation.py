@@ -1,8 +1,12 @@
-"""Measuring a run on a split of any dataset with the same classes."""
+"""The evaluation report of a model on a dataset: accuracy, top-5, per-class figures and the
+confusion matrix, or per-class AP and mAP for multi-label data.
+
+Below the run layer: ``Run.evaluate`` (and ``tltk.evaluate``) find a run's split and call
+``evaluate_model``; training calls it for the test figures of its summary.
+"""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -11,35 +15,7 @@ import torch
 from tltk import distributed
 from tltk.data import ImageDataset
 from tltk.metrics import confusion_matrix, multilabel_report, per_class_accuracy, top_k_accuracy
-from tltk.run import Run, as_run
-from tltk.runtime import Inference, check_batch_size, collect_outputs, resolve_device, stream_outputs
-
-
-def evaluate(
-    run: str | Path | Run,
-    data: str | None = None,
-    split: str = "test",
-    *,
-    device: str = "auto",
-    batch_size: int | None = None,
-    **data_overrides: Any,
-) -> dict[str, Any]:
-    """Accuracy, top-5, per-class accuracy and confusion matrix of a run on one split.
-
-    Without ``data`` the run's own dataset is used; either way the split settings
-    (seed, fractions, class filter) default to the run's, so "test" means the same images
-    training held out. Launched by torchrun or srun with several processes, each evaluates
-    its shard of the split and every one returns the report of the whole split.
-    """
-    if batch_size is not None:
-        check_batch_size(batch_size)
-    run = as_run(run)
-    dataset, splits = run.split(split, data, **data_overrides)
-    with distributed.session(resolve_device(device).type) as context:
-        report = evaluate_model(run.model, dataset, run.class_names, run.inference(device, batch_size), run.task,
-                                context)
-    report.update(run=str(run.path), data=splits.spec, split=split, skipped=len(splits.skipped))
-    return report
+from tltk.runtime import Inference, collect_outputs, resolve_device, stream_outputs
 
 
 def evaluate_model(

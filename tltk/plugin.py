@@ -179,7 +179,9 @@ class Exporter(Protocol):
 class FormatReader(Protocol):
     """Entry point in ``tltk.datasets``: ``--data NAME:PATH`` calls it with the path.
     ``image_root`` is ``--image-root``; ``strict`` asks to stop at an unreadable image
-    instead of skipping it. Raise ``DataError`` with one sentence for bad data."""
+    instead of skipping it. Raise ``DataError`` with one sentence for bad data. A reader that
+    declares ``image_column`` or ``label_column`` keywords gets ``--image-column`` and
+    ``--label-column`` when they are given; for one that does not, they are refused by name."""
 
     def __call__(self, path: Path, *, image_root: Path | None = None, strict: bool = False) -> RawDataset: ...
 

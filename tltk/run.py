@@ -3,27 +3,33 @@
 Everything after training starts from a run directory (config.json, model.safetensors),
 never from the command line that made it: evaluation, prediction, features and the
 pictures of a run. So loading one, finding the images a split meant at training time and
-lining their labels up with the run's classes are written here once, and every consumer
-(``tltk.evaluation``, ``tltk.predict``, ``tltk.features``, ``tltk.viz``) takes a ``Run``.
-Those consumers import this module, never the other way round.
+lining their labels up with the run's classes are written here once. A ``Run`` evaluates
+and predicts itself through the model-level modules below it (``tltk.evaluation``,
+``tltk.predict``); what consumes a finished run (``tltk.features``, ``tltk.viz``) imports
+this module, never the other way round.
 """
 
 from __future__ import annotations
 
+import html
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
-from tltk import rundir
+import numpy as np
+
+from tltk import distributed, rundir
 from tltk.backbones.base import Preprocessing
 from tltk.data import DataSplits, ImageDataset, Sample, load_data
+from tltk.data.options import DATA_SETTINGS
+from tltk.data.specs import parse_spec, same_data, spec_location
 from tltk.errors import DataError, RunDirError
+from tltk.evaluation import evaluate_model
+from tltk.fileio import user_path
 from tltk.model import ModelSpec, TransferModel, build_model
-from tltk.runtime import Inference
+from tltk.predict import Predictions, as_predictions, is_unlabelled_folder, probability_batches, unlabelled_samples
+from tltk.runtime import Inference, check_batch_size, resolve_device
 
-# The data settings a run records that choose its images (config.json's "data").
-DATA_SETTINGS = ("spec", "image_root", "val_split", "test_split", "seed", "strict", "classes", "train_per_class",
-                 "difficult")
 
 
 @dataclass
@@ -69,10 +75,7 @@ class Run:
     def data(self, spec: str | None = None, **overrides: Any) -> DataSplits:
         """The run's own data settings (so "test" is the images training held out), with
         another spec or explicit settings on top; another spec drops the run's class filter."""
-        options = {key: value for key, value in self.config["data"].items() if key in DATA_SETTINGS}
-        if spec is not None and spec != options["spec"]:
-            options.update(spec=spec, classes=None, train_per_class=None)
-        options.update({key: value for key, value in overrides.items() if value is not None})
+        options = recorded_data_options(self.path, self.config["data"], spec, overrides)
         splits = load_data(options.pop("spec"), **options)
         return splits.as_multilabel() if self.task == "multilabel" else splits
 
@@ -82,6 +85,99 @@ class Run:
         splits = self.data(spec, **overrides)
         samples = align_to_run_classes(splits.split(split), splits.class_names, self.class_names, splits.spec)
         return ImageDataset(samples, self.preprocessing.eval_transform(), splits.arrays), splits
+
+
+    @property
+    def summary(self) -> dict[str, Any]:
+        """The final figures training wrote (summary.json): test accuracy or mAP, best epoch, precision."""
+        return rundir.read_summary(self.path)
+
+    def evaluate(self, split: str = "test", data: str | None = None, *, device: str = "auto",
+                 batch_size: int | None = None, **data_overrides: Any) -> dict[str, Any]:
+        """Accuracy, top-5, per-class accuracy and confusion matrix (or per-class AP and both
+        mAP definitions for multi-label runs) on one split.
+
+        Without ``data`` the run's own dataset is used; either way the split settings
+        (seed, fractions, class filter) default to the run's, so "test" means the same images
+        training held out. Launched by torchrun or srun with several processes, each
+        evaluates its shard of the split and every one returns the report of the whole split.
+        """
+        if batch_size is not None:
+            check_batch_size(batch_size)
+        dataset, splits = self.split(split, data, **data_overrides)
+        with distributed.session(resolve_device(device).type) as context:
+            report = evaluate_model(self.model, dataset, self.class_names, self.inference(device, batch_size),
+                                    self.task, context)
+        report.update(run=str(self.path), data=splits.spec, split=split, skipped=len(splits.skipped))
+        return report
+
+    def predict(self, data: str | None = None, split: str = "test", *, device: str = "auto", batch_size: int = 64,
+                workers: int | None = None, **data_overrides: Any) -> Predictions:
+        """Every image's probabilities, in the order of the input listing: a split of a
+        ``--data`` spec (the run's own by default), or a folder of unlabelled images."""
+        dataset = self._prediction_input(data, split, batch_size, data_overrides)
+        probabilities = np.zeros((len(dataset), len(self.class_names)), np.float32)
+        done = 0
+        for chunk in probability_batches(self.model, dataset, self.inference(device, batch_size, workers), self.task):
+            probabilities[done:done + len(chunk)] = chunk
+            done += len(chunk)
+        return as_predictions(dataset.samples, probabilities, self.class_names, self.task)
+
+    def iter_predictions(self, data: str | None = None, split: str = "test", *, device: str = "auto",
+                         batch_size: int = 64, workers: int | None = None,
+                         **data_overrides: Any) -> Iterator[Predictions]:
+        """The same predictions as ``predict``, one batch at a time, in the same order: memory
+        holds one batch, however many images there are."""
+        dataset = self._prediction_input(data, split, batch_size, data_overrides)
+        done = 0
+        for chunk in probability_batches(self.model, dataset, self.inference(device, batch_size, workers), self.task):
+            yield as_predictions(dataset.samples[done:done + len(chunk)], chunk, self.class_names, self.task)
+            done += len(chunk)
+
+    def _prediction_input(self, data: str | None, split: str, batch_size: int,
+                          overrides: dict[str, Any]) -> ImageDataset:
+        check_batch_size(batch_size)
+        if data is not None and is_unlabelled_folder(Path(data).expanduser()):
+            return ImageDataset(unlabelled_samples(Path(data).expanduser()), self.preprocessing.eval_transform())
+        splits = self.data(data, **overrides)
+        return ImageDataset(splits.split(split), self.preprocessing.eval_transform(), splits.arrays)
+
+    def _repr_html_(self) -> str:
+        """A notebook shows a run as a small table: what it is and its test figures."""
+        rows = "".join(f"<tr><th style='text-align:left'>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>"
+                       for k, v in self.describe().items())
+        return f"<table>{rows}</table>"
+
+    def __str__(self) -> str:
+        return "\n".join(f"{key}: {value}" for key, value in self.describe().items())
+
+    def describe(self) -> dict[str, Any]:
+        """What a person wants to see first: where, what model, which data, how it did."""
+        model = self.config.get("model", {})
+        shown: dict[str, Any] = {"run": str(self.path), "backbone": model.get("backbone"), "head": model.get("head"),
+                                 "strategy": self.config.get("strategy", {}).get("name"),
+                                 "classes": len(self.class_names), "task": self.task,
+                                 "data": self.config.get("data", {}).get("spec")}
+        test = self.summary.get("test", {})
+        shown.update({f"test {key}": round(value, 4) if isinstance(value, float) else value
+                      for key, value in test.items()})
+        return shown
+
+
+def evaluate(run: str | Path | Run, data: str | None = None, split: str = "test", **options: Any) -> dict[str, Any]:
+    """``Run.evaluate`` for a run directory or a loaded run (what ``tltk evaluate`` prints)."""
+    return as_run(run).evaluate(split, data, **options)
+
+
+def predict(run: str | Path | Run, data: str | None = None, split: str = "test", **options: Any) -> Predictions:
+    """``Run.predict`` for a run directory or a loaded run (what ``tltk predict`` writes)."""
+    return as_run(run).predict(data, split, **options)
+
+
+def iter_predictions(run: str | Path | Run, data: str | None = None, split: str = "test",
+                     **options: Any) -> Iterator[Predictions]:
+    """``Run.iter_predictions`` for a run directory or a loaded run."""
+    return as_run(run).iter_predictions(data, split, **options)
 
 
 def load_run(path: str | Path) -> Run:
@@ -98,6 +194,49 @@ def load_run(path: str | Path) -> Run:
     model.freeze_modules(run.frozen)
     model.eval()
     return run
+
+
+def recorded_data_options(run: Path, record: dict[str, Any], spec: str | None,
+                          overrides: dict[str, Any]) -> dict[str, Any]:
+    """``load_data``'s arguments (``spec`` among them) for a run's data: the recorded settings,
+    with another spec or explicit settings on top. Another spec drops the class filter; the
+    recorded spec (given again, however its path is spelled) keeps it, and must still be
+    where training found it."""
+    options = {key: value for key, value in record.items() if key in DATA_SETTINGS}
+    if spec is not None and not same_data(spec, options["spec"]):
+        options.update(spec=spec, classes=None, train_per_class=None)
+    elif overrides.get("image_root") is None:
+        check_recorded_data(run, record)
+    else:
+        check_recorded_data(run, {**record, "image_root": None})
+    options.update({key: value for key, value in overrides.items() if value is not None})
+    return options
+
+
+def check_recorded_data(run: Path, record: dict[str, Any]) -> None:
+    """Say in one sentence where a run's data was and how to give its new place, when the
+    recorded path (absolute since tltk records it so; relative in older runs) is gone."""
+    spec = str(record["spec"])
+    location = spec_location(spec)
+    if location is not None and not location.exists():
+        raise DataError(moved_data_message(run, spec, location, record))
+    image_root = record.get("image_root")
+    if image_root is not None and not user_path(image_root).exists():
+        raise DataError(f"Run {run} read its images under --image-root {image_root}, which is not there any more; "
+                        f"if the images have moved, give their new place with --image-root NEW_PATH.")
+
+
+def moved_data_message(run: Path, spec: str, location: Path, record: dict[str, Any]) -> str:
+    format_name, _ = parse_spec(spec)
+    new_place = f"{format_name or record.get('format') or 'folder'}:NEW_PATH"
+    classes = record.get("classes")
+    advice = f"--data {new_place}" + (f" --classes {','.join(classes)}" if classes else "")
+    if not location.is_absolute():
+        return (f"Run {run} records its data as {spec}, a path relative to the folder it was trained in, which is "
+                f"not found from {Path.cwd()}; run the command from that folder, or give the data's place with {advice}.")
+    typed = record.get("spec_as_typed")
+    return (f"Run {run} was trained on data at {location}" + (f" (--data {typed})" if typed and typed != spec else "")
+            + f", which is not there any more; if the data has moved, give its new place with {advice}.")
 
 
 def as_run(run: str | Path | Run) -> Run:
@@ -128,4 +267,5 @@ def align_to_run_classes(samples: Sequence[Sample], data_classes: list[str], run
     return [Sample(s.source, index[data_classes[s.target]], s.id) for s in samples]
 
 
-__all__ = ["DATA_SETTINGS", "Run", "align_to_run_classes", "as_run", "load_run"]
+__all__ = ["DATA_SETTINGS", "Run", "align_to_run_classes", "as_run", "check_recorded_data", "evaluate",
+           "iter_predictions", "load_run", "predict", "recorded_data_options"]

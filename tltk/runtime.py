@@ -27,10 +27,7 @@ from torch.utils.data import DataLoader
 
 from tltk.data.transforms import dataset_is_deterministic
 from tltk.distributed import SINGLE, DistContext, EpochOrder
-from tltk.errors import TltkError
-
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-CHANNELS_LAST = ("auto", "on", "off")
+from tltk.errors import SettingError
 
 Batches = Iterable[tuple[torch.Tensor, Any]]  # a DataLoader, or cached features in the same shape
 Forward = Callable[[torch.Tensor], torch.Tensor]
@@ -43,9 +40,9 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise TltkError(f"--device {name} was asked for but no CUDA device is available; use --device cpu.")
+        raise SettingError(f"device {name} was asked for but no CUDA device is available; use device cpu.", ["device"])
     if name not in ("cpu",) and not name.startswith("cuda"):
-        raise TltkError(f"--device '{name}' is not one of auto, cpu, cuda.")
+        raise SettingError(f"device '{name}' is not one of auto, cpu, cuda.", ["device"])
     return torch.device(name)
 
 
@@ -63,7 +60,7 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
         return torch.bfloat16
     if precision == "fp16":
         if device.type != "cuda":
-            raise TltkError("--precision fp16 needs a CUDA device; use bf16 or fp32 on the CPU.")
+            raise SettingError("precision fp16 needs a CUDA device; use bf16 or fp32 on the CPU.", ["precision"])
         return torch.float16
     return torch.bfloat16 if has_native_bf16(device) else None
 
@@ -140,7 +137,7 @@ def batch_to(images: torch.Tensor, device: torch.device, channels_last: bool = F
 def check_batch_size(batch_size: int) -> None:
     """The sentence for a batch size below one, which torch's DataLoader answers with a traceback."""
     if batch_size < 1:
-        raise TltkError(f"--batch-size must be at least 1, not {batch_size}.")
+        raise SettingError(f"batch_size must be at least 1, not {batch_size}.", ["batch_size"])
 
 
 # Below this many images, starting worker processes costs more than they save.

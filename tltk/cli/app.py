@@ -9,7 +9,7 @@ import click
 from rich.console import Console
 from rich.markup import escape
 
-from tltk.errors import TltkError
+from tltk.errors import SettingError, TltkError
 from tltk.registry import set_reporter
 
 out = Console(highlight=False)
@@ -96,7 +96,8 @@ class TltkGroup(RefusesRepeatedOptions, click.Group):
 
 def report_error(ctx: click.Context, exc: TltkError) -> NoReturn:
     """The error's one sentence on stderr, then exit with its code."""
-    err.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)
+    sentence = exc.with_flags() if isinstance(exc, SettingError) else str(exc)  # the flags the user typed
+    err.print(f"[bold red]error:[/] {escape(sentence)}", soft_wrap=True)
     ctx.exit(exc.exit_code)
 
 
@@ -147,22 +148,72 @@ backbone_opt = click.option(
 
 
 def data_options(command: Callable[..., Any]) -> Callable[..., Any]:
-    """Options that turn a --data spec into splits; shared by the commands that read data."""
-    options = [
-        click.option("--image-root", default=None, help="Folder that csv: file names are relative to."),
-        click.option("--val-split", type=float, default=None, help="Fraction of train held out for validation [0.1]."),
-        click.option("--test-split", type=float, default=None, help="Fraction held out for test where the data has no test split [0.2]."),
-        click.option("--classes", default=None, help="Comma-separated class names to keep, e.g. 0,1,2,3,4."),
-        click.option("--train-per-class", type=int, default=None, help="Keep at most N training images per class."),
-        click.option("--strict", is_flag=True, help="Stop at the first image that cannot be decoded instead of skipping it."),
-        click.option("--voc-difficult", default=None, type=click.Choice(["ignore", "positive", "negative"]),
-                     help="VOC objects marked difficult, COCO crowds: ignored when scoring (default), or counted."),
-    ]
-    for option in reversed(options):
-        command = option(command)
+    """Options that turn a --data spec into splits, shared by the commands that read data:
+    one per ``DataOptions`` setting, with its help and its default from there. Each option's
+    own default is None, "not given": a run's recorded setting then holds, and a new run
+    takes ``DataOptions``'s default."""
+    for setting in reversed(data_settings()):
+        command = _data_option(setting)(command)
     return command
+
+
+def data_settings() -> list[Any]:
+    from dataclasses import fields
+
+    from tltk.data.options import DATA_OPTIONS, DataOptions
+
+    return [f for f in fields(DataOptions) if f.name in DATA_OPTIONS]
+
+
+def data_flag(setting: Any) -> str:
+    return setting.metadata.get("flag") or "--" + setting.name.replace("_", "-")
+
+
+def _data_option(setting: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    help_text = setting.metadata["help"]
+    if setting.default not in (None, False) and "[" not in help_text:
+        help_text = f"{help_text} [{setting.default}]"
+    if setting.type in ("bool", bool):
+        return click.option(data_flag(setting), is_flag=True, default=None, help=help_text)
+    kind = {"float": float, "int | None": int, "float | None": float}.get(str(setting.type))
+    choices = setting.metadata.get("choices")
+    return click.option(data_flag(setting), default=None, help=help_text,
+                        type=click.Choice(list(choices)) if choices else kind)
+
+
+def data_overrides(opts: dict[str, Any]) -> dict[str, Any]:
+    """The data options given on the command line, as ``DataOptions`` settings (None: not given)."""
+    given = {}
+    for setting in data_settings():
+        value = opts.get(data_flag(setting).lstrip("-").replace("-", "_"))
+        if setting.name == "classes":
+            value = split_classes(value)
+        given[setting.name] = value if value is not False else None
+    return given
 
 
 def split_classes(classes: str | None) -> list[str] | None:
     """--classes as a list of names; None where it was not given."""
     return [c.strip() for c in classes.split(",") if c.strip()] if classes else None
+
+
+def train_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """One option per ``TrainConfig`` setting, with its default, choices and help from there
+    (the task is ``--task`` of finetune, resolved from the data)."""
+    from tltk.settings import described, flag_of
+    from tltk.train.config import TrainConfig
+
+    for setting in reversed(described(TrainConfig)):
+        command = _train_option(setting, flag_of(setting))(command)
+    return command
+
+
+def _train_option(setting: Any, flag: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    choices = setting.metadata.get("choices")
+    if "/" in flag:  # a switch: --cache/--no-cache
+        return click.option(flag, setting.name, default=setting.default, show_default=True, help=setting.metadata["help"])
+    if str(setting.type) == "bool":
+        return click.option(flag, setting.name, is_flag=True, default=setting.default, help=setting.metadata["help"])
+    kind = {"int": int, "int | None": int, "float": float, "float | None": float}.get(str(setting.type))
+    return click.option(flag, setting.name, default=setting.default, show_default=setting.default is not None,
+                        type=click.Choice(list(choices)) if choices else kind, help=setting.metadata["help"])

@@ -9,9 +9,18 @@ from rich.markup import escape
 from rich.table import Table
 
 from tltk.catalog import LISTABLE as KIND_WORDS  # reads package metadata only: no torch
-from tltk.cli.app import backbone_opt, data_options, err, main, out, parse_options, print_json, split_classes
+from tltk.cli.app import (
+    backbone_opt,
+    data_options,
+    data_overrides,
+    err,
+    main,
+    out,
+    parse_options,
+    print_json,
+    train_options,
+)
 from tltk.errors import TltkError
-
 
 # --- tltk list ------------------------------------------------------------------------
 
@@ -107,8 +116,8 @@ def summary(backbone: str, head: str, num_classes: int, strategy: str, freeze: b
 @click.option("--weights", default="auto", show_default=True,
               help="imagenet, none, FILE (.safetensors/.pth) or RUN_DIR; auto = imagenet where published, else none.")
 @click.option("--init", "init", default="default", show_default=True, help="Random init: default, xavier, kaiming, gaussian.")
-@click.option("--data", "data_spec", help="folder:PATH, cifar10:PATH, mnist:PATH, voc:PATH, csv:FILE, builtin:digits, "
-              "or a path.  [required]")
+@click.option("--data", "data_spec", help="folder:PATH, cifar10:PATH, mnist:PATH, voc:PATH, coco:PATH, hf:PATH, csv:FILE, "
+              "builtin:digits, or a path.  [required]")
 @click.option("--out", help="Run directory to create.  [required]")
 @click.option("--overwrite", is_flag=True, help="Replace a run already in --out.")
 @click.option("--resume", metavar="RUN", default=None,
@@ -119,39 +128,11 @@ def summary(backbone: str, head: str, num_classes: int, strategy: str, freeze: b
               help="Save a checkpoint at an epoch's end once this long has passed since the last one "
                    "(0: after every epoch). SIGINT/SIGTERM always save.")
 @data_options
-@click.option("--epochs", type=int, default=10, show_default=True)
-@click.option("--max-steps", type=int, default=None, help="Stop after this many optimizer steps.")
-@click.option("--batch-size", type=int, default=64, show_default=True)
-@click.option("--optimizer", default="adamw", show_default=True, type=click.Choice(["sgd", "adam", "adamw"]))
-@click.option("--lr", type=float, default=1e-3, show_default=True)
-@click.option("--momentum", type=float, default=0.9, show_default=True)
-@click.option("--nesterov", is_flag=True)
-@click.option("--weight-decay", type=float, default=1e-4, show_default=True)
-@click.option("--schedule", default="cosine", show_default=True, type=click.Choice(["none", "step", "exp", "cosine"]))
-@click.option("--warmup-steps", type=int, default=0, show_default=True)
-@click.option("--step-epochs", type=int, default=10, show_default=True, help="Epochs between decays of the step schedule.")
-@click.option("--gamma", type=float, default=0.1, show_default=True, help="Decay factor of the step and exp schedules.")
-@click.option("--patience", type=int, default=None, help="Early stopping: epochs without improvement of --monitor.")
-@click.option("--monitor", default="auto", show_default=True, type=click.Choice(["auto", "val_accuracy", "val_map", "val_loss"]),
-              help="auto: val_map for multi-label, val_accuracy for multi-class.")
+@train_options
 @click.option("--task", default="auto", show_default=True, type=click.Choice(["auto", "multiclass", "multilabel"]),
               help="auto follows the data; multilabel trains one sigmoid per class with BCE.")
 @click.option("--pos-weight", default="none", show_default=True, type=click.Choice(["none", "auto"]),
               help="Multi-label: weight positives by negatives/positives per class.")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N.")
-@click.option("--precision", default="auto", show_default=True, type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
-              help="auto: bf16 where the CPU or GPU computes it natively, else fp32.")
-@click.option("--workers", type=int, default=None, help="DataLoader workers; default from the data size and CPU count.")
-@click.option("--cache/--no-cache", "cache", default=True, show_default=True,
-              help="Frozen backbone and no augmentation: compute its features once and train the head on them.")
-@click.option("--cache-mem", default="auto", show_default=True,
-              help="Cached features up to this size stay in memory (e.g. 2GB, 0), beyond it they are memory-mapped "
-                   "on disk; auto: a quarter of the free memory.")
-@click.option("--channels-last", default="auto", show_default=True, type=click.Choice(["auto", "on", "off"]),
-              help="Channels-last memory layout; auto: for backbones with 2-D convolutions.")
-@click.option("--compile", "compile", is_flag=True, help="torch.compile the network (slower start, faster steps).")
-@click.option("--augment", default="none", show_default=True, type=click.Choice(["none", "light", "standard"]))
 @click.option("--input-size", type=int, default=None, help="Square input size; default: the backbone's.")
 @backbone_opt
 @click.option("--hidden", type=int, default=None, help="Hidden width of the mlp/conv head.")
@@ -159,7 +140,6 @@ def summary(backbone: str, head: str, num_classes: int, strategy: str, freeze: b
 @click.option("--unfreeze-epoch", type=int, default=None, help="freeze-unfreeze: epochs of head-only training [1].")
 @click.option("--backbone-lr-mult", type=float, default=None, help="freeze-unfreeze: backbone lr as a multiple of lr [0.1].")
 @click.option("--layer-decay", type=float, default=None, help="discriminative: lr factor per stage towards the input [0.75].")
-@click.option("--clip-grad", type=float, default=None, help="Clip the gradient norm to this value.")
 @click.option("--tensorboard", is_flag=True, help="Write TensorBoard logs to RUN/tensorboard (open with `tltk tensorboard RUN`).")
 @click.option("--histogram-every", type=int, default=100, show_default=True,
               help="With --tensorboard: steps between weight and gradient histograms.")
@@ -222,11 +202,8 @@ def finetune_config(opts: dict[str, Any]) -> Any:
     from tltk.train.finetune import DataOptions, FinetuneConfig
     from tltk.train.trainer import TrainConfig
 
-    data = DataOptions(
-        opts["data_spec"], opts["image_root"],
-        _default(opts["val_split"], 0.1), _default(opts["test_split"], 0.2), opts["seed"],
-        opts["strict"], split_classes(opts["classes"]), opts["train_per_class"], opts["voc_difficult"] or "ignore",
-    )
+    given = {name: value for name, value in data_overrides(opts).items() if value is not None}
+    data = DataOptions(opts["data_spec"], seed=opts["seed"], **given)  # what is not given keeps DataOptions's default
     train_fields = TrainConfig.__dataclass_fields__
     config = FinetuneConfig(
         backbone=opts["backbone"], data=data, head=opts["head"],
@@ -259,10 +236,6 @@ def callback_specs(names: tuple[str, ...], pairs: tuple[str, ...]) -> list[dict[
         options[name].append(setting)
     return [{"name": name, "options": parse_options(tuple(settings), "--callback-opt")}
             for name, settings in options.items()]
-
-
-def _default(value: float | None, default: float) -> float:
-    return default if value is None else value
 
 
 def skipped_message(skipped: list[str]) -> str:
@@ -303,18 +276,13 @@ def _fmt(value: Any) -> str:
 @click.option("--batch-size", type=int, default=None)
 @click.option("--plot", default=None, help="Multi-label: where to write the per-class AP chart [RUN/plots/per_class_ap_SPLIT.png].")
 @click.option("--json", "as_json", is_flag=True)
-def evaluate(run: str, data_spec: str | None, split: str, image_root: str | None, val_split: float | None,
-             test_split: float | None, classes: str | None, train_per_class: int | None, strict: bool,
-             voc_difficult: str | None, device: str, batch_size: int | None, plot: str | None, as_json: bool) -> None:
+def evaluate(run: str, data_spec: str | None, split: str, device: str, batch_size: int | None, plot: str | None,
+             as_json: bool, **data: Any) -> None:
     """Multi-class: accuracy, top-5, per-class accuracy, confusion matrix. Multi-label: per-class AP and mAP."""
     from tltk.distributed import launched_rank
-    from tltk.evaluation import evaluate as run_evaluate
+    from tltk.run import evaluate as run_evaluate
 
-    report = run_evaluate(
-        run, data_spec, split, device=device, batch_size=batch_size, image_root=image_root,
-        val_split=val_split, test_split=test_split, classes=split_classes(classes),
-        train_per_class=train_per_class, strict=strict or None, difficult=voc_difficult,
-    )
+    report = run_evaluate(run, data_spec, split, device=device, batch_size=batch_size, **data_overrides(data))
     if launched_rank() != 0:
         return  # under torchrun every rank holds the whole report; rank 0 shows it
     if report["task"] == "multilabel":

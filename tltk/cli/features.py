@@ -12,25 +12,16 @@ from tltk.cli.app import (
     TltkGroup,
     backbone_opt,
     data_options,
+    data_overrides,
     err,
     main,
     out,
     parse_options,
     print_json,
-    split_classes,
 )
 from tltk.errors import TltkError
 
 SPLIT_CHOICES = click.Choice(["all", "train", "val", "test"])
-
-
-def _data_overrides(opts: dict[str, Any]) -> dict[str, Any]:
-    """The shared data options as keyword arguments of ``load_data``."""
-    return {
-        "image_root": opts.get("image_root"), "val_split": opts.get("val_split"), "test_split": opts.get("test_split"),
-        "classes": split_classes(opts.get("classes")), "train_per_class": opts.get("train_per_class"),
-        "strict": opts.get("strict") or None, "difficult": opts.get("voc_difficult"),
-    }
 
 
 def model_options(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -195,7 +186,7 @@ def extract(source: str, layer: str, data_spec: str | None, split: str, out_dir:
     with _ProgressBar("extract", not as_json) as bar:
         store = run_extract(model, layer, out_dir, data_spec, split=split, pool=pool, metric=metric,
                             index=_index_config(opts), loading=_loading(opts), overwrite=overwrite, progress=bar,
-                            shard=shard_of, **_data_overrides(opts))
+                            shard=shard_of, **data_overrides(opts))
     if as_json:
         print_json(store.summary())
         return
@@ -285,7 +276,7 @@ def index_store(store_dir: str, add: bool, data_spec: str | None, split: str, re
             raise TltkError("--add needs --data SPEC: the images to append.")
         with _ProgressBar("add", not as_json) as bar:
             report["added"] = add_images(store, data_spec, split=split, loading=_loading(opts), progress=bar,
-                                         **_data_overrides(opts))
+                                         **data_overrides(opts))
     if rebuild:
         store.rebuild(_index_config(opts))
     elif opts["nprobe"] is not None or opts["ef_search"] is not None:
@@ -423,7 +414,7 @@ def _course_store(source: str, layer: str | None, data_spec: str | None, split: 
     model = _source(source, opts)
     with _ProgressBar("extract", not quiet) as bar:
         store, built = extract_or_reuse(model, layer, data_spec, store_dir=store_dir, split=split, pool=pool, metric=metric,
-                                        loading=_loading(opts), progress=bar, **_data_overrides(opts))
+                                        loading=_loading(opts), progress=bar, **data_overrides(opts))
     if not quiet:
         out.print(f"{'built' if built else 'reused'} store {store.path} ({store.count} rows, {store.layer}, {store.pool} pool)",
                   soft_wrap=True)

@@ -19,17 +19,21 @@ from tltk.cli.app import main, out, print_json
 @click.option("--sample-submission", default=None, help="kaggle: match this file's header, id column and row order.")
 @click.option("--id-from", default=None, help="Row ids from the image's stem, path or index [kaggle: stem, else path].")
 @click.option("--image-root", default=None, help="Folder that csv: file names are relative to.")
+@click.option("--image-column", default=None, help="hf: the column of images [the one Image column].")
+@click.option("--label-column", default=None, help="hf: the column of labels [the one ClassLabel column].")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--batch-size", type=int, default=64, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print where the file went and how many rows, as JSON.")
 def predict(run: str, data_spec: str | None, split: str, out_file: str, fmt: str, label_as: str | None,
             multilabel_as: str | None, threshold: float | None, sample_submission: str | None,
-            id_from: str | None, image_root: str | None, device: str, batch_size: int, as_json: bool) -> None:
+            id_from: str | None, image_root: str | None, image_column: str | None, label_column: str | None,
+            device: str, batch_size: int, as_json: bool) -> None:
     """Predict with RUN and write one row per image, in the order of the input listing."""
     from tltk.export import export
-    from tltk.predict import predict as run_predict
+    from tltk.run import predict as run_predict
 
-    predictions = run_predict(run, data_spec, split, device=device, batch_size=batch_size, image_root=image_root)
+    predictions = run_predict(run, data_spec, split, device=device, batch_size=batch_size, image_root=image_root,
+                              image_column=image_column, label_column=label_column)
     path = export(predictions, out_file, fmt, label_as=label_as, multilabel_as=multilabel_as, threshold=threshold,
                   sample_submission=sample_submission, id_from=id_from)
     if as_json:

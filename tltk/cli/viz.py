@@ -7,18 +7,9 @@ from typing import Any, Callable
 import click
 from rich.table import Table
 
-from tltk.cli.app import TltkCommand, data_options, err, main, out, print_json, split_classes
+from tltk.cli.app import TltkCommand, data_options, data_overrides, err, main, out, print_json
 from tltk.cli.core import finetune_config
 from tltk.errors import TltkError
-
-
-def _data_overrides(opts: dict[str, Any]) -> dict[str, Any]:
-    """The shared data options as keyword arguments of the library's split loading."""
-    return {
-        "image_root": opts.get("image_root"), "val_split": opts.get("val_split"), "test_split": opts.get("test_split"),
-        "classes": split_classes(opts.get("classes")), "train_per_class": opts.get("train_per_class"),
-        "strict": opts.get("strict") or None, "difficult": opts.get("voc_difficult"),
-    }
 
 
 def _or(value: int | None, default: int) -> int:
@@ -98,7 +89,7 @@ def activations(**opts: Any) -> None:
         result = class_average_activations(
             opts["run"], opts["layer"], opts["data_spec"], opts["split"], out=opts["out"],
             per_class=opts["per_class"], max_maps=_or(opts["max_maps"], 16), device=opts["device"],
-            **_data_overrides(opts),
+            **data_overrides(opts),
         )
     else:
         result = image_activations(opts["run"], opts["image"], opts["layer"], out=opts["out"],
@@ -126,7 +117,7 @@ def misclassified(**opts: Any) -> None:
 
     result = visualize_misclassified(
         opts["run"], opts["data_spec"], opts["split"], n=opts["count"], out_dir=opts["out_dir"],
-        device=opts["device"], batch_size=opts["batch_size"], **_data_overrides(opts),
+        device=opts["device"], batch_size=opts["batch_size"], **data_overrides(opts),
     )
     if opts["as_json"]:
         print_json(result.to_dict(limit=opts["count"]))

@@ -9,6 +9,7 @@ sees a 16-bit, palette, CMYK or transparent image it was not trained on.
 
 from __future__ import annotations
 
+import io
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -56,15 +57,15 @@ def scan_image_files(folder: Path) -> list[Path]:
     return sorted(found, key=lambda p: p.relative_to(folder).as_posix())
 
 
-def decode_error(path: Path) -> str | None:
-    """Why ``path`` cannot be decoded, or None when it can.
+def decode_error(path: Path | bytes) -> str | None:
+    """Why ``path`` (or an encoded image held in memory) cannot be decoded, or None when it can.
 
     Cheap: JPEGs are decoded at reduced scale (``draft``), which still reads the whole
     entropy-coded stream and so still catches truncation. PIL's decompression-bomb limit
     stays in force; a file over it counts as undecodable.
     """
     try:
-        with Image.open(path) as img:
+        with Image.open(io.BytesIO(path) if isinstance(path, bytes) else path) as img:
             if img.format == "JPEG":
                 img.draft("RGB", (64, 64))
             img.load()
@@ -115,6 +116,18 @@ def load_image(source: str | Path) -> Image.Image:
         raise DataError(
             f"Cannot decode image {path} ({type(exc).__name__}: {exc}); remove or replace the file."
         ) from exc
+
+
+def load_image_bytes(data: bytes, where: str) -> Image.Image:
+    """An encoded image held in memory (a row of a Hugging Face dataset), opened exactly as
+    ``load_image`` opens a file; ``where`` names it in the error."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+            _exif_upright_in_place(img)
+            return to_rgb(img)
+    except Exception as exc:
+        raise DataError(f"Cannot decode image {where} ({type(exc).__name__}: {exc}); remove or replace it.") from exc
 
 
 def _exif_upright_in_place(img: Image.Image) -> None:

@@ -7,13 +7,15 @@ contain ':' still work as bare paths.
 
 from __future__ import annotations
 
+import inspect
 import re
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 from tltk.data.cifar10 import find_cifar10_dir
 from tltk.data.coco import find_coco_dir
 from tltk.data.formats import DATA_FORMATS
+from tltk.data.hf import find_hf_dir
 from tltk.data.mnist import find_mnist_dir
 from tltk.data.voc import find_voc_dir
 from tltk.data.images import is_hidden
@@ -29,7 +31,7 @@ from tltk.data.splits import (
 from tltk.errors import DataError
 from tltk.fileio import user_path
 
-_FORMAT_HINT = "folder:PATH, cifar10:PATH, mnist:PATH, voc:PATH, coco:PATH, csv:FILE, builtin:digits"
+_FORMAT_HINT = "folder:PATH, cifar10:PATH, mnist:PATH, voc:PATH, coco:PATH, hf:PATH, csv:FILE, builtin:digits"
 
 
 def parse_spec(spec: str) -> tuple[str | None, str]:
@@ -58,6 +60,33 @@ def resolve_spec(spec: str) -> tuple[str, Path]:
     return detect_format(path), path
 
 
+def absolute_spec(spec: str) -> str:
+    """``spec`` with its path made absolute (``~`` expanded) and its format prefix kept as
+    given: what a run directory records, so that the run finds its data from any working
+    directory. A builtin name is not a path and stays as it is."""
+    format_name, location = parse_spec(spec)
+    if format_name == "builtin":
+        return f"builtin:{location}"
+    path = absolute_path(location)
+    return f"{format_name}:{path}" if format_name is not None else path
+
+
+def absolute_path(text: str) -> str:
+    """``text`` as an absolute path (``~`` expanded, relative to the working directory)."""
+    return str(user_path(text).absolute())
+
+
+def spec_location(spec: str) -> Path | None:
+    """Where on disk the data of ``spec`` lives, as written (relative stays relative); None for builtin."""
+    format_name, location = parse_spec(spec)
+    return None if format_name == "builtin" else user_path(location)
+
+
+def same_data(spec: str, other: str) -> bool:
+    """Whether two specs name the same data, however each spelled the path, as seen from here."""
+    return absolute_spec(spec) == absolute_spec(other)
+
+
 def detect_format(path: Path) -> str:
     """Which built-in format the data at ``path`` is in, from what is on disk."""
     if path.is_dir():
@@ -69,15 +98,36 @@ def detect_format(path: Path) -> str:
             return "cifar10"
         if find_mnist_dir(path) is not None:
             return "mnist"
+        if find_hf_dir(path) is not None:  # before folder: save_to_disk's split folders look like classes
+            return "hf"
         if any(child.is_dir() and not is_hidden(child.name) for child in path.iterdir()):
             return "folder"
     elif path.is_file() and path.suffix.lower() == ".csv":
         return "csv"
+    elif path.is_file() and path.suffix.lower() == ".parquet":
+        return "hf"
     raise DataError(
         f"No dataset format recognised at {path}; expected class subfolders, CIFAR-10 batches, "
-        f"MNIST IDX files, a VOCdevkit folder, a COCO folder (annotations/instances_*.json) or a .csv file "
+        f"MNIST IDX files, a VOCdevkit folder, a COCO folder (annotations/instances_*.json), a Hugging Face "
+        f"dataset (save_to_disk or parquet files) or a .csv file "
         f"(or name the format: {_FORMAT_HINT})."
     )
+
+
+def format_options(reader: Callable[..., Any], format_name: str, **given: Any) -> dict[str, Any]:
+    """The format-specific options that were given, for a reader that declares them; one it
+    does not declare is refused by name rather than silently ignored."""
+    given = {key: value for key, value in given.items() if value is not None}
+    try:
+        accepted = inspect.signature(reader).parameters
+    except (TypeError, ValueError):  # no signature to read: the call will tell
+        return given
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values()):
+        return given
+    unknown = [key for key in given if key not in accepted]
+    if unknown:
+        raise DataError(f"--{unknown[0].replace('_', '-')} does not apply to {format_name}: data; drop it.")
+    return given
 
 
 def _missing_path_message(spec: str, path: Path) -> str:
@@ -101,20 +151,24 @@ def load_data(
     classes: Sequence[str] | None = None,
     train_per_class: int | None = None,
     difficult: str = "ignore",
+    image_column: str | None = None,
+    label_column: str | None = None,
 ) -> DataSplits:
     """Read the dataset named by ``spec`` and split it into train/val/test.
 
     The dataset's own splits are kept; a missing test split is carved from the data and a
     missing val split from train (stratified, seeded). ``classes`` keeps only those
     classes, before any check that each class has samples (so a class that has none can be
-    left out); ``train_per_class`` then caps the training samples per class.
+    left out); ``train_per_class`` then caps the training samples per class. ``image_column``
+    and ``label_column`` go to formats that take them (``hf:``) and are refused by the others.
     """
     check_fraction(val_split, "--val-split")
     check_fraction(test_split, "--test-split")
     format_name, path = resolve_spec(spec)
     reader = DATA_FORMATS.get(format_name)
     root = user_path(image_root) if image_root is not None else None
-    raw = reader(path, image_root=root, strict=strict)
+    options = format_options(reader, format_name, image_column=image_column, label_column=label_column)
+    raw = reader(path, image_root=root, strict=strict, **options)
     if classes:
         raw = filter_classes(raw, classes)
     check_classes(raw, filtered=bool(classes))

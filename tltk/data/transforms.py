@@ -22,8 +22,7 @@ from torchvision.transforms.v2 import functional as F
 from tltk.data.images import load_image
 from tltk.data.samples import Sample
 from tltk.errors import DataError
-
-AUGMENT_PRESETS = ("none", "light", "standard")
+from tltk.settings import AUGMENT_PRESETS
 
 
 class ToRGBChannels(v2.Transform):

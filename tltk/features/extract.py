@@ -22,6 +22,7 @@ import torch
 
 from tltk.data import DataSplits, Sample, load_data
 from tltk.data.samples import positives
+from tltk.data.specs import absolute_path, absolute_spec
 from tltk.errors import DataError, TltkError
 from tltk.features.faiss_index import IndexOptions, check_metric
 from tltk.features.manifest import Chunk, is_store
@@ -104,25 +105,26 @@ def select_data(source: FeatureSource, data: str | None, split: str = "all", **o
             raise DataError(f"{spec} holds no images; check the --data spec.")
     else:
         samples = [(split, s) for s in splits.split(split)]
-    return DataSelection(spec, options, split, splits, samples)
+    # The manifest records where the data is in absolute form, so a store's pictures load from any folder.
+    if options.get("image_root") is not None:
+        options = {**options, "image_root": absolute_path(options["image_root"])}
+    return DataSelection(absolute_spec(spec), options, split, splits, samples)
 
 
 def _data_settings(source: FeatureSource, data: str | None, overrides: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     unknown = [k for k in overrides if k not in LOAD_DATA_OPTIONS]
     if unknown:
         raise TypeError(f"unknown data option {unknown[0]}; load_data takes {', '.join(LOAD_DATA_OPTIONS)}")
-    options: dict[str, Any] = {}
     if source.run_config is not None:
-        saved = source.run_config.get("data", {})
-        options = {k: saved[k] for k in LOAD_DATA_OPTIONS if saved.get(k) is not None}
-        if data is None or data == saved.get("spec"):
-            data = saved.get("spec")
-        else:
-            options.pop("classes", None)
-            options.pop("train_per_class", None)
-    if data is None:
+        from tltk.run import recorded_data_options
+
+        recorded = recorded_data_options(Path(source.record["path"]), source.run_config["data"], data, overrides)
+        data = recorded.pop("spec")
+        options = {k: v for k, v in recorded.items() if k in LOAD_DATA_OPTIONS and v is not None}
+    elif data is None:
         raise TltkError("--data is needed with a backbone as SOURCE (e.g. --data builtin:digits); only a run directory knows its own data.")
-    options.update({k: v for k, v in overrides.items() if v is not None})
+    else:
+        options = {k: v for k, v in overrides.items() if v is not None}
     if options.get("classes") is not None:
         options["classes"] = list(options["classes"])
     return data, options

@@ -16,12 +16,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Mapping, Protocol, Sequence
 
-import torch
-from torch import nn
-
 from tltk.errors import TltkError
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # only named in annotations: a plugin's callback module loads without torch (`tltk plugins`)
+    import torch
+    from torch import nn
+
     from tltk.strategies import Strategy
     from tltk.train.trainer import Loop
 

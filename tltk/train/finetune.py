@@ -6,7 +6,7 @@ before the run directory is touched, so bad input leaves nothing half-written.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -14,7 +14,8 @@ import torch
 
 from tltk import distributed, rundir
 from tltk.backbones.base import Preprocessing, check_size_option
-from tltk.data import DataSplits, ImageDataset, load_data
+from tltk.data import DataSplits, ImageDataset
+from tltk.data.options import DataOptions
 from tltk.errors import DataError, RunDirError
 from tltk.evaluation import evaluate_model
 from tltk.layers import check_input_size
@@ -36,28 +37,6 @@ from tltk.train.trainer import (
     seed_everything,
 )
 from tltk.viz.curves import write_curves
-
-
-@dataclass
-class DataOptions:
-    """How a ``--data`` spec becomes train/val/test: stored so evaluation sees the same split."""
-
-    spec: str
-    image_root: str | None = None
-    val_split: float = 0.1
-    test_split: float = 0.2
-    seed: int = 0
-    strict: bool = False
-    classes: list[str] | None = None
-    train_per_class: int | None = None
-    difficult: str = "ignore"
-
-    def load(self) -> DataSplits:
-        return load_data(
-            self.spec, image_root=self.image_root, val_split=self.val_split, test_split=self.test_split,
-            seed=self.seed, strict=self.strict, classes=self.classes, train_per_class=self.train_per_class,
-            difficult=self.difficult,
-        )
 
 
 @dataclass
@@ -141,10 +120,13 @@ def _finetune(
     if resume:
         check_resumable(out)
     saving.check()
-    config.train.validate()
+    config.train.validate_settings()
     data = config.data.load()
+    if not resume or records_absolute_paths(out):
+        config = replace(config, data=config.data.with_absolute_paths())
     _check_trainable(data)
-    config.train.task = resolve_task(config.task, data)
+    # A resolved copy: the caller's config stays as given (task "auto" follows each dataset).
+    config = replace(config, train=replace(config.train, task=resolve_task(config.task, data)))
     if config.train.task == "multilabel":
         data = data.as_multilabel()
     config.train.validate()
@@ -208,6 +190,12 @@ def check_resumable(run: Path) -> None:
         finished = (run / rundir.SUMMARY).is_file()
         why = "it finished (the checkpoint is removed at the end)" if finished else "it holds no checkpoint"
         raise RunDirError(f"cannot resume {run}: {why}; start a new run with `tltk finetune --out`.")
+
+
+def records_absolute_paths(run: Path) -> bool:
+    """Whether a run records its data paths in absolute form. An interrupted run from before
+    tltk did is resumed with its paths as they were written, which its checkpoint compares."""
+    return "spec_as_typed" in rundir.read_config(run).get("data", {})
 
 
 def config_of_run(run: str | Path) -> FinetuneConfig:

@@ -12,8 +12,7 @@ import torch
 from torch import nn
 
 from tltk.errors import TltkError
-
-TASKS = ("multiclass", "multilabel")
+from tltk.settings import TASKS
 
 
 class MaskedBCEWithLogits(nn.Module):

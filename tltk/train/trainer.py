@@ -17,7 +17,7 @@ import random
 import signal
 import time
 from contextlib import ExitStack, contextmanager, nullcontext
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -34,13 +34,9 @@ from tltk.metrics import multilabel_report
 from tltk.model import TransferModel
 from tltk.rundir import MetricsLog
 from tltk.runtime import (
-    CHANNELS_LAST,
-    PRECISIONS,
     Batches,
-    Inference,
     autocast,
     batch_to,
-    check_batch_size,
     default_workers,
     make_loader,
     memory_format,
@@ -54,102 +50,8 @@ from tltk.strategies import Strategy
 from tltk.train import cache
 from tltk.train import checkpoint as ckpt
 from tltk.train.callbacks import Callback, Progress, Reporter, SilentReporter, StrategyHooks
-from tltk.train.losses import TASKS, build_loss
-
-OPTIMIZERS = ("sgd", "adam", "adamw")
-SCHEDULES = ("none", "step", "exp", "cosine")
-MONITORS = ("auto", "val_accuracy", "val_map", "val_loss")
-
-
-@dataclass
-class TrainConfig:
-    epochs: int = 10
-    max_steps: int | None = None
-    batch_size: int = 64
-    optimizer: str = "adamw"
-    lr: float = 1e-3
-    momentum: float = 0.9
-    nesterov: bool = False
-    weight_decay: float = 1e-4
-    schedule: str = "cosine"
-    warmup_steps: int = 0
-    step_epochs: int = 10
-    gamma: float = 0.1
-    patience: int | None = None
-    monitor: str = "auto"
-    task: str = "multiclass"
-    seed: int = 0
-    device: str = "auto"
-    precision: str = "auto"
-    workers: int | None = None
-    augment: str = "none"
-    clip_grad: float | None = None
-    cache: bool = True  # frozen backbone + deterministic images: train the head on cached features
-    cache_mem: str = "auto"  # features held in memory up to this size, else memory-mapped on disk
-    channels_last: str = "auto"  # auto: for backbones with 2-D convolutions
-    compile: bool = False  # torch.compile the module that trains
-
-    def validate(self) -> None:
-        _one_of("--optimizer", self.optimizer, OPTIMIZERS)
-        _one_of("--schedule", self.schedule, SCHEDULES)
-        _one_of("--precision", self.precision, PRECISIONS)
-        _one_of("--channels-last", self.channels_last, CHANNELS_LAST)
-        cache.parse_size(self.cache_mem)
-        _one_of("--monitor", self.monitor, MONITORS)
-        _one_of("--task", self.task, TASKS)
-        if self.monitor == "val_map" and self.task != "multilabel":
-            raise TltkError("--monitor val_map needs a multi-label task; use val_accuracy or val_loss.")
-        if self.epochs < 1 and not self.max_steps:
-            raise TltkError(f"--epochs must be at least 1, not {self.epochs}.")
-        check_batch_size(self.batch_size)
-        if self.lr <= 0:
-            raise TltkError(f"--lr must be positive, not {self.lr}.")
-        if self.workers is not None and self.workers < 0:
-            raise TltkError(f"--workers must be 0 or more, not {self.workers}.")
-        self._validate_optimizer_and_schedule()
-
-    def _validate_optimizer_and_schedule(self) -> None:
-        """Values torch would take without complaint and train wrongly with (a negative
-        --clip-grad flips every gradient; --patience 0 stops after the first epoch), or
-        refuse with a traceback (negative weight decay, Nesterov without momentum)."""
-        if not 0 <= self.momentum < 1:
-            raise TltkError(f"--momentum must be in [0, 1), not {self.momentum}.")
-        if self.nesterov and (self.optimizer != "sgd" or self.momentum == 0):
-            raise TltkError("--nesterov needs --optimizer sgd and a --momentum above 0.")
-        if self.weight_decay < 0:
-            raise TltkError(f"--weight-decay must be 0 or more, not {self.weight_decay}.")
-        if self.warmup_steps < 0:
-            raise TltkError(f"--warmup-steps must be 0 or more, not {self.warmup_steps}.")
-        if self.step_epochs < 1:
-            raise TltkError(f"--step-epochs must be at least 1, not {self.step_epochs}.")
-        if self.gamma <= 0:
-            raise TltkError(f"--gamma must be positive, not {self.gamma}.")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise TltkError(f"--max-steps must be at least 1, not {self.max_steps}; leave it out to train --epochs.")
-        if self.patience is not None and self.patience < 1:
-            raise TltkError(f"--patience must be at least 1, not {self.patience}; leave it out to train every epoch.")
-        if self.clip_grad is not None and self.clip_grad <= 0:
-            raise TltkError(f"--clip-grad must be positive, not {self.clip_grad}; leave it out not to clip.")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def inference(self) -> Inference:
-        """Evaluation during and after training runs the model as training did."""
-        return Inference(device=self.device, precision=self.precision, channels_last=self.channels_last,
-                         batch_size=self.batch_size, workers=self.workers)
-
-    @property
-    def monitored(self) -> str:
-        """The validation figure early stopping and best-epoch selection follow."""
-        if self.monitor != "auto":
-            return self.monitor
-        return "val_map" if self.task == "multilabel" else "val_accuracy"
-
-
-def _one_of(option: str, value: str, choices: Sequence[str]) -> None:
-    if value not in choices:
-        raise TltkError(f"{option} '{value}' is not one of {', '.join(choices)}.")
+from tltk.train.config import TrainConfig
+from tltk.train.losses import build_loss
 
 
 @dataclass

@@ -1,0 +1,83 @@
+"""Settings stated once: every command's options that name a setting take its default,
+choices and help from the config dataclass that declares it, and library errors name the
+setting while the command line shows the flag."""
+
+from __future__ import annotations
+
+from dataclasses import fields
+
+import click
+import pytest
+
+from tltk.cli import main
+from tltk.cli.core import finetune_config
+from tltk.data.options import DATA_OPTIONS, DataOptions
+from tltk.settings import described, flag_of
+from tltk.train.config import TrainConfig
+
+TRAINING = {f.name: f for f in described(TrainConfig)}
+DATA = {flag_of(f): f for f in described(DataOptions)}
+STARTS_A_RUN = {"finetune", "sweep"}  # commands whose training options are the run's settings themselves
+
+
+def every_option(group: click.Group = main, path: tuple[str, ...] = ()):
+    for name, command in group.commands.items():
+        if isinstance(command, click.Group):
+            yield from every_option(command, (*path, name))
+            continue
+        for option in command.params:
+            if isinstance(option, click.Option):
+                yield (*path, name), option
+
+
+OPTIONS = list(every_option())
+
+
+def choices_of(option: click.Option) -> tuple[str, ...] | None:
+    return tuple(option.type.choices) if isinstance(option.type, click.Choice) else None
+
+
+def test_the_walk_sees_the_commands_and_the_settings_it_checks() -> None:
+    paths = {path for path, _ in OPTIONS}
+    assert {("finetune",), ("evaluate",), ("predict",), ("extract",), ("sweep", "lr")} <= paths
+    named = {option.name for path, option in OPTIONS if path == ("finetune",)}
+    assert set(TRAINING) <= named  # every training setting is an option of finetune
+
+
+@pytest.mark.parametrize("path,option", [(p, o) for p, o in OPTIONS if o.name in TRAINING],
+                         ids=lambda v: " ".join(v) if isinstance(v, tuple) else v.opts[0])
+def test_a_training_option_takes_its_default_and_choices_from_train_config(path, option) -> None:
+    setting = TRAINING[option.name]
+    if path[0] in STARTS_A_RUN:
+        assert option.default == setting.default and option.help == setting.metadata["help"]
+    else:  # on a command that works on a finished run, "not given" may mean the run's own
+        assert option.default in (None, setting.default), (path, option.name)
+    if setting.metadata["choices"] and choices_of(option) is not None:
+        assert choices_of(option) == setting.metadata["choices"]
+
+
+@pytest.mark.parametrize("path,option", [(p, o) for p, o in OPTIONS if o.opts[0] in DATA],
+                         ids=lambda v: " ".join(v) if isinstance(v, tuple) else v.opts[0])
+def test_a_data_option_is_not_given_unless_typed_and_shows_the_default_of_data_options(path, option) -> None:
+    setting = DATA[option.opts[0]]
+    assert option.default is None  # a run's recorded setting holds; a new run takes DataOptions's default
+    assert option.help.startswith(setting.metadata["help"])
+    if setting.default not in (None, False):
+        assert f"[{setting.default}]" in option.help
+    assert choices_of(option) == setting.metadata["choices"]
+
+
+def test_a_new_run_without_data_options_takes_every_default_of_data_options() -> None:
+    context = main.commands["finetune"].make_context("finetune", ["--backbone", "lenet5", "--data", "builtin:digits",
+                                                                  "--out", "x"])
+    config = finetune_config(context.params)
+    assert config.data == DataOptions("builtin:digits")
+    given = main.commands["finetune"].make_context("finetune", ["--backbone", "lenet5", "--data", "builtin:digits",
+                                                                "--out", "x", "--val-split", "0.3", "--classes", "1,2",
+                                                                "--voc-difficult", "positive"])
+    assert finetune_config(given.params).data == DataOptions("builtin:digits", val_split=0.3, classes=["1", "2"],
+                                                             difficult="positive")
+
+
+def test_every_data_setting_but_the_spec_and_seed_is_offered() -> None:
+    assert set(DATA_OPTIONS) == {f.name for f in fields(DataOptions)} - {"spec", "seed", "spec_as_typed"}
