@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import tltk
@@ -65,3 +66,22 @@ def test_a_finetune_config_is_taken_as_it_is(tmp_path: Path) -> None:
     assert isinstance(run, Run) and run.class_names == ["0", "1"] and run.summary["epochs_run"] == 1
     with pytest.raises(TltkError, match="takes a FinetuneConfig as it is"):
         tltk.finetune(config, tmp_path / "again", epochs=3)
+
+
+def test_run_features_are_the_rows_tltk_extract_stores_for_the_same_layer_and_split(run: Run, tmp_path: Path) -> None:
+    from tltk.features.extract import Loading, extract
+    from tltk.features.source import load_source
+
+    store = extract(load_source(str(run.path)), "pool5", tmp_path / "store", split="test",
+                    loading=Loading(device="cpu", workers=0))
+    vectors = run.features("pool5", device="cpu")
+    assert vectors.shape == (store.count, store.dim) and vectors.dtype == np.float32
+    assert np.array_equal(vectors, store.features())
+    logits = run.features("logits", device="cpu")
+    assert logits.shape == (store.count, 3)
+    assert np.array_equal(logits.argmax(1), run.predict(device="cpu").predicted_index())
+
+
+def test_run_features_refuse_a_layer_the_backbone_has_not_in_one_sentence(run: Run) -> None:
+    with pytest.raises(TltkError, match="lenet5 has no layer 'fc9'"):
+        run.features("fc9")

@@ -12,7 +12,7 @@ this module, never the other way round.
 from __future__ import annotations
 
 import html
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -26,10 +26,10 @@ from tltk.data.specs import parse_spec, same_data, spec_location
 from tltk.errors import DataError, RunDirError
 from tltk.evaluation import evaluate_model
 from tltk.fileio import user_path
+from tltk.layers import check_pool, resolve_layer, tap
 from tltk.model import ModelSpec, TransferModel, build_model
 from tltk.predict import Predictions, as_predictions, is_unlabelled_folder, probability_batches, unlabelled_samples
-from tltk.runtime import Inference, check_batch_size, resolve_device
-
+from tltk.runtime import Inference, check_batch_size, resolve_device, stream_outputs
 
 
 @dataclass
@@ -133,6 +133,21 @@ class Run:
         for chunk in probability_batches(self.model, dataset, self.inference(device, batch_size, workers), self.task):
             yield as_predictions(dataset.samples[done:done + len(chunk)], chunk, self.class_names, self.task)
             done += len(chunk)
+
+    def features(self, layer: str, split: str = "test", data: str | None = None, *, pool: str = "avg",
+                 device: str = "auto", batch_size: int | None = None, **data_overrides: Any) -> np.ndarray:
+        """(N, D) features of one split at ``layer`` (conv1, pool5, fc7, logits, or any module
+        path), in the split's order, pooled as ``tltk extract --pool`` pools them; fp32 and
+        contiguous on every machine, like a store's rows. For a searchable store, use
+        ``tltk extract``."""
+        check_pool(pool)
+        resolved = resolve_layer(self.model, layer)
+        dataset, _ = self.split(split, data, **data_overrides)
+        settings = replace(self.inference(device, batch_size), precision="fp32", channels_last="off")
+        with tap(self.model, resolved.name, pool) as features_of:
+            rows = [vectors.numpy() for vectors, _ in stream_outputs(self.model, dataset, settings,
+                                                                      forward=features_of)]
+        return np.concatenate(rows) if rows else np.empty((0, 0), dtype=np.float32)
 
     def _prediction_input(self, data: str | None, split: str, batch_size: int,
                           overrides: dict[str, Any]) -> ImageDataset:
