@@ -246,7 +246,8 @@ def test_every_option_given_twice_is_a_list_or_refused_in_one_sentence(path: tup
 def test_only_the_options_that_take_lists_are_repeatable() -> None:
     repeatable = {(" ".join(path), option.opts[-1]) for path, option in single_valued_options() if option.multiple}
     assert LIST_OPTIONS <= repeatable
-    assert {name for _, name in repeatable} == {"--query", "--query-index", "--backbone-opt", "--callback",
+    assert {name for _, name in repeatable} == {"--query", "--query-index", "--backbone-opt", "--callback", "--head-opt",
+                                              "--strategy-opt",
                                               "--callback-opt"}, repeatable
 
 

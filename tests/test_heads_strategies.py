@@ -627,3 +627,45 @@ def test_without_patience_training_runs_every_epoch_and_keeps_the_best_validatio
     losses = [row["val_loss"] for row in result.history]
     assert result.best_epoch == losses.index(min(losses)) + 1
     assert result.best_metric == min(losses)
+
+
+# --- partial freezing --------------------------------------------------------------------------
+
+
+class ThawLastStage(Strategy):
+    """Trains ResNet-18's last stage and the head; the stages before it stay as loaded."""
+
+    name = "thaw-last-stage"
+
+    def prepare(self, model) -> None:
+        model.freeze_backbone(False)
+        for name, parameter in model.backbone.net.named_parameters():
+            parameter.requires_grad_(name.startswith("layer4."))
+        model.train(model.training)
+
+    def param_groups(self, model, lr):
+        return [{"params": [p for p in model.parameters() if p.requires_grad], "lr": lr, "name": "trainable"}]
+
+
+def test_a_partly_frozen_backbone_keeps_its_frozen_stages_and_their_statistics_while_the_thawed_stage_trains():
+    from torch.utils.data import TensorDataset
+
+    torch.manual_seed(0)
+    model = build_model(ModelSpec("resnet18", "linear", 3, weights="none"))
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    images = TensorDataset(torch.randn(16, 3, 32, 32), torch.arange(16) % 3)
+    fit(model, ThawLastStage(), images, None, TrainConfig(epochs=2, batch_size=8, workers=0, device="cpu",
+                                                         precision="fp32", cache=False, lr=1e-2))
+    after = model.state_dict()
+    frozen = [name for name in before if name.startswith("backbone.net.") and not name.startswith("backbone.net.layer4.")]
+    assert any(name.endswith("running_mean") for name in frozen)
+    assert all(torch.equal(before[name], after[name]) for name in frozen), "a frozen stage changed"
+    assert not torch.equal(before["backbone.net.layer4.0.bn1.running_mean"], after["backbone.net.layer4.0.bn1.running_mean"])
+    assert not torch.equal(before["backbone.net.layer4.1.conv2.weight"], after["backbone.net.layer4.1.conv2.weight"])
+    # Recorded as the run would record it, and frozen alike when reloaded.
+    names = model.frozen_modules()
+    assert "backbone.net.layer1" in names and not any(name.startswith("backbone.net.layer4") for name in names)
+    again = build_model(ModelSpec("resnet18", "linear", 3, weights="none"))
+    again.freeze_modules(names)
+    again.train()
+    assert not again.backbone.net.layer1[0].bn1.training and again.backbone.net.layer4[0].bn1.training

@@ -474,7 +474,7 @@ def test_tltk_plugins_reports_each_broken_component_in_one_line_with_package_ver
     assert rows["tinyconv"]["status"] == "ok"
     assert all("\n" not in r["detail"] for r in rows.values())
     table = tltk("plugins")
-    assert table.exit_code == 0 and "tltk-broken==0.3" in table.stdout
+    assert table.exit_code == 1 and "tltk-broken==0.3" in table.stdout  # the table still shows, then it fails
 
 
 @pytest.mark.parametrize("args, fragments", [
@@ -532,7 +532,9 @@ def test_the_cli_reports_a_clash_once_on_stderr_and_carries_on(plugin_site) -> N
 
 
 def test_tltk_plugins_marks_the_losing_side_of_a_clash_failed_with_how_to_pick_it(plugin_site) -> None:
-    rows = {(r["package"], r["name"]): r for r in json.loads(tltk("plugins", "--json").stdout)["plugins"]}
+    listed = tltk("plugins", "--json")
+    assert listed.exit_code == 1  # a failed component fails the command, so a plugin's CI notices
+    rows = {(r["package"], r["name"]): r for r in json.loads(listed.stdout)["plugins"]}
     clash = rows[("tltk-clash", "simplecnn")]
     assert (clash["status"], clash["source"]) == ("failed", "tltk-clash==1.1")
     assert "use tltk-clash:simplecnn to pick the other" in clash["detail"]
@@ -544,7 +546,9 @@ def test_tltk_plugins_marks_the_losing_side_of_a_clash_failed_with_how_to_pick_i
 def test_tltk_plugins_env_blocks_unlisted_packages_and_says_how_to_allow_them(plugin_site, monkeypatch) -> None:
     monkeypatch.setenv("TLTK_PLUGINS", EXAMPLE)
     refresh()
-    rows = json.loads(tltk("plugins", "--json").stdout)
+    listed = tltk("plugins", "--json")
+    assert listed.exit_code == 0  # blocked on purpose is not a failure
+    rows = json.loads(listed.stdout)
     status = {(r["package"], r["name"]): r["status"] for r in rows["plugins"]}
     assert status[(EXAMPLE, "tinyconv")] == "ok" and status[("tltk-broken", "missing")] == "blocked"
     assert status[("tltk-clash", "simplecnn")] == "blocked"
@@ -591,3 +595,32 @@ def test_importing_a_builtin_module_again_registers_nothing_new_and_breaks_nothi
     kaggle = EXPORTERS.get("kaggle")
     importlib.reload(importlib.import_module("tltk.export.kaggle"))  # its decorator runs a second time
     assert EXPORTERS.names() == before and EXPORTERS.get("kaggle") is kaggle
+
+
+def test_a_bare_path_is_recognised_by_a_plugin_format_that_declares_how(tmp_path: Path) -> None:
+    from tltk.data import load_data
+
+    file = write_npz(tmp_path / "shades.npz")
+    data = load_data(str(file), val_split=0.0, test_split=0.0)
+    assert data.format == "npz" and data.class_names == ["dark", "mid", "bright"]
+
+
+def test_the_no_format_sentence_lists_every_installed_format_plugins_included(tmp_path: Path) -> None:
+    from tltk.data import load_data
+    from tltk.errors import DataError
+
+    odd = tmp_path / "notes.txt"
+    odd.write_text("not images")
+    with pytest.raises(DataError, match="No dataset format recognised") as refused:
+        load_data(str(odd))
+    assert "npz:PATH" in str(refused.value) and "folder:PATH" in str(refused.value)
+
+
+def test_tltks_walk_over_the_backbones_skips_a_broken_plugin_and_says_why(plugin_site) -> None:
+    from test_backbones import build_or_skip, registered_backbones
+
+    walked = [param if isinstance(param, str) else param.values[0] for param in registered_backbones()]
+    assert {"simplecnn", "tinyconv", "linear-only"} <= set(walked)
+    with pytest.raises(pytest.skip.Exception, match="backbone 'linear-only' from tltk-broken 0.3 does not meet"):
+        build_or_skip("linear-only")  # it loads, and breaks the contract only when built
+    assert build_or_skip("lenet5").name == "lenet5"

@@ -81,3 +81,35 @@ def test_a_new_run_without_data_options_takes_every_default_of_data_options() ->
 
 def test_every_data_setting_but_the_spec_and_seed_is_offered() -> None:
     assert set(DATA_OPTIONS) == {f.name for f in fields(DataOptions)} - {"spec", "seed", "spec_as_typed"}
+
+
+def finetune_args(*extra: str):
+    context = main.commands["finetune"].make_context(
+        "finetune", ["--backbone", "lenet5", "--data", "builtin:digits", "--out", "x", *extra])
+    return finetune_config(context.params)
+
+
+def test_head_and_strategy_options_come_from_their_opt_flags_and_the_convenience_flags_alike() -> None:
+    config = finetune_args("--head", "mlp", "--head-opt", "hidden=32", "--dropout", "0.2",
+                           "--strategy", "freeze-unfreeze", "--strategy-opt", "unfreeze_epoch=2")
+    assert config.head_options == {"hidden": 32, "dropout": 0.2}
+    assert config.strategy_options == {"unfreeze_epoch": 2}
+    assert finetune_args().head_options == {} and finetune_args().strategy_options == {}  # nothing given, nothing set
+
+
+def test_an_option_given_by_both_flags_is_refused_in_one_sentence() -> None:
+    from tltk.errors import TltkError
+
+    with pytest.raises(TltkError, match="--hidden and --head-opt hidden=... both set hidden; give it once"):
+        finetune_args("--head", "mlp", "--hidden", "16", "--head-opt", "hidden=32")
+
+
+def test_a_head_option_the_head_does_not_take_is_refused_before_anything_is_written(tmp_path) -> None:
+    from click.testing import CliRunner
+
+    out = tmp_path / "run"
+    result = CliRunner().invoke(main, ["finetune", "--backbone", "lenet5", "--weights", "none", "--data",
+                                       "builtin:digits", "--head", "linear", "--head-opt", "hidden=128",
+                                       "--out", str(out)])
+    assert result.exit_code == 2 and "head 'linear' has no option 'hidden'" in result.output
+    assert not out.exists()

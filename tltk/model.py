@@ -8,11 +8,11 @@ and dropout active, the common bug this prevents.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from tltk.backbones import Backbone, backbone_info, build_backbone
 from tltk.errors import TltkError
@@ -77,23 +77,37 @@ class TransferModel(nn.Module):
         return found
 
     def freeze_modules(self, names: Sequence[str]) -> None:
-        """Freeze what ``frozen_modules`` named; the whole backbone through ``freeze_backbone``,
-        which also holds its BatchNorm statistics."""
+        """Freeze what ``frozen_modules`` named; the whole backbone through ``freeze_backbone``.
+        The BatchNorm statistics of what is frozen then hold (see ``train``)."""
         for name in names:
             if name == "backbone":
                 self.freeze_backbone(True)
             else:
                 self.get_submodule(name).requires_grad_(False)
+        self.train(self.training)
 
     def train(self, mode: bool = True) -> "TransferModel":
+        """Train mode, except where training must not change anything: a frozen backbone
+        stays in eval mode as a whole, and so does every BatchNorm whose own parameters are
+        frozen, so a strategy that thaws only some stages trains those stages' statistics and
+        keeps the others' as loaded."""
         super().train(mode)
         if self.backbone_frozen:
             self.backbone.eval()
+        for module in self.modules():
+            if isinstance(module, _BatchNorm) and _all_frozen(module):
+                module.eval()
         return self
 
     @property
     def preprocessing(self):  # type: ignore[no-untyped-def]
         return self.backbone.preprocessing
+
+
+def _all_frozen(module: nn.Module) -> bool:
+    """Whether the module holds parameters of its own and none of them trains."""
+    own = list(module.parameters(recurse=False))
+    return bool(own) and not any(p.requires_grad for p in own)
 
 
 def resolve_weights_choice(backbone: str, weights: str) -> str:

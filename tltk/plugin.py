@@ -181,7 +181,9 @@ class FormatReader(Protocol):
     ``image_root`` is ``--image-root``; ``strict`` asks to stop at an unreadable image
     instead of skipping it. Raise ``DataError`` with one sentence for bad data. A reader that
     declares ``image_column`` or ``label_column`` keywords gets ``--image-column`` and
-    ``--label-column`` when they are given; for one that does not, they are refused by name."""
+    ``--label-column`` when they are given; for one that does not, they are refused by name.
+    A reader marked with ``recognises(check)`` is also chosen for a bare ``--data PATH`` that
+    none of tltk's own formats recognises and for which ``check(path)`` is true."""
 
     def __call__(self, path: Path, *, image_root: Path | None = None, strict: bool = False) -> RawDataset: ...
 
@@ -199,6 +201,18 @@ def backbone_factory(*, pretrained: bool = False, description: str = "") -> Call
         factory.pretrained_available = bool(pretrained)  # type: ignore[attr-defined]
         factory.description = description  # type: ignore[attr-defined]
         return factory
+
+    return decorator
+
+
+def recognises(check: Callable[[Path], bool]) -> Callable[[F], F]:
+    """Marks a data format's reader with how it knows its data from a bare path (say, a
+    ``.npz`` suffix), so that ``--data PATH`` finds it without ``NAME:``. ``check`` must be
+    cheap and must not raise: it is asked only about paths tltk's own formats do not claim."""
+
+    def decorator(reader: F) -> F:
+        reader.recognises = check  # type: ignore[attr-defined]
+        return reader
 
     return decorator
 
@@ -258,6 +272,6 @@ __all__ = [
     "PLUGIN_API_VERSION", "API_ATTRIBUTE", "GROUPS",
     "BackboneFactory", "BackboneModule", "PreprocessingLike", "HeadFactory", "TransferModelLike",
     "TrainingStrategy", "StrategyFactory", "PredictionsLike", "Exporter", "FormatReader",
-    "backbone_factory", "backbone_problems", "head_problems", "strategy_problems", "callback_problems",
+    "backbone_factory", "recognises", "backbone_problems", "head_problems", "strategy_problems", "callback_problems",
     "Option", "declare_options", "option_help", "api_incompatibility", "TltkError", "DataError", "UnknownOptionError", *_LAZY,
 ]

@@ -45,22 +45,29 @@ class ModelSummary:
 
 
 def summarize(model: nn.Module, input_size: tuple[int, int]) -> ModelSummary:
-    """Run one image through ``model`` and record every leaf layer it passes, in order.
+    """Run one image through ``model`` and record every layer that holds parameters or has
+    no children, in the order the image reaches it.
 
-    Parameters are counted once each, so the totals equal ``sum(p.numel())`` over the
-    model even where layers share weights.
+    A module that holds parameters itself and also has children (a head with its own
+    ``weight`` beside a dropout, a vision transformer's ``cls_token`` and ``pos_embed``)
+    gets a row for its own parameters, so the rows add up to the totals. Parameters are
+    counted once each, so the totals equal ``sum(p.numel())`` over the model even where
+    layers share weights.
     """
-    leaves = {m: name for name, m in model.named_modules() if not list(m.children())}
+    owners = {m: name or type(m).__name__ for name, m in model.named_modules()
+              if not list(m.children()) or list(m.parameters(recurse=False))}
     order: list[nn.Module] = []
     shapes: dict[nn.Module, tuple[int, ...]] = {}
+
+    def reached(module: nn.Module, _inputs: object) -> None:
+        if module not in order:
+            order.append(module)
 
     def record(module: nn.Module, _inputs: object, output: object) -> None:
         if isinstance(output, torch.Tensor):
             shapes[module] = tuple(output.shape[1:])
-        if module not in order:
-            order.append(module)
 
-    hooks = [m.register_forward_hook(record) for m in leaves]
+    hooks = [hook for m in owners for hook in (m.register_forward_pre_hook(reached), m.register_forward_hook(record))]
     was_training = model.training
     try:
         model.eval()
@@ -75,13 +82,15 @@ def summarize(model: nn.Module, input_size: tuple[int, int]) -> ModelSummary:
         for hook in hooks:
             hook.remove()
         model.train(was_training)
-    unseen = [m for m in leaves if m not in order and list(m.parameters(recurse=False))]
+    unseen = [m for m in owners if m not in order and list(m.parameters(recurse=False))]
     summary = ModelSummary(input_size=input_size)
     for module in order + unseen:
         params = list(module.parameters(recurse=False))
+        if list(module.children()) and not params:
+            continue
         summary.rows.append(
             LayerRow(
-                leaves[module], type(module).__name__, shapes.get(module),
+                owners[module], type(module).__name__, shapes.get(module),
                 sum(p.numel() for p in params), any(p.requires_grad for p in params),
             )
         )

@@ -135,6 +135,10 @@ def summary(backbone: str, head: str, num_classes: int, strategy: str, freeze: b
               help="Multi-label: weight positives by negatives/positives per class.")
 @click.option("--input-size", type=int, default=None, help="Square input size; default: the backbone's.")
 @backbone_opt
+@click.option("--head-opt", multiple=True, metavar="KEY=VALUE",
+              help="Head option, repeatable (tltk list heads --details lists them; e.g. hidden=256).")
+@click.option("--strategy-opt", multiple=True, metavar="KEY=VALUE",
+              help="Strategy option, repeatable (tltk list strategies --details; e.g. unfreeze_epoch=2).")
 @click.option("--hidden", type=int, default=None, help="Hidden width of the mlp/conv head.")
 @click.option("--dropout", type=float, default=None, help="Dropout of the head.")
 @click.option("--unfreeze-epoch", type=int, default=None, help="freeze-unfreeze: epochs of head-only training [1].")
@@ -209,9 +213,9 @@ def finetune_config(opts: dict[str, Any]) -> Any:
         backbone=opts["backbone"], data=data, head=opts["head"],
         strategy="freeze" if opts["freeze"] else opts["strategy"],
         weights=opts["weights"], init=opts["init"],
-        head_options={"hidden": opts["hidden"], "dropout": opts["dropout"]},
+        head_options=component_options(opts, "--head-opt", ("hidden", "dropout")),
         backbone_options=parse_options(opts["backbone_opt"], "--backbone-opt"),
-        strategy_options={k: opts[k] for k in ("unfreeze_epoch", "backbone_lr_mult", "layer_decay")},
+        strategy_options=component_options(opts, "--strategy-opt", ("unfreeze_epoch", "backbone_lr_mult", "layer_decay")),
         input_size=opts["input_size"],
         task=opts["task"],
         pos_weight=opts["pos_weight"],
@@ -220,6 +224,20 @@ def finetune_config(opts: dict[str, Any]) -> Any:
         callbacks=callback_specs(opts.get("callback_names", ()), opts.get("callback_opt", ())),
     )
     return config
+
+
+def component_options(opts: dict[str, Any], flag: str, conveniences: tuple[str, ...]) -> dict[str, Any]:
+    """A head's or strategy's options: ``--head-opt KEY=VALUE`` pairs, and the convenience flags
+    (``--hidden``, ``--unfreeze-epoch``, ...) that are the same options under their own names.
+    None is "not given"; an option given both ways is refused rather than one silently winning."""
+    given = parse_options(opts.get(flag.lstrip("-").replace("-", "_"), ()), flag)
+    for name in conveniences:
+        if opts.get(name) is None:
+            continue
+        if name in given:
+            raise TltkError(f"--{name.replace('_', '-')} and {flag} {name}=... both set {name}; give it once.")
+        given[name] = opts[name]
+    return given
 
 
 def callback_specs(names: tuple[str, ...], pairs: tuple[str, ...]) -> list[dict[str, Any]]:

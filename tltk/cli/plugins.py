@@ -17,20 +17,20 @@ STATUS_STYLE = {"ok": "green", "failed": "bold red", "blocked": "yellow"}
 def plugins_command(include_builtin: bool, as_json: bool) -> None:
     """Plugin components by entry-point group, with package==version and status: ok, failed
     (with the reason) or blocked (by TLTK_PLUGINS or TLTK_DISABLE_PLUGIN_AUTOLOAD). Imports
-    each plugin component's module, nothing else."""
+    each plugin component's module, nothing else. Exits with 1 when a component failed."""
     from tltk.catalog import plugin_rows, policy_note
 
     rows = plugin_rows(include_builtin=include_builtin)
     note = policy_note()
     if as_json:
         print_json({"plugins": rows, "policy": note})
-        return
-    if not rows:
-        out.print("No plugins installed. docs/plugins.md shows how to write one.")
     else:
-        out.print(_table(rows))
-    if note:
-        out.print(note)
+        out.print(_table(rows) if rows else "No plugins installed. docs/plugins.md shows how to write one.")
+        if note:
+            out.print(note)
+    failed = [row for row in rows if row["status"] == "failed"]
+    if failed:  # a plugin's CI notices without reading the table (blocked is a choice, not a failure)
+        raise click.exceptions.Exit(1)
 
 
 def _table(rows: list[dict[str, str]]) -> Table:

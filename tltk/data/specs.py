@@ -106,12 +106,30 @@ def detect_format(path: Path) -> str:
         return "csv"
     elif path.is_file() and path.suffix.lower() == ".parquet":
         return "hf"
+    claimed = plugin_format_for(path)
+    if claimed is not None:
+        return claimed
     raise DataError(
         f"No dataset format recognised at {path}; expected class subfolders, CIFAR-10 batches, "
         f"MNIST IDX files, a VOCdevkit folder, a COCO folder (annotations/instances_*.json), a Hugging Face "
         f"dataset (save_to_disk or parquet files) or a .csv file "
-        f"(or name the format: {_FORMAT_HINT})."
+        f"(or name the format: {', '.join(f'{name}:PATH' for name in DATA_FORMATS.names())})."
     )
+
+
+def plugin_format_for(path: Path) -> str | None:
+    """The installed plugin format whose reader recognises ``path`` (``tltk.plugin.recognises``),
+    asked only after tltk's own formats: a plugin never takes a path from them."""
+    for entry in DATA_FORMATS.entries():
+        if entry.builtin or DATA_FORMATS.try_load(entry).obj is None:
+            continue
+        check = getattr(entry.obj, "recognises", None)
+        try:
+            if check is not None and check(path):
+                return DATA_FORMATS.listed_name(entry)
+        except Exception:  # a plugin's check that breaks claims nothing; using the format by name will tell why
+            continue
+    return None
 
 
 def format_options(reader: Callable[..., Any], format_name: str, **given: Any) -> dict[str, Any]:

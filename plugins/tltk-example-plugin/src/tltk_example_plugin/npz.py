@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tltk.plugin import DataError
+from tltk.plugin import DataError, recognises
 
 if TYPE_CHECKING:
     from tltk.plugin import RawDataset
@@ -13,6 +13,12 @@ if TYPE_CHECKING:
 SPLITS = ("train", "val", "test")
 
 
+def is_npz(path: Path) -> bool:
+    """A file ending in .npz: what ``--data PATH`` means by this format without ``npz:``."""
+    return path.is_file() and path.suffix.lower() == ".npz"
+
+
+@recognises(is_npz)
 def read_npz(path: Path, *, image_root: Path | None = None, strict: bool = False) -> RawDataset:
     """Arrays ``images`` (N x H x W or N x H x W x C, uint8, C = 1 or 3) and ``labels`` (N
     class indices); optional ``class_names`` (one per class) and ``split`` (train, val or

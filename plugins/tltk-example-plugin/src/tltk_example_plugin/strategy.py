@@ -13,7 +13,7 @@ class GradualUnfreeze(Strategy):
     """Gradual unfreezing (Howard and Ruder, ULMFiT, 2018): the first epoch trains the head
     alone, and each epoch after it lets ``stages_per_epoch`` more backbone stages train,
     starting next to the head, so the layers that carry the most general features change
-    last and least. BatchNorm statistics stay as they were until the whole backbone trains."""
+    last and least. A stage's BatchNorm statistics stay as they were until that stage thaws."""
 
     stages_per_epoch: int = 1
     name = "gradual-unfreeze"
@@ -34,10 +34,14 @@ class GradualUnfreeze(Strategy):
         newly = [p for stage in stages[len(stages) - thawed:] for p in stage if not p.requires_grad]
         if not newly:
             return None
-        for parameter in newly:
-            parameter.requires_grad_(True)
-        if thawed == len(stages):
-            model.freeze_backbone(False)
+        # The backbone leaves the frozen state as a whole, then the stages not yet thawed are
+        # frozen again: tltk keeps a BatchNorm whose parameters are frozen in eval mode, so
+        # their statistics stay as loaded while the thawed stages' train with them.
+        model.freeze_backbone(False)
+        for index, stage in enumerate(stages):
+            for parameter in stage:
+                parameter.requires_grad_(index >= len(stages) - thawed)
+        model.train(model.training)
         return f"epoch {epoch + 1}: the top {thawed} of {len(stages)} backbone stages train"
 
     def describe(self) -> dict[str, Any]:
