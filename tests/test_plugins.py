@@ -33,6 +33,7 @@ from tltk.heads import HEADS, build_head
 from tltk.model import ModelSpec, build_model
 from tltk.registry import PluginError, refresh
 from tltk.strategies import Strategy, build_strategy
+from tltk.run import load_run
 from tltk.testing import (
     ContractViolation, check_backbone, check_callback, check_exporter, check_format, check_head, check_strategy,
     sample_predictions,
@@ -624,3 +625,75 @@ def test_tltks_walk_over_the_backbones_skips_a_broken_plugin_and_says_why(plugin
     with pytest.raises(pytest.skip.Exception, match="backbone 'linear-only' from tltk-broken 0.3 does not meet"):
         build_or_skip("linear-only")  # it loads, and breaks the contract only when built
     assert build_or_skip("lenet5").name == "lenet5"
+
+
+# --- provenance: a run remembers which package built each of its parts ---------------------------
+
+LATE_HEAD = {"tltk_late": """
+    def head(*, in_features, in_channels, num_classes):
+        import torch
+        return torch.nn.Linear(in_features, num_classes)
+"""}
+
+
+def install_late(tmp_path: Path, version: str, heads: dict[str, str]) -> Path:
+    """Install the distribution tltk-late (a head or two) on sys.path, as pip would leave it."""
+    site = tmp_path / f"late-{version}"
+    write_distribution(site, "tltk-late", version, {"tltk.heads": heads}, LATE_HEAD)
+    sys.path.insert(0, str(site))
+    importlib.invalidate_caches()
+    refresh()
+    return site
+
+
+def uninstall(site: Path) -> None:
+    sys.path.remove(str(site))
+    for module in [m for m in sys.modules if m.split(".")[0] == "tltk_late"]:
+        del sys.modules[module]
+    importlib.invalidate_caches()
+    refresh()
+
+
+def train_with_head(head: str, out: Path) -> Path:
+    done = tltk("finetune", "--backbone", "lenet5", "--weights", "none", "--data", "builtin:digits", "--classes", "0,1",
+                "--train-per-class", "4", "--head", head, "--out", str(out), *FAST)
+    assert done.exit_code == 0, done.output
+    return out
+
+
+def test_a_run_keeps_its_plugin_head_when_another_package_later_provides_the_same_name(tmp_path: Path) -> None:
+    run = train_with_head("cosine", tmp_path / "run")
+    recorded = json.loads((run / "config.json").read_text())["components"]["head"]
+    assert recorded == {"name": "cosine", "package": EXAMPLE, "version": metadata.version(EXAMPLE)}
+    site = install_late(tmp_path, "1.0", {"cosine": "tltk_late:head"})
+    try:
+        assert "cosine" not in HEADS.names()  # contested now: a plain --head cosine would be refused
+        assert type(load_run(run).model.head).__name__ == "CosineHead"
+        evaluated = tltk("evaluate", str(run), "--device", "cpu", "--json")
+        assert evaluated.exit_code == 0, evaluated.output
+        predicted = tltk("predict", str(run), "--out", str(tmp_path / "p.csv"), "--device", "cpu")
+        assert predicted.exit_code == 0, predicted.output
+    finally:
+        uninstall(site)
+
+
+def test_a_run_whose_plugin_is_gone_or_at_another_major_version_says_what_to_install(tmp_path: Path) -> None:
+    site = install_late(tmp_path, "1.0", {"late-head": "tltk_late:head"})
+    run = train_with_head("late-head", tmp_path / "run")
+    uninstall(site)
+    result = tltk("evaluate", str(run), "--device", "cpu")
+    assert_one_line_error(result, "this run was trained with head 'late-head' from tltk-late 1.0, which is not "
+                                  "installed; install it (pip install 'tltk-late==1.0')")
+    site = install_late(tmp_path, "2.0", {"late-head": "tltk_late:head"})
+    try:
+        assert_one_line_error(tltk("evaluate", str(run), "--device", "cpu"),
+                              "from tltk-late 1.0, and tltk-late 2.0 is installed, another major version")
+    finally:
+        uninstall(site)
+    site = install_late(tmp_path, "1.1", {"late-head": "tltk_late:head"})
+    try:
+        evaluated = tltk("evaluate", str(run), "--device", "cpu")
+        assert evaluated.exit_code == 0  # a minor version loads, with a note on stderr
+        assert "trained with head 'late-head' from tltk-late 1.0; 1.1 is installed" in " ".join(evaluated.stderr.split())
+    finally:
+        uninstall(site)

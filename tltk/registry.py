@@ -562,6 +562,45 @@ def registry(key: str) -> Registry[Any]:
     return REGISTRIES[kind(key).word]
 
 
+# --- where a run's components came from ---------------------------------------------------------
+
+
+def provenance(kind_key: str, name: str) -> dict[str, str]:
+    """The component ``name`` of a kind with the distribution and version that provide it:
+    what a run records, so that reloading it takes that package's component whatever else
+    is installed by then. Names no registry holds (``timm:NAME``, an import path) are kept
+    as they are."""
+    try:
+        entry = registry(kind_key).find(name)
+    except TltkError:
+        return {"name": name}
+    return {"name": entry.name, "package": entry.package, "version": entry.version}
+
+
+def recorded_name(kind_key: str, record: dict[str, str]) -> str:
+    """The name to build a recorded component by: the recording package's own
+    (``package:name``), so that another package providing the same name later changes
+    nothing. A package that is gone, or at another major version, is one sentence saying
+    what to install; another minor version loads, with a note."""
+    name, package, version = record.get("name", ""), record.get("package"), record.get("version", "")
+    if not package or canonical(package) == TLTK:
+        return name  # tltk's own names are always its own
+    word = kind(kind_key).word
+    pin = f"{package}=={version}" if version else package
+    try:
+        entry = registry(kind_key).find(f"{package}:{name}")
+    except UnknownNameError:
+        raise PluginError(f"this run was trained with {word} '{name}' from {package} {version}, which is not "
+                          f"installed; install it (pip install '{pin}').".replace("  ", " ")) from None
+    if version and entry.version and entry.version != version:
+        if entry.version.split(".")[0] != version.split(".")[0]:
+            raise PluginError(f"this run was trained with {word} '{name}' from {package} {version}, and {package} "
+                              f"{entry.version} is installed, another major version; install '{pin}' to use the run.")
+        report(f"note: this run was trained with {word} '{name}' from {package} {version}; {entry.version} is "
+               f"installed.")
+    return f"{package}:{name}"
+
+
 # --- building a component: one path for every kind ----------------------------------------------
 
 

@@ -29,6 +29,7 @@ from tltk.fileio import user_path
 from tltk.layers import check_pool, resolve_layer, tap
 from tltk.model import ModelSpec, TransferModel, build_model
 from tltk.predict import Predictions, as_predictions, is_unlabelled_folder, probability_batches, unlabelled_samples
+from tltk.registry import recorded_name
 from tltk.runtime import Inference, check_batch_size, resolve_device, stream_outputs
 
 
@@ -200,7 +201,7 @@ def load_run(path: str | Path) -> Run:
     training left it frozen, in eval mode."""
     path = Path(path).expanduser()
     config = rundir.read_config(path)
-    model = build_model(ModelSpec(**config["model"]), load_weights=False)
+    model = build_model(recorded_spec(config), load_weights=False)
     missing, unexpected = model.load_state_dict(rundir.load_weights(path), strict=False)
     if missing or unexpected:
         first = (missing or unexpected)[0]
@@ -252,6 +253,15 @@ def moved_data_message(run: Path, spec: str, location: Path, record: dict[str, A
     typed = record.get("spec_as_typed")
     return (f"Run {run} was trained on data at {location}" + (f" (--data {typed})" if typed and typed != spec else "")
             + f", which is not there any more; if the data has moved, give its new place with {advice}.")
+
+
+def recorded_spec(config: dict[str, Any]) -> ModelSpec:
+    """The run's model, its backbone and head taken from the packages that built it (config.json's
+    "components"; runs from before it was recorded name them plainly)."""
+    spec = ModelSpec(**config["model"])
+    components = config.get("components", {})
+    return replace(spec, **{part: recorded_name(part, components[part]) for part in ("backbone", "head")
+                            if part in components})
 
 
 def as_run(run: str | Path | Run) -> Run:

@@ -20,6 +20,7 @@ from tltk.errors import DataError, RunDirError
 from tltk.evaluation import evaluate_model
 from tltk.layers import check_input_size
 from tltk.model import ModelSpec, TransferModel, build_model, resolve_weights_choice
+from tltk.registry import provenance
 from tltk.runtime import resolve_device
 from tltk.strategies import Strategy, build_strategy
 from tltk.train import checkpoint
@@ -260,6 +261,7 @@ def _config_record(
     return {
         "model": spec.to_dict(),
         "pretrained_source": model.backbone.pretrained_source,
+        "components": components_record(config, data),
         "strategy": strategy.describe(),
         "train": config.train.to_dict(),
         "data": asdict(config.data)
@@ -273,6 +275,19 @@ def _config_record(
         "preprocessing": preprocessing.to_dict(),
         "versions": rundir.library_versions(),
         "finetune": config.to_dict(),  # everything `tltk finetune --resume` needs to rebuild the run
+    }
+
+
+def components_record(config: FinetuneConfig, data: DataSplits) -> dict[str, Any]:
+    """Each component of the run with the package and version that provided it (plugins'
+    included), so that reloading the run takes the same ones and says what to install when
+    one is missing."""
+    return {
+        "backbone": provenance("backbone", config.backbone),
+        "head": provenance("head", config.head),
+        "strategy": provenance("strategy", config.strategy),
+        "data format": provenance("data format", data.format),
+        "callbacks": [provenance("callback", str(spec["name"])) for spec in config.callbacks],
     }
 
 
