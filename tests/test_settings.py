@@ -113,3 +113,17 @@ def test_a_head_option_the_head_does_not_take_is_refused_before_anything_is_writ
                                        "--out", str(out)])
     assert result.exit_code == 2 and "head 'linear' has no option 'hidden'" in result.output
     assert not out.exists()
+
+
+def test_summary_shows_the_head_and_strategy_options_with_the_values_they_are_built_with() -> None:
+    import json
+
+    from click.testing import CliRunner
+
+    result = CliRunner().invoke(main, ["summary", "--backbone", "lenet5", "--head", "mlp", "--head-opt", "hidden=32",
+                                       "--strategy", "freeze-unfreeze", "--num-classes", "3", "--json"])
+    assert result.exit_code == 0, result.output
+    shown = json.loads(result.stdout)["options"]
+    assert {o["name"]: o["value"] for o in shown["head"]} == {"hidden": 32, "dropout": 0.5}
+    assert {o["name"]: o["value"] for o in shown["strategy"]}["unfreeze_epoch"] == 1  # its default
+    assert sum(row["params"] for row in json.loads(result.stdout)["layers"]) == json.loads(result.stdout)["total_params"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 from importlib import metadata
 from typing import Any
 
+from tltk.errors import TltkError
 from tltk.kinds import KINDS, OPTIONS_NONE, REQUIRED, Kind, options_of
 from tltk.registry import BLOCKED, FAILED, OK, Entry, PluginPolicy, registries, registry
 
@@ -54,6 +55,21 @@ def _options(record: Kind, entry: Entry[Any]) -> list[dict[str, Any]] | None:
         return None
     return [{"name": o.name, "default": None if o.default is REQUIRED else o.default, "required": o.default is REQUIRED,
              "help": o.help} for o in declared]
+
+
+def declared_options(kind_key: str, name: str, given: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """The options ``name`` of a kind declares, each with the value it is built with (given, or
+    its default): what ``tltk summary`` shows beside the layers. None when it takes any."""
+    found = registry(kind_key)
+    try:
+        entry = found.entry(name)
+    except TltkError:
+        return None
+    declared = _options(found.record, entry)
+    if declared is None:
+        return None
+    return [option | {"value": given[option["name"]] if given.get(option["name"]) is not None else option["default"]}
+            for option in declared]
 
 
 def options_text(options: list[dict[str, Any]] | None) -> str:

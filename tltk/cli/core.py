@@ -75,23 +75,33 @@ def list_command(ctx: click.Context, what: str, details: bool, backbone: str | N
 @click.option("--input-size", type=int, default=None, help="Square input size; default: the backbone's.")
 @click.option("--hidden", type=int, default=None, help="Hidden width of the mlp/conv head.")
 @backbone_opt
+@click.option("--head-opt", multiple=True, metavar="KEY=VALUE", help="Head option, repeatable (e.g. hidden=256).")
+@click.option("--strategy-opt", multiple=True, metavar="KEY=VALUE", help="Strategy option, repeatable.")
 @click.option("--json", "as_json", is_flag=True)
 def summary(backbone: str, head: str, num_classes: int, strategy: str, freeze: bool, input_size: int | None,
-            hidden: int | None, backbone_opt: tuple[str, ...], as_json: bool) -> None:
-    """Layer-by-layer table: output shape, parameters, trainable, and totals."""
+            hidden: int | None, backbone_opt: tuple[str, ...], head_opt: tuple[str, ...], strategy_opt: tuple[str, ...],
+            as_json: bool) -> None:
+    """Layer-by-layer table: output shape, parameters, trainable, and totals; then the head's
+    and the strategy's options with the values they are built with."""
     from tltk.backbones.base import check_size_option
+    from tltk.catalog import declared_options
     from tltk.model import ModelSpec, build_model
     from tltk.strategies import build_strategy
     from tltk.summary import summarize
 
     check_size_option(input_size)
     options = parse_options(backbone_opt, "--backbone-opt")
-    model = build_model(ModelSpec(backbone, head, num_classes, {"hidden": hidden}, "none", backbone_options=options))
-    build_strategy("freeze" if freeze else strategy).prepare(model)
+    head_options = component_options({"hidden": hidden, "head_opt": head_opt}, "--head-opt", ("hidden",))
+    strategy_name = "freeze" if freeze else strategy
+    strategy_options = parse_options(strategy_opt, "--strategy-opt")
+    model = build_model(ModelSpec(backbone, head, num_classes, head_options, "none", backbone_options=options))
+    build_strategy(strategy_name, **strategy_options).prepare(model)
     size = (input_size, input_size) if input_size is not None else tuple(model.preprocessing.input_size)
     result = summarize(model, size)
+    settings = {"head": declared_options("head", head, head_options),
+                "strategy": declared_options("strategy", strategy_name, strategy_options)}
     if as_json:
-        print_json(result.to_dict())
+        print_json(result.to_dict() | {"options": settings})
         return
     table = Table(title=f"{backbone} + {head} head, {num_classes} classes, input {size[0]}x{size[1]}")
     for column, justify in (("layer", "left"), ("type", "left"), ("output shape", "left"), ("params", "right"), ("trainable", "left")):
@@ -103,6 +113,9 @@ def summary(backbone: str, head: str, num_classes: int, strategy: str, freeze: b
     out.print(f"Total params: {result.total:,}")
     out.print(f"Trainable params: {result.trainable:,}")
     out.print(f"Non-trainable params: {result.non_trainable:,}")
+    for part, name in (("head", head), ("strategy", strategy_name)):
+        shown = ", ".join(f"{o['name']}={o['value']!r}" for o in settings[part] or []) or "none"
+        out.print(f"{part} {escape(name)} options: {escape(shown) if settings[part] is not None else 'any'}")
 
 
 # --- tltk finetune --------------------------------------------------------------------
