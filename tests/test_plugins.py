@@ -31,7 +31,7 @@ from tltk.backbones import BACKBONES, build_backbone
 from tltk.cli import main
 from tltk.heads import HEADS, build_head
 from tltk.model import ModelSpec, build_model
-from tltk.registry import PluginError, refresh
+from tltk.registry import DATA_FORMATS, PluginError, refresh
 from tltk.strategies import Strategy, build_strategy
 from tltk.run import load_run
 from tltk.testing import (
@@ -695,5 +695,24 @@ def test_a_run_whose_plugin_is_gone_or_at_another_major_version_says_what_to_ins
         evaluated = tltk("evaluate", str(run), "--device", "cpu")
         assert evaluated.exit_code == 0  # a minor version loads, with a note on stderr
         assert "trained with head 'late-head' from tltk-late 1.0; 1.1 is installed" in " ".join(evaluated.stderr.split())
+    finally:
+        uninstall(site)
+
+
+def test_a_run_reads_its_data_with_the_plugin_format_that_read_it_in_training(tmp_path: Path) -> None:
+    file = write_npz(tmp_path / "shades.npz")
+    done = tltk("finetune", "--backbone", "lenet5", "--weights", "none", "--data", f"npz:{file}",
+                "--out", str(tmp_path / "run"), *FAST)
+    assert done.exit_code == 0, done.output
+    site = tmp_path / "late-format"
+    write_distribution(site, "tltk-late", "1.0", {"tltk.datasets": {"npz": "tltk_late:reader"}},
+                       {"tltk_late": "def reader(path, *, image_root=None, strict=False):\n    raise AssertionError\n"})
+    sys.path.insert(0, str(site))
+    importlib.invalidate_caches()
+    refresh()
+    try:
+        assert "npz" not in DATA_FORMATS.names()  # contested now
+        evaluated = tltk("evaluate", str(tmp_path / "run"), "--device", "cpu", "--json")
+        assert evaluated.exit_code == 0, evaluated.output
     finally:
         uninstall(site)

@@ -77,8 +77,20 @@ class Run:
         """The run's own data settings (so "test" is the images training held out), with
         another spec or explicit settings on top; another spec drops the run's class filter."""
         options = recorded_data_options(self.path, self.config["data"], spec, overrides)
-        splits = load_data(options.pop("spec"), **options)
+        spec_to_load = options.pop("spec")
+        if spec is None:
+            spec_to_load = self._own_format(spec_to_load)
+        splits = load_data(spec_to_load, **options)
         return splits.as_multilabel() if self.task == "multilabel" else splits
+
+    def _own_format(self, spec: str) -> str:
+        """The run's own data read by the plugin format that read it in training (``package:format:PATH``),
+        whatever else provides the format's name by then; tltk's own formats stay as written."""
+        record = self.config.get("components", {}).get("data format")
+        format_name, location = parse_spec(spec)
+        if not record or format_name != record.get("name"):
+            return spec
+        return f"{recorded_name('data format', record)}:{location}"
 
     def split(self, split: str = "test", spec: str | None = None, **overrides: Any) -> tuple[ImageDataset, DataSplits]:
         """One split as the model sees it: targets in the run's class order, the run's

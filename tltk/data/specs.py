@@ -44,6 +44,9 @@ def parse_spec(spec: str) -> tuple[str | None, str]:
         if not rest.strip():
             raise DataError(f"The data spec '{spec}' names no path after '{prefix}:'; use e.g. {prefix}:PATH.")
         return prefix, rest.strip()
+    name, named, location = rest.partition(":")
+    if sep and named and f"{prefix}:{name}" in DATA_FORMATS:  # package:format:PATH, as a run records a plugin's
+        return f"{prefix}:{name}", location.strip()
     return None, text
 
 
@@ -113,8 +116,13 @@ def detect_format(path: Path) -> str:
         f"No dataset format recognised at {path}; expected class subfolders, CIFAR-10 batches, "
         f"MNIST IDX files, a VOCdevkit folder, a COCO folder (annotations/instances_*.json), a Hugging Face "
         f"dataset (save_to_disk or parquet files) or a .csv file "
-        f"(or name the format: {', '.join(f'{name}:PATH' for name in DATA_FORMATS.names())})."
+        f"(or name the format: {', '.join(_written(name) for name in DATA_FORMATS.names())})."
     )
+
+
+def _written(format_name: str) -> str:
+    """How a spec of the format is written: ``folder:PATH``, and the two that take no folder."""
+    return {"builtin": "builtin:digits", "csv": "csv:FILE"}.get(format_name, f"{format_name}:PATH")
 
 
 def plugin_format_for(path: Path) -> str | None:
