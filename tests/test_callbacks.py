@@ -9,9 +9,10 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
+from test_resume import StopAt  # stands in for a crash after a given step
 
-from tltk.cli import main
 import tltk.registry
+from tltk.cli import main
 from tltk.registry import Registry
 from tltk.train import checkpoint
 from tltk.train.callbacks import Callback
@@ -60,15 +61,6 @@ class StopAtStep(Callback):
             self.loop.stop(f"asked to stop at step {self.step}")
 
 
-class CrashAtStep(Callback):
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_step_end(self, model, row, images) -> None:
-        if row["step"] == self.step:
-            raise KeyboardInterrupt
-
-
 def test_callbacks_see_the_loop_and_every_epoch_start(tmp_path: Path) -> None:
     recorder = Recorder()
     result = finetune(small_config(), tmp_path / "run", callbacks=[recorder])
@@ -100,7 +92,7 @@ def test_a_callbacks_state_is_saved_with_the_checkpoint_and_restored_on_resume(t
     finetune(small_config(), tmp_path / "whole", callbacks=[whole])
     crashed = tmp_path / "crashed"
     with pytest.raises(KeyboardInterrupt):
-        finetune(small_config(), crashed, checkpoint_every=2, callbacks=[Recorder(), CrashAtStep(5)])
+        finetune(small_config(), crashed, checkpoint_every=2, callbacks=[Recorder(), StopAt(5)])
     saved = checkpoint.read_training_state(crashed)
     assert saved.global_step == 4 and saved.extra["callbacks"]["Recorder"] == {"steps_seen": 4}
     resumed = Recorder()

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-
 from data_fixtures import write_csv, write_image_folder
+from test_resume import StopAt  # stands in for a crash after a given step
+
 from tltk.cli import main
-from tltk.train.callbacks import Callback
 from tltk.train.finetune import DataOptions, FinetuneConfig, finetune
 from tltk.train.trainer import TrainConfig
 
@@ -151,17 +151,6 @@ def test_a_run_that_recorded_a_relative_path_loads_from_its_folder_and_says_so_e
     monkeypatch.chdir(trained.parent.parent)
     result = tltk("evaluate", trained, "--device", "cpu", "--json")
     assert result.exit_code == 0, result.output
-
-
-class StopAt(Callback):
-    """Stands in for a crash after a given step."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_step_end(self, model, row, images) -> None:
-        if row["step"] == self.step:
-            raise KeyboardInterrupt
 
 
 def test_an_interrupted_run_resumes_from_another_working_directory(tmp_path: Path, monkeypatch) -> None:
