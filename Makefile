@@ -20,11 +20,13 @@ venv: $(VENV)/.installed
 demo: venv
 	$(PY) examples/transfer_demo.py --out runs/demo
 
-# The tests marked `precision` run twice: in the precision `auto` picks on this CPU, then in the
+# A plain pytest leaves out the slow torchrun tests; the second line runs them. The tests marked
+# `precision` run twice: in the precision `auto` picks on this CPU, then in the
 # other one (bf16, emulated and slower, where the CPU lacks it; fp32 where it has it), so both
 # paths are tested whichever CPU the machine has.
 test: venv
 	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m slow
 	$(PY) -m pytest -q -m precision --precision other
 
 clean:

@@ -20,6 +20,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "precision: trains in the precision of --precision; `make test` runs these "
                                        "tests a second time with --precision other, so both paths run on every CPU")
+    config.addinivalue_line("markers", "slow: an end-to-end test of several processes; left out of a plain `pytest` "
+                                       "(`-m slow` runs them; `make test` runs every test)")
 
 
 def precision_for(choice: str) -> str:

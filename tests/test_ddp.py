@@ -39,6 +39,8 @@ from tltk.train.trainer import seed_everything
 from tolerances import tolerance_for
 from voc_fixtures import write_voc
 
+pytestmark = pytest.mark.slow  # torchrun jobs of two processes: about two minutes together on two cores
+
 REPO = Path(__file__).resolve().parents[1]
 ENV = os.environ | {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 PROCESSES = 2
