@@ -33,6 +33,13 @@ def every_option(group: click.Group = main, path: tuple[str, ...] = ()):
 OPTIONS = list(every_option())
 
 
+def finetune_context(name: str, args: list[str]) -> click.Context:
+    """finetune's options parsed as `tltk finetune` parses them: under tltk's own context, whose
+    settings (help option names) the command keeps from then on."""
+    return main.commands[name].make_context(name, args, parent=click.Context(main, info_name="tltk",
+                                                                            **main.context_settings))
+
+
 def choices_of(option: click.Option) -> tuple[str, ...] | None:
     return tuple(option.type.choices) if isinstance(option.type, click.Choice) else None
 
@@ -68,11 +75,11 @@ def test_a_data_option_is_not_given_unless_typed_and_shows_the_default_of_data_o
 
 
 def test_a_new_run_without_data_options_takes_every_default_of_data_options() -> None:
-    context = main.commands["finetune"].make_context("finetune", ["--backbone", "lenet5", "--data", "builtin:digits",
+    context = finetune_context("finetune", ["--backbone", "lenet5", "--data", "builtin:digits",
                                                                   "--out", "x"])
     config = finetune_config(context.params)
     assert config.data == DataOptions("builtin:digits")
-    given = main.commands["finetune"].make_context("finetune", ["--backbone", "lenet5", "--data", "builtin:digits",
+    given = finetune_context("finetune", ["--backbone", "lenet5", "--data", "builtin:digits",
                                                                 "--out", "x", "--val-split", "0.3", "--classes", "1,2",
                                                                 "--voc-difficult", "positive"])
     assert finetune_config(given.params).data == DataOptions("builtin:digits", val_split=0.3, classes=["1", "2"],
@@ -84,7 +91,7 @@ def test_every_data_setting_but_the_spec_and_seed_is_offered() -> None:
 
 
 def finetune_args(*extra: str):
-    context = main.commands["finetune"].make_context(
+    context = finetune_context(
         "finetune", ["--backbone", "lenet5", "--data", "builtin:digits", "--out", "x", *extra])
     return finetune_config(context.params)
 

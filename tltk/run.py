@@ -128,10 +128,10 @@ class Run:
                 workers: int | None = None, **data_overrides: Any) -> Predictions:
         """Every image's probabilities, in the order of the input listing: a split of a
         ``--data`` spec (the run's own by default), or a folder of unlabelled images."""
-        dataset = self._prediction_input(data, split, batch_size, data_overrides)
+        dataset, chunks = self._probabilities(data, split, device, batch_size, workers, data_overrides)
         probabilities = np.zeros((len(dataset), len(self.class_names)), np.float32)
         done = 0
-        for chunk in probability_batches(self.model, dataset, self.inference(device, batch_size, workers), self.task):
+        for chunk in chunks:
             probabilities[done:done + len(chunk)] = chunk
             done += len(chunk)
         return as_predictions(dataset.samples, probabilities, self.class_names, self.task)
@@ -141,11 +141,17 @@ class Run:
                          **data_overrides: Any) -> Iterator[Predictions]:
         """The same predictions as ``predict``, one batch at a time, in the same order: memory
         holds one batch, however many images there are."""
-        dataset = self._prediction_input(data, split, batch_size, data_overrides)
+        dataset, chunks = self._probabilities(data, split, device, batch_size, workers, data_overrides)
         done = 0
-        for chunk in probability_batches(self.model, dataset, self.inference(device, batch_size, workers), self.task):
+        for chunk in chunks:
             yield as_predictions(dataset.samples[done:done + len(chunk)], chunk, self.class_names, self.task)
             done += len(chunk)
+
+    def _probabilities(self, data: str | None, split: str, device: str, batch_size: int, workers: int | None,
+                       overrides: dict[str, Any]) -> tuple[ImageDataset, Iterator[np.ndarray]]:
+        """The images to predict and their probabilities batch by batch, as the run trained."""
+        dataset = self._prediction_input(data, split, batch_size, overrides)
+        return dataset, probability_batches(self.model, dataset, self.inference(device, batch_size, workers), self.task)
 
     def features(self, layer: str, split: str = "test", data: str | None = None, *, pool: str = "avg",
                  device: str = "auto", batch_size: int | None = None, **data_overrides: Any) -> np.ndarray:

@@ -158,34 +158,39 @@ def data_options(command: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def data_settings() -> list[Any]:
-    from dataclasses import fields
+    from tltk.data.options import DataOptions
+    from tltk.settings import described
 
-    from tltk.data.options import DATA_OPTIONS, DataOptions
-
-    return [f for f in fields(DataOptions) if f.name in DATA_OPTIONS]
-
-
-def data_flag(setting: Any) -> str:
-    return setting.metadata.get("flag") or "--" + setting.name.replace("_", "-")
+    return described(DataOptions)
 
 
 def _data_option(setting: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    from tltk.settings import flag_of
+
     help_text = setting.metadata["help"]
     if setting.default not in (None, False) and "[" not in help_text:
         help_text = f"{help_text} [{setting.default}]"
-    if setting.type in ("bool", bool):
-        return click.option(data_flag(setting), is_flag=True, default=None, help=help_text)
-    kind = {"float": float, "int | None": int, "float | None": float}.get(str(setting.type))
+    if str(setting.type) == "bool":
+        return click.option(flag_of(setting), is_flag=True, default=None, help=help_text)
+    return click.option(flag_of(setting), default=None, help=help_text, type=_click_type(setting))
+
+
+def _click_type(setting: Any) -> Any:
+    """The click type of a setting: its choices, else a number type read from its annotation
+    (text otherwise; the annotations are strings under ``from __future__ import annotations``)."""
     choices = setting.metadata.get("choices")
-    return click.option(data_flag(setting), default=None, help=help_text,
-                        type=click.Choice(list(choices)) if choices else kind)
+    if choices:
+        return click.Choice(list(choices))
+    return {"int": int, "float": float}.get(str(setting.type).removesuffix(" | None"))
 
 
 def data_overrides(opts: dict[str, Any]) -> dict[str, Any]:
     """The data options given on the command line, as ``DataOptions`` settings (None: not given)."""
+    from tltk.settings import flag_of
+
     given = {}
     for setting in data_settings():
-        value = opts.get(data_flag(setting).lstrip("-").replace("-", "_"))
+        value = opts.get(flag_of(setting).lstrip("-").replace("-", "_"))
         if setting.name == "classes":
             value = split_classes(value)
         given[setting.name] = value if value is not False else None
@@ -209,11 +214,9 @@ def train_options(command: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _train_option(setting: Any, flag: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    choices = setting.metadata.get("choices")
     if "/" in flag:  # a switch: --cache/--no-cache
         return click.option(flag, setting.name, default=setting.default, show_default=True, help=setting.metadata["help"])
     if str(setting.type) == "bool":
         return click.option(flag, setting.name, is_flag=True, default=setting.default, help=setting.metadata["help"])
-    kind = {"int": int, "int | None": int, "float": float, "float | None": float}.get(str(setting.type))
     return click.option(flag, setting.name, default=setting.default, show_default=setting.default is not None,
-                        type=click.Choice(list(choices)) if choices else kind, help=setting.metadata["help"])
+                        type=_click_type(setting), help=setting.metadata["help"])
