@@ -134,6 +134,14 @@ def test_duplicate_stems_are_refused_with_the_fix(tmp_path: Path) -> None:
         export(predictions, tmp_path / "o.csv", "kaggle")
 
 
+def test_stem_ids_cut_only_an_image_extension(tmp_path: Path) -> None:
+    """A name with a dot of its own (a CSV name without extension, a versioned file) keeps it in the id."""
+    predictions = Predictions(["x/scan.v2", "x/img.2.JPG", "x/plain.png"], ["", "", ""],
+                              np.array([[0.3, 0.7], [0.6, 0.4], [0.2, 0.8]]), ["n", "p"], "multiclass")
+    rows = read_csv(export(predictions, tmp_path / "o.csv", "kaggle"))
+    assert [row[0] for row in rows[1:]] == ["scan.v2", "img.2", "plain"]
+
+
 def test_predict_command_writes_the_file_and_reports_rows(digits_run: Path, test_folder: Path, tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["predict", str(digits_run), "--data", str(test_folder), "--out",
                                        str(tmp_path / "sub.csv"), "--device", "cpu", "--json"], catch_exceptions=False)

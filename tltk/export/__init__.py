@@ -12,9 +12,11 @@ everything before writing.
 from __future__ import annotations
 
 import json
-from pathlib import Path
+from collections import Counter
+from pathlib import Path, PurePath
 from typing import Any, Callable
 
+from tltk.data.images import IMAGE_EXTENSIONS
 from tltk.errors import TltkError
 from tltk.fileio import user_path, write_text
 from tltk.kinds import option_help
@@ -41,14 +43,22 @@ def output_ids(predictions: Predictions, id_from: str) -> list[str]:
         raise TltkError(f"--id-from '{id_from}' is not one of {', '.join(ID_SOURCES)}.")
     if id_from == "index":
         return [str(i) for i in range(len(predictions))]
-    ids = [Path(i).stem if id_from == "stem" else i for i in predictions.ids]
-    duplicated = sorted({i for i in ids if ids.count(i) > 1}) if len(set(ids)) < len(ids) else []
+    ids = [image_stem(i) if id_from == "stem" else i for i in predictions.ids]
+    duplicated = sorted(i for i, count in Counter(ids).items() if count > 1)
     if duplicated:
         raise TltkError(
             f"{len(duplicated)} id(s) occur more than once with --id-from {id_from} (first: {duplicated[0]}); "
             f"use --id-from path."
         )
     return ids
+
+
+def image_stem(path: str) -> str:
+    """The file name without its image extension: only a known image extension is cut, so an id such as
+    ``scan.v2`` (a CSV name without extension) keeps its dot."""
+    name = PurePath(path).name
+    suffix = PurePath(name).suffix
+    return name[: -len(suffix)] if suffix.lower() in IMAGE_EXTENSIONS else name
 
 
 def label_sets(predictions: Predictions, threshold: float) -> list[list[str]]:
