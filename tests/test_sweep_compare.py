@@ -11,7 +11,7 @@ from PIL import Image
 
 from tltk.cli import main
 from tltk.errors import TltkError
-from tltk.sweep import with_value
+from tltk.sweep import sweep, with_value
 from tltk.train.finetune import DataOptions, FinetuneConfig
 from tltk.viz import compare
 from tltk.viz.curves import metric_figure, read_run_metrics
@@ -130,6 +130,14 @@ def test_sweep_of_an_unknown_setting_names_the_ones_there_are() -> None:
     assert with_value(base, "lr", 0.5).train.lr == 0.5 and base.train.lr != 0.5
     with pytest.raises(TltkError, match="cannot sweep 'learning_rate'.*choose one of"):
         with_value(base, "learning_rate", 0.5)
+
+
+def test_sweep_checks_every_runs_head_options_before_the_first_run(tmp_path: Path) -> None:
+    """`hidden` suits the mlp head but not the linear one: the sweep refuses before training anything."""
+    base = FinetuneConfig(backbone="lenet5", data=DataOptions("builtin:digits"), head_options={"hidden": 16})
+    with pytest.raises(TltkError, match=r"^head 'linear' has no option 'hidden'"):
+        sweep(base, "head", ["mlp", "linear"], tmp_path / "s")
+    assert not (tmp_path / "s").exists()
 
 
 # --- compare ---------------------------------------------------------------------------------

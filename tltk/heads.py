@@ -92,6 +92,12 @@ def build_head(name: str, in_features: int, in_channels: int | None, num_classes
                       num_classes=num_classes, **options)
 
 
+def check_head_options(name: str, options: dict[str, Any]) -> None:
+    """Refuses an option the head does not declare (or a required one left out) without building
+    it: a head needs the backbone's sizes to be built, and a check must not wait for them."""
+    HEAD.check_options(name, resolve_head(name), options)
+
+
 def recorded_head_options(name: str, options: dict[str, Any]) -> dict[str, Any]:
     """The options of a recorded run that its head takes. Runs trained before tltk refused
     undeclared options may record some their head ignored (``hidden`` on ``linear``); they

@@ -15,7 +15,7 @@ from typing import Any, Callable, Sequence
 
 from tltk.errors import TltkError
 from tltk.fileio import write_json
-from tltk.train.finetune import FinetuneConfig, RunResult, finetune
+from tltk.train.finetune import FinetuneConfig, RunResult, check_components, finetune
 from tltk.train.trainer import Reporter, TrainConfig
 
 SWEEP_TABLE = "sweep.json"
@@ -72,6 +72,7 @@ def sweep(
     configs = [with_value(base_config, param, value) for value in values]
     for config in configs:
         config.train.validate()
+        check_components(config)
     root = Path(out_root).expanduser()
     rows = []
     for index, (value, config) in enumerate(zip(values, configs)):

@@ -18,6 +18,7 @@ from tltk.data import DataSplits, ImageDataset
 from tltk.data.options import DataOptions
 from tltk.errors import DataError, RunDirError
 from tltk.evaluation import evaluate_model
+from tltk.heads import check_head_options
 from tltk.layers import check_input_size
 from tltk.model import ModelSpec, TransferModel, build_model, resolve_weights_choice
 from tltk.registry import provenance
@@ -71,6 +72,13 @@ class FinetuneConfig:
         values["data"] = DataOptions(**values["data"])
         values["train"] = TrainConfig(**values["train"])
         return cls(**values)
+
+
+def check_components(config: FinetuneConfig) -> None:
+    """Refuses a head or strategy option the component does not take, before any data is read:
+    a sweep checks every run's components before the first one trains."""
+    check_head_options(config.head, dict(config.head_options))
+    build_strategy(config.strategy, **config.strategy_options)
 
 
 @dataclass
