@@ -311,3 +311,15 @@ def test_a_voc_export_with_its_own_classes_trains_and_evaluates_per_class(tmp_pa
                                            catch_exceptions=False).stdout)
     assert sorted(r["class"] for r in report["per_class"]) == ["Person", "hardhat", "vest"]
     assert report["map"] == pytest.approx(json.loads((out / "summary.json").read_text())["test"]["map"])
+
+
+def test_a_voc_folder_with_only_a_test_listing_loads_for_evaluation_and_refuses_training(tmp_path: Path) -> None:
+    """The VOC2007 test archive alone lists only test.txt: its images load as the test split (a run is
+    evaluated on them), and training on it is one sentence rather than a KeyError."""
+    devkit = write_voc(tmp_path, images=20, splits={"test": range(20)})
+    data = load_data(f"voc:{devkit}")
+    assert len(data.test) == 20 and data.train == [] and data.val == []
+    result = CliRunner().invoke(main, ["finetune", "--backbone", "lenet5", "--weights", "none", "--data", f"voc:{devkit}",
+                                       "--epochs", "1", "--out", str(tmp_path / "run")])
+    assert result.exit_code != 0 and "has no training images" in result.stderr, result.output
+    assert not (tmp_path / "run").exists()

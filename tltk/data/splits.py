@@ -80,7 +80,9 @@ def make_splits(
     """(train, val, test): the dataset's own splits, carving whichever are missing.
 
     Test is carved first from the data (``all``, or ``train`` when only that exists),
-    then val from what is left for training. Both carves are stratified by class.
+    then val from what is left for training. Both carves are stratified by class. A
+    dataset without training samples (the VOC test set alone, say) has an empty train
+    split: it can still be evaluated and predicted, and training on it says so.
     """
     check_fraction(val_split, "--val-split")
     check_fraction(test_split, "--test-split")
@@ -88,7 +90,7 @@ def make_splits(
         train = raw.splits["all"]
         val, test = None, None
     else:
-        train = raw.splits["train"]
+        train = raw.splits.get("train", [])
         val, test = raw.splits.get("val"), raw.splits.get("test")
     if test is None:
         train, test = stratified_carve(train, test_split, _rng(seed, _TEST_CARVE))
