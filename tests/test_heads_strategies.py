@@ -469,6 +469,18 @@ def test_freeze_unfreeze_at_epoch_zero_trains_the_backbone_from_the_start():
 # ----------------------------------------------------------------- discriminative
 
 
+def test_layer_decay_out_of_range_names_the_setting_in_python_and_the_flag_on_the_command_line() -> None:
+    from click.testing import CliRunner
+
+    from tltk.cli import main
+
+    with pytest.raises(TltkError, match=r"^layer_decay must be in \(0, 1\], not 1.5\.$"):
+        build_strategy("discriminative", layer_decay=1.5)
+    result = CliRunner().invoke(main, ["finetune", "--backbone", "lenet5", "--weights", "none", "--data", "builtin:digits",
+                                       "--strategy", "discriminative", "--layer-decay", "1.5", "--out", "unused"])
+    assert result.exit_code != 0 and "--layer-decay must be in (0, 1], not 1.5." in result.stderr, result.output
+
+
 @pytest.mark.parametrize("make_model", [tiny_model, resnet10t_model], ids=["tiny-bn", "timm-resnet10t"])
 def test_discriminative_rates_rise_from_input_to_head_and_cover_every_parameter_once(make_model):
     model = make_model()
@@ -503,7 +515,7 @@ def test_discriminative_optimizer_gets_the_rising_rates(captured_optimizer):
 
 @pytest.mark.parametrize("decay", [0.0, -0.5, 1.5])
 def test_discriminative_layer_decay_outside_zero_one_is_refused(decay):
-    with pytest.raises(TltkError, match="--layer-decay"):
+    with pytest.raises(TltkError, match=r"^layer_decay must be in \(0, 1\]"):
         build_strategy("discriminative", layer_decay=decay)
 
 

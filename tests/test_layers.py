@@ -140,7 +140,7 @@ def test_pooling_a_token_sequence_averages_over_tokens() -> None:
 
 
 def test_unknown_pooling_is_an_error() -> None:
-    with pytest.raises(TltkError, match="--pool 'median' is not one of avg, max, flatten"):
+    with pytest.raises(TltkError, match="^pool 'median' is not one of avg, max, flatten"):
         pool_features(torch.zeros(1, 2, 2, 2), "median")
 
 

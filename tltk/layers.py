@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from tltk.backbones.base import SIZE_ERRORS, Backbone, check_size_option, unusable_input_size
-from tltk.errors import TltkError
+from tltk.errors import SettingError, TltkError
 
 POOLINGS = ("avg", "max", "flatten")
 LOGITS = "logits"
@@ -131,7 +131,7 @@ def _unknown_layer_message(model: nn.Module, layer: str, named: dict[str, str]) 
 
 def check_pool(pool: str) -> str:
     if pool not in POOLINGS:
-        raise TltkError(f"--pool '{pool}' is not one of {', '.join(POOLINGS)}.")
+        raise SettingError(f"pool '{pool}' is not one of {', '.join(POOLINGS)}.", ["pool"])
     return pool
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
-from tltk.errors import TltkError
+from tltk.errors import SettingError, TltkError
 from tltk.kinds import option_help
 from tltk.registry import STRATEGIES, build  # noqa: F401  (STRATEGIES: where callers look strategies up)
 
@@ -127,7 +127,7 @@ class Discriminative(Strategy):
 def discriminative(layer_decay: float = 0.75) -> Strategy:
     """Layer-wise learning rates: each stage nearer the input learns --layer-decay times slower."""
     if not 0 < layer_decay <= 1:
-        raise TltkError(f"--layer-decay must be in (0, 1], not {layer_decay}.")
+        raise SettingError(f"layer_decay must be in (0, 1], not {layer_decay}.", ["layer_decay"])
     return Discriminative(layer_decay)
 
 
