@@ -181,7 +181,22 @@ def _click_type(setting: Any) -> Any:
     choices = setting.metadata.get("choices")
     if choices:
         return click.Choice(list(choices))
+    if setting.metadata.get("parse") is not None:
+        return ParsedSetting(setting.metadata["parse"])
     return {"int": int, "float": float}.get(str(setting.type).removesuffix(" | None"))
+
+
+class ParsedSetting(click.ParamType):
+    """A setting read by its own parser (``tltk.settings.setting(parse=...)``), whose
+    ``SettingError`` reaches the user as its one sentence, with the flag as typed."""
+
+    name = "text"
+
+    def __init__(self, parse: Callable[[str], Any]) -> None:
+        self.parse = parse
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        return value if not isinstance(value, str) else self.parse(value)
 
 
 def data_overrides(opts: dict[str, Any]) -> dict[str, Any]:
@@ -211,6 +226,19 @@ def train_options(command: Callable[..., Any]) -> Callable[..., Any]:
     for setting in reversed(described(TrainConfig)):
         command = _train_option(setting, flag_of(setting))(command)
     return command
+
+
+def setting_options(config: type) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """One option per setting of ``config`` (a dataclass of ``tltk.settings.setting`` fields),
+    with its default, choices and help from there, as ``train_options`` for ``TrainConfig``."""
+    from tltk.settings import described, flag_of
+
+    def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
+        for setting in reversed(described(config)):
+            command = _train_option(setting, flag_of(setting))(command)
+        return command
+
+    return decorate
 
 
 def _train_option(setting: Any, flag: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:

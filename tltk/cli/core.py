@@ -18,9 +18,12 @@ from tltk.cli.app import (
     out,
     parse_options,
     print_json,
+    setting_options,
     train_options,
 )
 from tltk.errors import TltkError
+from tltk.settings import described
+from tltk.train.config import LrFinderSettings  # torch-free, as every module the command line starts with
 
 # --- tltk list ------------------------------------------------------------------------
 
@@ -293,6 +296,51 @@ def print_run_summary(run: str, summary: dict[str, Any]) -> None:
 
 def _fmt(value: Any) -> str:
     return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+# --- tltk lr-find ---------------------------------------------------------------------
+
+# finetune's options that say how long and how a run trains or what it writes, which a
+# learning-rate ramp of --steps does not use; every other option of finetune is lr-find's too.
+NOT_FOR_LR_FIND = {"out", "overwrite", "resume", "checkpoint_every", "checkpoint_interval", "epochs", "max_steps", "lr",
+                   "schedule", "warmup_steps", "step_epochs", "gamma", "patience", "monitor", "cache", "cache_mem",
+                   "compile", "tensorboard", "histogram_every", "filters_every", "callback_names", "callback_opt"}
+
+
+@main.command("lr-find")
+@click.option("--out", required=True, help="Folder to write lr_find.json and lr_find.png into.")
+@setting_options(LrFinderSettings)
+def lr_find(**opts: Any) -> None:
+    """Suggest a learning rate for finetune: train copies of the model for a few steps while
+    the learning rate grows exponentially, and pick the rate where the smoothed loss falls
+    fastest. Takes finetune's options for the model, strategy, optimizer and data; the
+    suggestion is a value for finetune's --lr (or run finetune with --lr find)."""
+    from tltk.train.finetune import find_learning_rate
+
+    settings = LrFinderSettings(**{f.name: opts[f.name] for f in described(LrFinderSettings)})
+    for name, option in (("backbone", "--backbone"), ("data_spec", "--data")):
+        if opts[name] is None:
+            raise TltkError(f"`tltk lr-find` needs {option}.")
+    config = finetune_config(finetune_defaults() | {k: v for k, v in opts.items() if k not in NOT_FOR_LR_FIND})
+    finding = find_learning_rate(config, settings, opts["out"])
+    if opts["as_json"]:
+        print_json(finding.to_dict())
+        return
+    ended = "stopped when the loss diverged" if finding.diverged else "ran every step"
+    out.print(f"suggested lr: {finding.suggested_lr:.3g}")
+    out.print(f"chosen by: {finding.rule}")
+    out.print(f"ramp: {finding.steps_run} steps from {finding.lrs[0]:.3g} to {finding.lrs[-1]:.3g}, {ended}")
+    out.print(f"wrote {opts['out']}/lr_find.json and {opts['out']}/lr_find.png; train with `tltk finetune ... "
+              f"--lr {finding.suggested_lr:.3g}`")
+
+
+def finetune_defaults() -> dict[str, Any]:
+    """Every option of finetune at its default: lr-find leaves those it does not take there
+    (they change neither the model nor the ramp)."""
+    return finetune.make_context("finetune", [], parent=click.get_current_context(), resilient_parsing=True).params
+
+
+lr_find.params.extend(param for param in finetune.params if param.name not in NOT_FOR_LR_FIND)
 
 
 # --- tltk evaluate --------------------------------------------------------------------
