@@ -316,6 +316,7 @@ def lr_find(**opts: Any) -> None:
     fastest. Takes finetune's options for the model, strategy, optimizer and data; the
     suggestion is a value for finetune's --lr (or run finetune with --lr find)."""
     from tltk.train.finetune import find_learning_rate
+    from tltk.train.lr_find import finding_files
 
     settings = LrFinderSettings(**{f.name: opts[f.name] for f in described(LrFinderSettings)})
     for name, option in (("backbone", "--backbone"), ("data_spec", "--data")):
@@ -323,15 +324,17 @@ def lr_find(**opts: Any) -> None:
             raise TltkError(f"`tltk lr-find` needs {option}.")
     config = finetune_config(finetune_defaults() | {k: v for k, v in opts.items() if k not in NOT_FOR_LR_FIND})
     finding = find_learning_rate(config, settings, opts["out"])
+    json_path, plot_path = finding_files(opts["out"])
     if opts["as_json"]:
         print_json(finding.to_dict())
         return
     ended = "stopped when the loss diverged" if finding.diverged else "ran every step"
-    out.print(f"suggested lr: {finding.suggested_lr:.3g}")
-    out.print(f"chosen by: {finding.rule}")
-    out.print(f"ramp: {finding.steps_run} steps from {finding.lrs[0]:.3g} to {finding.lrs[-1]:.3g}, {ended}")
-    out.print(f"wrote {opts['out']}/lr_find.json and {opts['out']}/lr_find.png; train with `tltk finetune ... "
-              f"--lr {finding.suggested_lr:.3g}`")
+    out.print(f"suggested lr: {finding.suggested_lr:.3g}", soft_wrap=True)
+    out.print(f"chosen by: {finding.rule}", soft_wrap=True)
+    out.print(f"ramp: {finding.steps_run} steps from {finding.lrs[0]:.3g} to {finding.lrs[-1]:.3g}, {ended}",
+              soft_wrap=True)
+    out.print(f"wrote {escape(str(json_path))} and {escape(str(plot_path))}; train with `tltk finetune ... "
+              f"--lr {finding.suggested_lr:.3g}` or `--lr find`", soft_wrap=True)
 
 
 def finetune_defaults() -> dict[str, Any]:

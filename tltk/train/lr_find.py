@@ -272,12 +272,16 @@ def preserved_random_state() -> Iterator[None]:
 def save_finding(finding: LrFinding, out_dir: str | Path, plot_dir: str | Path | None = None) -> tuple[Path, Path]:
     """lr_find.json (the curve, the suggestion and its rule) in ``out_dir`` and lr_find.png in
     ``plot_dir`` (default: ``out_dir``)."""
-    out_dir = Path(out_dir).expanduser()
-    json_path = out_dir / FINDING_FILE
-    plot_path = (Path(plot_dir).expanduser() if plot_dir is not None else out_dir) / PLOT_FILE
+    json_path, plot_path = finding_files(out_dir, plot_dir)
     write_json(json_path, finding.to_dict())
     write_plot(finding, plot_path)
     return json_path, plot_path
+
+
+def finding_files(out_dir: str | Path, plot_dir: str | Path | None = None) -> tuple[Path, Path]:
+    """Where ``save_finding`` writes lr_find.json and lr_find.png."""
+    out_dir = Path(out_dir).expanduser()
+    return out_dir / FINDING_FILE, (Path(plot_dir).expanduser() if plot_dir is not None else out_dir) / PLOT_FILE
 
 
 def write_plot(finding: LrFinding, path: Path) -> Path:
