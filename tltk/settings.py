@@ -12,6 +12,7 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 CHANNELS_LAST = ("auto", "on", "off")
 TASKS = ("multiclass", "multilabel")
 AUGMENT_PRESETS = ("none", "light", "standard")
+TTA_MODES = ("none", "flip", "flip+crops")  # test-time augmentation (tltk.tta)
 
 
 def setting(default: Any, help: str = "", *, choices: Sequence[str] | None = None, flag: str | None = None,

@@ -142,6 +142,16 @@ def _typed(value: str) -> Any:
     return value
 
 
+def tta_option(command: Callable[..., Any]) -> Callable[..., Any]:
+    """--tta of evaluate and predict: the views whose probabilities are averaged (tltk.tta)."""
+    from tltk.settings import TTA_MODES
+
+    return click.option("--tta", default="none", show_default=True, type=click.Choice(list(TTA_MODES)),
+                        help="Test-time augmentation: average the probabilities over the image and its mirror "
+                             "(flip), or also its four corner crops at 7/8 size, each mirrored (flip+crops: 10 "
+                             "views).")(command)
+
+
 backbone_opt = click.option(
     "--backbone-opt", multiple=True, metavar="KEY=VALUE", help="Backbone option, repeatable (e.g. act=leakyrelu)."
 )

@@ -20,6 +20,7 @@ from tltk.cli.app import (
     print_json,
     setting_options,
     train_options,
+    tta_option,
 )
 from tltk.errors import TltkError
 from tltk.settings import described
@@ -357,14 +358,15 @@ lr_find.params.extend(param for param in finetune.params if param.name not in NO
 @click.option("--device", default="auto", show_default=True)
 @click.option("--batch-size", type=int, default=None)
 @click.option("--plot", default=None, help="Multi-label: where to write the per-class AP chart [RUN/plots/per_class_ap_SPLIT.png].")
+@tta_option
 @click.option("--json", "as_json", is_flag=True)
 def evaluate(run: str, data_spec: str | None, split: str, device: str, batch_size: int | None, plot: str | None,
-             as_json: bool, **data: Any) -> None:
+             tta: str, as_json: bool, **data: Any) -> None:
     """Multi-class: accuracy, top-5, per-class accuracy, confusion matrix. Multi-label: per-class AP and mAP."""
     from tltk.distributed import launched_rank
     from tltk.run import evaluate as run_evaluate
 
-    report = run_evaluate(run, data_spec, split, device=device, batch_size=batch_size, **data_overrides(data))
+    report = run_evaluate(run, data_spec, split, device=device, batch_size=batch_size, tta=tta, **data_overrides(data))
     if launched_rank() != 0:
         return  # under torchrun every rank holds the whole report; rank 0 shows it
     if report["task"] == "multilabel":
@@ -387,6 +389,7 @@ def print_ap_table(report: dict[str, Any]) -> None:
     from tltk.viz.ap_chart import classes_hardest_first
 
     out.print(f"[bold]{report['run']}[/] on {report['data']} ({report['split']}, {report['n']} images)")
+    print_tta(report)
     table = Table(title="per-class average precision, hardest first")
     for column, justify in (("class", "left"), ("AP", "right"), ("AP (VOC07 11-pt)", "right"),
                             ("positives", "right"), ("ignored", "right")):
@@ -405,6 +408,7 @@ def print_ap_table(report: dict[str, Any]) -> None:
 
 def print_evaluation(report: dict[str, Any]) -> None:
     out.print(f"[bold]{report['run']}[/] on {report['data']} ({report['split']}, {report['n']} images)")
+    print_tta(report)
     out.print(f"accuracy: {report['accuracy']:.4f}")
     if "top5_accuracy" in report:
         out.print(f"top-5 accuracy: {report['top5_accuracy']:.4f}")
@@ -425,3 +429,8 @@ def print_evaluation(report: dict[str, Any]) -> None:
         confusion.add_row(name, *(str(v) for v in row))
     out.print(confusion)
 
+
+
+def print_tta(report: dict[str, Any]) -> None:
+    if report.get("tta", "none") != "none":
+        out.print(f"test-time augmentation: {report['tta']} (probabilities averaged over its views)")
