@@ -146,20 +146,28 @@ def _find(model: nn.Module, train_set: torch.utils.data.Dataset, config: TrainCo
             lr = settings.rate(step)
             for group, ratio in zip(optimizer_copy.param_groups, ratios):
                 group["lr"] = lr * ratio
-            images = batch_to(images, device, channels_last)
-            targets = targets.to(device, non_blocking=True)
-            with autocast(device, amp_dtype):
-                loss = loss_fn(model_copy(images).float(), targets)
-            optimizer_copy.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if config.clip_grad:
-                scaler.unscale_(optimizer_copy)
-                nn.utils.clip_grad_norm_(model_copy.parameters(), config.clip_grad)
-            scaler.step(optimizer_copy)
-            scaler.update()
-            if ramp.record(lr, float(loss.detach())):
+            batch = batch_to(images, device, channels_last), targets.to(device, non_blocking=True)
+            loss = _train_step(model_copy, optimizer_copy, scaler, loss_fn, batch, amp_dtype, config.clip_grad)
+            if ramp.record(lr, loss):
                 break
     return ramp.finding()
+
+
+def _train_step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, loss_fn: nn.Module,
+                batch: tuple[torch.Tensor, torch.Tensor], amp_dtype: torch.dtype | None,
+                clip_grad: float | None) -> float:
+    """One optimizer step as the training loop takes it (autocast, loss scaling, clipping); its loss."""
+    images, targets = batch
+    with autocast(images.device, amp_dtype):
+        loss = loss_fn(model(images).float(), targets)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    if clip_grad:
+        scaler.unscale_(optimizer)
+        nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+    scaler.step(optimizer)
+    scaler.update()
+    return float(loss.detach())
 
 
 def _fresh_optimizer(model: nn.Module, config: TrainConfig, strategy: Strategy | None) -> torch.optim.Optimizer:
