@@ -313,8 +313,8 @@ NOT_FOR_LR_FIND = {"out", "overwrite", "resume", "checkpoint_every", "checkpoint
 @setting_options(LrFinderSettings)
 def lr_find(**opts: Any) -> None:
     """Suggest a learning rate for finetune: train copies of the model for a few steps while
-    the learning rate grows exponentially, and pick the rate where the smoothed loss falls
-    fastest. Takes finetune's options for the model, strategy, optimizer and data; the
+    the learning rate grows exponentially, and suggest a tenth of the rate at the lowest
+    smoothed loss. Takes finetune's options for the model, strategy, optimizer and data; the
     suggestion is a value for finetune's --lr (or run finetune with --lr find)."""
     from tltk.train.finetune import find_learning_rate
     from tltk.train.lr_find import finding_files
@@ -428,7 +428,6 @@ def print_evaluation(report: dict[str, Any]) -> None:
     for name, row in zip(names, report["confusion_matrix"]):
         confusion.add_row(name, *(str(v) for v in row))
     out.print(confusion)
-
 
 
 def print_tta(report: dict[str, Any]) -> None:

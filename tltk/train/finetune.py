@@ -204,6 +204,8 @@ def find_learning_rate(config: FinetuneConfig, settings: LrFinderSettings = LrFi
     lr_find.json and lr_find.png are written there. Nothing else is written."""
     settings.check()
     config.train.validate_settings()
+    if out is not None and Path(out).expanduser().exists() and not Path(out).expanduser().is_dir():
+        raise RunDirError(f"--out {out} is a file; name a folder for lr_find.json and lr_find.png.")
     with distributed.session(resolve_device(config.train.device).type) as context:
         check_single_process(context)
         config, data, loss_fn, _, model, strategy, preprocessing = _prepare(config)
