@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import torch
 
@@ -170,8 +170,19 @@ def _finetune(
     return RunResult(out, summary, data.skipped, model, main)
 
 
-def _prepare(config: FinetuneConfig, absolute_paths: bool = True) -> tuple[
-        FinetuneConfig, DataSplits, torch.nn.Module, ModelSpec, TransferModel, Strategy, Preprocessing]:
+class Prepared(NamedTuple):
+    """What training and the learning-rate finder start from."""
+
+    config: FinetuneConfig  # resolved: the task from the data, data paths absolute where asked
+    data: DataSplits
+    loss_fn: torch.nn.Module
+    spec: ModelSpec
+    model: TransferModel
+    strategy: Strategy
+    preprocessing: Preprocessing
+
+
+def _prepare(config: FinetuneConfig, absolute_paths: bool = True) -> Prepared:
     """Data read, task resolved, loss, model (seeded initial weights), strategy and preprocessing,
     every name and setting checked: what training and the learning-rate finder start from.
     The config returned is a resolved copy (task, and data paths made absolute where asked)."""
@@ -194,7 +205,7 @@ def _prepare(config: FinetuneConfig, absolute_paths: bool = True) -> tuple[
     strategy = build_strategy(config.strategy, **config.strategy_options)
     preprocessing = _preprocessing(model, config.input_size)
     check_input_size(model, preprocessing.input_size)
-    return config, data, loss_fn, spec, model, strategy, preprocessing
+    return Prepared(config, data, loss_fn, spec, model, strategy, preprocessing)
 
 
 def find_learning_rate(config: FinetuneConfig, settings: LrFinderSettings = LrFinderSettings(),
