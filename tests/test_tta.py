@@ -30,7 +30,9 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 def hand_views(images: torch.Tensor, tta: str) -> list[torch.Tensor]:
     """The views as the docs define them, written out one by one."""
-    mirror = lambda x: torch.flip(x, dims=[3])  # noqa: E731
+    def mirror(x: torch.Tensor) -> torch.Tensor:
+        return torch.flip(x, dims=[3])
+
     if tta == "flip":
         return [images, mirror(images)]
     h, w = images.shape[-2:]

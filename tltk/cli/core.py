@@ -24,7 +24,7 @@ from tltk.cli.app import (
 )
 from tltk.errors import TltkError
 from tltk.settings import described
-from tltk.train.config import LrFinderSettings  # torch-free, as every module the command line starts with
+from tltk.train.config import LrFinderSettings
 
 # --- tltk list ------------------------------------------------------------------------
 

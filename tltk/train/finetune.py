@@ -25,9 +25,9 @@ from tltk.runtime import resolve_device
 from tltk.strategies import Strategy, build_strategy
 from tltk.train import checkpoint
 from tltk.train.callbacks import Callback, build_callbacks
-from tltk.train.config import FIND_LR
-from tltk.train.lr_find import LrFinderSettings, LrFinding, check_single_process, find_lr, save_finding
+from tltk.train.config import FIND_LR, LrFinderSettings
 from tltk.train.losses import TASKS, auto_pos_weight, build_loss
+from tltk.train.lr_find import LrFinding, check_single_process, find_lr, save_finding
 from tltk.train.tensorboard import warn, watch_callbacks
 from tltk.train.trainer import (
     DEFAULT_CHECKPOINT_INTERVAL,
@@ -208,11 +208,12 @@ def _prepare(config: FinetuneConfig, absolute_paths: bool = True) -> Prepared:
     return Prepared(config, data, loss_fn, spec, model, strategy, preprocessing)
 
 
-def find_learning_rate(config: FinetuneConfig, settings: LrFinderSettings = LrFinderSettings(),
+def find_learning_rate(config: FinetuneConfig, settings: LrFinderSettings | None = None,
                        out: str | Path | None = None) -> LrFinding:
     """``tltk lr-find``: the learning-rate finder on the model, strategy and training data
     that ``finetune(config, ...)`` would train (its ``train.lr`` is not used); with ``out``,
     lr_find.json and lr_find.png are written there. Nothing else is written."""
+    settings = settings or LrFinderSettings()
     settings.check()
     config.train.validate_settings()
     if out is not None and Path(out).expanduser().exists() and not Path(out).expanduser().is_dir():

@@ -98,7 +98,7 @@ def find_lr(
     strategy: Strategy | None = None,
     optimizer: torch.optim.Optimizer | None = None,
     loss_fn: nn.Module | None = None,
-    settings: LrFinderSettings = LrFinderSettings(),
+    settings: LrFinderSettings | None = None,
 ) -> LrFinding:
     """Ramp the learning rate over copies of ``model`` (and ``optimizer``) on batches of
     ``train_set`` and suggest a rate; ``model``, ``optimizer`` and the random generators
@@ -109,8 +109,10 @@ def find_lr(
     parameter in one group without a strategy). Every group moves with the ramp, keeping
     its rate relative to the last group's (the head's, whose rate ``--lr`` sets), so the
     suggestion is a value for ``--lr``. The device, precision, memory layout, batch size,
-    workers, gradient clipping and seed are ``config``'s.
+    workers, gradient clipping and seed are ``config``'s; ``settings`` the ramp's (default
+    ``LrFinderSettings()``).
     """
+    settings = settings or LrFinderSettings()
     settings.check()
     if len(train_set) == 0:  # type: ignore[arg-type]
         raise TltkError("the learning-rate finder needs training images, and the training split is empty.")
