@@ -32,6 +32,7 @@ PYTHON_API = {
     "neighbors": "tltk.features.neighbors.neighbours_of_images / neighbours_of_rows",
     "evaluate-retrieval": "tltk.features.retrieval.evaluate_retrieval(store)",
     "tsne": "tltk.viz.tsne.write_tsne(FeatureStore(path), out)",
+    "lr-find": "tltk.train.finetune.find_learning_rate(FinetuneConfig(...), LrFinderSettings(...), out)",
 }
 
 HEADER = """# tltk command reference

@@ -43,7 +43,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "model": ("tltk.model", "tltk.layers", "tltk.summary"),
     "runtime": ("tltk.runtime",),
     "run files": ("tltk.rundir", "tltk.metrics"),
-    "inference": ("tltk.evaluation", "tltk.predict"),
+    "inference": ("tltk.evaluation", "tltk.predict", "tltk.tta"),
     "training": ("tltk.train",),
     "run": ("tltk.run",),
     "consumers": ("tltk.features", "tltk.viz", "tltk.sweep"),

@@ -16,6 +16,7 @@ from tltk import distributed
 from tltk.data import ImageDataset
 from tltk.metrics import confusion_matrix, multilabel_report, per_class_accuracy, top_k_accuracy
 from tltk.runtime import Inference, collect_outputs, resolve_device, stream_outputs
+from tltk.tta import averaged_probabilities, check_tta, tta_inference
 
 
 def evaluate_model(
@@ -25,8 +26,11 @@ def evaluate_model(
     settings: Inference,
     task: str,
     context: distributed.DistContext = distributed.SINGLE,
+    tta: str = "none",
 ) -> dict[str, Any]:
-    """The evaluation report of ``model`` on ``dataset`` (already preprocessed as the run's).
+    """The evaluation report of ``model`` on ``dataset`` (already preprocessed as the run's),
+    scored on the probabilities averaged over the views of ``tta`` where it is not "none"
+    (``tltk.tta``).
 
     Multi-class figures are tallied batch by batch, so memory does not grow with the
     split; multi-label AP ranks every score of a class, so those are kept (one
@@ -34,16 +38,21 @@ def evaluate_model(
     N-th sample and the tallies (or scores) are combined, so every rank returns the report
     of the whole split.
     """
+    check_tta(tta)
     device = distributed.device_for(context, resolve_device(settings.device))
     if len(dataset) < context.world_size:
         context = distributed.SINGLE  # fewer samples than ranks: each rank evaluates them all
     shard = dataset.subset(distributed.evaluation_shard(len(dataset), context)) if context.active else dataset
+    forward = averaged_probabilities(model, task, tta) if tta != "none" else None  # outputs are then probabilities
+    settings = tta_inference(settings, tta)
     if task == "multilabel":
-        logits, targets = distributed.gather_outputs(*collect_outputs(model, shard, settings, device=device),
-                                                     context, device)
-        return multilabel_report(targets.numpy(), torch.sigmoid(logits).numpy(), class_names)
+        outputs, targets = distributed.gather_outputs(
+            *collect_outputs(model, shard, settings, device=device, forward=forward), context, device)
+        scores = outputs if forward is not None else torch.sigmoid(outputs)
+        return multilabel_report(targets.numpy(), scores.numpy(), class_names)
     tally = ClassificationTally(len(class_names))
-    for logits, batch_targets in stream_outputs(model, shard, settings, device=device):
+    # Softmax keeps the order of the logits, so accuracy and top-5 read either alike.
+    for logits, batch_targets in stream_outputs(model, shard, settings, device=device, forward=forward):
         tally.add(torch.as_tensor(batch_targets).numpy(), logits.numpy())
     tally.combine_ranks(context, device)
     return tally.report(class_names)

@@ -20,6 +20,7 @@ from tltk.data import ImageDataset, Sample, scan_image_files, validate_images
 from tltk.data.images import is_image_file
 from tltk.errors import DataError
 from tltk.runtime import Inference, stream_outputs
+from tltk.tta import averaged_probabilities, check_tta, tta_inference
 
 
 @dataclass
@@ -29,6 +30,7 @@ class Predictions:
     probabilities: np.ndarray
     class_names: list[str]
     task: str
+    tta: str = "none"  # the test-time augmentation the probabilities were averaged over (tltk.tta)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -42,16 +44,24 @@ class Predictions:
 
 
 def probability_batches(model: torch.nn.Module, dataset: ImageDataset, settings: Inference,
-                        task: str) -> Iterator[np.ndarray]:
+                        task: str, tta: str = "none") -> Iterator[np.ndarray]:
     """Probabilities per batch of ``dataset``, in its order: softmax for multi-class runs,
-    per-class sigmoids for multi-label ones."""
+    per-class sigmoids for multi-label ones; averaged over the views of ``tta`` where it is
+    not "none" (``tltk.tta``: the views of a batch in one pass)."""
+    check_tta(tta)
+    if tta != "none":
+        for averaged, _ in stream_outputs(model, dataset, tta_inference(settings, tta),
+                                          forward=averaged_probabilities(model, task, tta)):
+            yield averaged.numpy()
+        return
     for logits, _ in stream_outputs(model, dataset, settings):
         yield _probabilities(logits, task)
 
 
-def as_predictions(samples: list[Sample], probabilities: np.ndarray, class_names: list[str], task: str) -> Predictions:
+def as_predictions(samples: list[Sample], probabilities: np.ndarray, class_names: list[str], task: str,
+                   tta: str = "none") -> Predictions:
     paths = [s.source if isinstance(s.source, str) else "" for s in samples]
-    return Predictions([s.id for s in samples], paths, probabilities, list(class_names), task)
+    return Predictions([s.id for s in samples], paths, probabilities, list(class_names), task, tta)
 
 
 def _probabilities(logits: torch.Tensor, task: str) -> np.ndarray:

@@ -31,6 +31,7 @@ from tltk.model import ModelSpec, TransferModel, build_model
 from tltk.predict import Predictions, as_predictions, is_unlabelled_folder, probability_batches, unlabelled_samples
 from tltk.registry import recorded_name
 from tltk.runtime import Inference, check_batch_size, resolve_device, stream_outputs
+from tltk.tta import check_tta
 
 
 @dataclass
@@ -106,7 +107,7 @@ class Run:
         return rundir.read_summary(self.path)
 
     def evaluate(self, split: str = "test", data: str | None = None, *, device: str = "auto",
-                 batch_size: int | None = None, **data_overrides: Any) -> dict[str, Any]:
+                 batch_size: int | None = None, tta: str = "none", **data_overrides: Any) -> dict[str, Any]:
         """Accuracy, top-5, per-class accuracy and confusion matrix (or per-class AP and both
         mAP definitions for multi-label runs) on one split.
 
@@ -114,44 +115,50 @@ class Run:
         (seed, fractions, class filter) default to the run's, so "test" means the same images
         training held out. Launched by torchrun or srun with several processes, each
         evaluates its shard of the split and every one returns the report of the whole split.
+        ``tta``: none, flip or flip+crops, the probabilities averaged over those views of each
+        image (``tltk.tta``); the report records it.
         """
+        check_tta(tta)
         if batch_size is not None:
             check_batch_size(batch_size)
         dataset, splits = self.split(split, data, **data_overrides)
         with distributed.session(resolve_device(device).type) as context:
             report = evaluate_model(self.model, dataset, self.class_names, self.inference(device, batch_size),
-                                    self.task, context)
-        report.update(run=str(self.path), data=splits.spec, split=split, skipped=len(splits.skipped))
+                                    self.task, context, tta)
+        report.update(run=str(self.path), data=splits.spec, split=split, skipped=len(splits.skipped), tta=tta)
         return report
 
     def predict(self, data: str | None = None, split: str = "test", *, device: str = "auto", batch_size: int = 64,
-                workers: int | None = None, **data_overrides: Any) -> Predictions:
+                workers: int | None = None, tta: str = "none", **data_overrides: Any) -> Predictions:
         """Every image's probabilities, in the order of the input listing: a split of a
-        ``--data`` spec (the run's own by default), or a folder of unlabelled images."""
-        dataset, chunks = self._probabilities(data, split, device, batch_size, workers, data_overrides)
+        ``--data`` spec (the run's own by default), or a folder of unlabelled images;
+        averaged over the views of ``tta`` (none, flip, flip+crops: ``tltk.tta``)."""
+        dataset, chunks = self._probabilities(data, split, device, batch_size, workers, data_overrides, tta)
         probabilities = np.zeros((len(dataset), len(self.class_names)), np.float32)
         done = 0
         for chunk in chunks:
             probabilities[done:done + len(chunk)] = chunk
             done += len(chunk)
-        return as_predictions(dataset.samples, probabilities, self.class_names, self.task)
+        return as_predictions(dataset.samples, probabilities, self.class_names, self.task, tta)
 
     def iter_predictions(self, data: str | None = None, split: str = "test", *, device: str = "auto",
-                         batch_size: int = 64, workers: int | None = None,
+                         batch_size: int = 64, workers: int | None = None, tta: str = "none",
                          **data_overrides: Any) -> Iterator[Predictions]:
         """The same predictions as ``predict``, one batch at a time, in the same order: memory
         holds one batch, however many images there are."""
-        dataset, chunks = self._probabilities(data, split, device, batch_size, workers, data_overrides)
+        dataset, chunks = self._probabilities(data, split, device, batch_size, workers, data_overrides, tta)
         done = 0
         for chunk in chunks:
-            yield as_predictions(dataset.samples[done:done + len(chunk)], chunk, self.class_names, self.task)
+            yield as_predictions(dataset.samples[done:done + len(chunk)], chunk, self.class_names, self.task, tta)
             done += len(chunk)
 
     def _probabilities(self, data: str | None, split: str, device: str, batch_size: int, workers: int | None,
-                       overrides: dict[str, Any]) -> tuple[ImageDataset, Iterator[np.ndarray]]:
+                       overrides: dict[str, Any], tta: str = "none") -> tuple[ImageDataset, Iterator[np.ndarray]]:
         """The images to predict and their probabilities batch by batch, as the run trained."""
+        check_tta(tta)
         dataset = self._prediction_input(data, split, batch_size, overrides)
-        return dataset, probability_batches(self.model, dataset, self.inference(device, batch_size, workers), self.task)
+        return dataset, probability_batches(self.model, dataset, self.inference(device, batch_size, workers), self.task,
+                                            tta)
 
     def features(self, layer: str, split: str = "test", data: str | None = None, *, pool: str = "avg",
                  device: str = "auto", batch_size: int | None = None, **data_overrides: Any) -> np.ndarray:

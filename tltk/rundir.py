@@ -29,12 +29,17 @@ def is_run(path: Path) -> bool:
     return (path / CONFIG).is_file()
 
 
-def prepare_out_dir(out: Path, overwrite: bool) -> None:
-    """Refuse to write over an earlier run unless asked; clear its files if asked."""
+def check_out_dir(out: Path, overwrite: bool) -> None:
+    """Refuse a run directory that is a file, or holds an earlier run that is not to be replaced."""
     if out.exists() and not out.is_dir():
         raise RunDirError(f"--out {out} is a file; name a directory for the run.")
     if is_run(out) and not overwrite:
         raise RunDirError(f"{out} already holds a run; pass --overwrite to replace it or choose another --out.")
+
+
+def prepare_out_dir(out: Path, overwrite: bool) -> None:
+    """Refuse to write over an earlier run unless asked; clear its files if asked."""
+    check_out_dir(out, overwrite)
     out.mkdir(parents=True, exist_ok=True)
     for name in (CONFIG, WEIGHTS, METRICS, SUMMARY):
         (out / name).unlink(missing_ok=True)

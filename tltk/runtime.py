@@ -250,15 +250,17 @@ def predict_logits(
     device: torch.device,
     amp_dtype: torch.dtype | None = None,
     channels_last: bool = False,
+    forward: Forward | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """All logits and targets, gathered into one preallocated pair of tensors where the
-    number of samples is known (no list of batches plus a copy of them all)."""
+    number of samples is known (no list of batches plus a copy of them all). ``forward``
+    replaces the model's own, as in ``iterate_logits``."""
     count = _sample_count(loader)
     logits_all: torch.Tensor | None = None
     targets_all: torch.Tensor | None = None
     parts: list[tuple[torch.Tensor, torch.Tensor]] = []
     done = 0
-    for logits, targets in iterate_logits(model, loader, device, amp_dtype, channels_last):
+    for logits, targets in iterate_logits(model, loader, device, amp_dtype, channels_last, forward):
         targets = torch.as_tensor(targets)
         if count is None:
             parts.append((logits, targets))
@@ -336,8 +338,9 @@ def stream_outputs(
 
 def collect_outputs(
     model: nn.Module, dataset: torch.utils.data.Dataset, settings: Inference, *, device: torch.device | None = None,
+    forward: Forward | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Every output and target of ``stream_outputs`` at once, in preallocated tensors, for
     figures that rank all scores (AP)."""
     with _prepared(model, dataset, settings, device) as (loader, device, amp_dtype, channels_last):
-        return predict_logits(model, loader, device, amp_dtype, channels_last)
+        return predict_logits(model, loader, device, amp_dtype, channels_last, forward)

@@ -5,20 +5,24 @@ than written out again beside it (and drifting from it)."""
 from __future__ import annotations
 
 from dataclasses import Field, field, fields
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 # Choice lists more than one layer checks against, kept free of torch so the command line can offer them.
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 CHANNELS_LAST = ("auto", "on", "off")
 TASKS = ("multiclass", "multilabel")
 AUGMENT_PRESETS = ("none", "light", "standard")
+TTA_MODES = ("none", "flip", "flip+crops")  # test-time augmentation (tltk.tta)
 
 
-def setting(default: Any, help: str = "", *, choices: Sequence[str] | None = None, flag: str | None = None) -> Any:
+def setting(default: Any, help: str = "", *, choices: Sequence[str] | None = None, flag: str | None = None,
+            parse: Callable[[str], Any] | None = None) -> Any:
     """A dataclass field with what the command line needs to offer it: ``flag`` when it is
-    not ``--`` and the name with dashes (``--cache/--no-cache`` for a switch)."""
+    not ``--`` and the name with dashes (``--cache/--no-cache`` for a switch); ``parse`` reads
+    the typed text where the annotation alone cannot (a number or a word), raising
+    ``SettingError`` for a value it cannot take."""
     return field(default=default, metadata={"help": help, "choices": tuple(choices) if choices else None,
-                                            "flag": flag})
+                                            "flag": flag, "parse": parse})
 
 
 def described(config: type) -> list[Field[Any]]:

@@ -142,6 +142,16 @@ def _typed(value: str) -> Any:
     return value
 
 
+def tta_option(command: Callable[..., Any]) -> Callable[..., Any]:
+    """--tta of evaluate and predict: the views whose probabilities are averaged (tltk.tta)."""
+    from tltk.settings import TTA_MODES
+
+    return click.option("--tta", default="none", show_default=True, type=click.Choice(list(TTA_MODES)),
+                        help="Test-time augmentation: average the probabilities over the image and its mirror "
+                             "(flip), or also its four corner crops at 7/8 size, each mirrored (flip+crops: 10 "
+                             "views).")(command)
+
+
 backbone_opt = click.option(
     "--backbone-opt", multiple=True, metavar="KEY=VALUE", help="Backbone option, repeatable (e.g. act=leakyrelu)."
 )
@@ -181,7 +191,22 @@ def _click_type(setting: Any) -> Any:
     choices = setting.metadata.get("choices")
     if choices:
         return click.Choice(list(choices))
+    if setting.metadata.get("parse") is not None:
+        return ParsedSetting(setting.metadata["parse"])
     return {"int": int, "float": float}.get(str(setting.type).removesuffix(" | None"))
+
+
+class ParsedSetting(click.ParamType):
+    """A setting read by its own parser (``tltk.settings.setting(parse=...)``), whose
+    ``SettingError`` reaches the user as its one sentence, with the flag as typed."""
+
+    name = "text"
+
+    def __init__(self, parse: Callable[[str], Any]) -> None:
+        self.parse = parse
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        return value if not isinstance(value, str) else self.parse(value)
 
 
 def data_overrides(opts: dict[str, Any]) -> dict[str, Any]:
@@ -211,6 +236,19 @@ def train_options(command: Callable[..., Any]) -> Callable[..., Any]:
     for setting in reversed(described(TrainConfig)):
         command = _train_option(setting, flag_of(setting))(command)
     return command
+
+
+def setting_options(config: type) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """One option per setting of ``config`` (a dataclass of ``tltk.settings.setting`` fields),
+    with its default, choices and help from there, as ``train_options`` for ``TrainConfig``."""
+    from tltk.settings import described, flag_of
+
+    def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
+        for setting in reversed(described(config)):
+            command = _train_option(setting, flag_of(setting))(command)
+        return command
+
+    return decorate
 
 
 def _train_option(setting: Any, flag: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:

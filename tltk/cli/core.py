@@ -18,9 +18,13 @@ from tltk.cli.app import (
     out,
     parse_options,
     print_json,
+    setting_options,
     train_options,
+    tta_option,
 )
 from tltk.errors import TltkError
+from tltk.settings import described
+from tltk.train.config import LrFinderSettings
 
 # --- tltk list ------------------------------------------------------------------------
 
@@ -295,6 +299,54 @@ def _fmt(value: Any) -> str:
     return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
+# --- tltk lr-find ---------------------------------------------------------------------
+
+# finetune's options that say how long and how a run trains or what it writes, which a
+# learning-rate ramp of --steps does not use; every other option of finetune is lr-find's too.
+NOT_FOR_LR_FIND = {"out", "overwrite", "resume", "checkpoint_every", "checkpoint_interval", "epochs", "max_steps", "lr",
+                   "schedule", "warmup_steps", "step_epochs", "gamma", "patience", "monitor", "cache", "cache_mem",
+                   "compile", "tensorboard", "histogram_every", "filters_every", "callback_names", "callback_opt"}
+
+
+@main.command("lr-find")
+@click.option("--out", required=True, help="Folder to write lr_find.json and lr_find.png into.")
+@setting_options(LrFinderSettings)
+def lr_find(**opts: Any) -> None:
+    """Suggest a learning rate for finetune: train copies of the model for a few steps while
+    the learning rate grows exponentially, and suggest a tenth of the rate at the lowest
+    smoothed loss. Takes finetune's options for the model, strategy, optimizer and data; the
+    suggestion is a value for finetune's --lr (or run finetune with --lr find)."""
+    from tltk.train.finetune import find_learning_rate
+    from tltk.train.lr_find import finding_files
+
+    settings = LrFinderSettings(**{f.name: opts[f.name] for f in described(LrFinderSettings)})
+    for name, option in (("backbone", "--backbone"), ("data_spec", "--data")):
+        if opts[name] is None:
+            raise TltkError(f"`tltk lr-find` needs {option}.")
+    config = finetune_config(finetune_defaults() | {k: v for k, v in opts.items() if k not in NOT_FOR_LR_FIND})
+    finding = find_learning_rate(config, settings, opts["out"])
+    json_path, plot_path = finding_files(opts["out"])
+    if opts["as_json"]:
+        print_json(finding.to_dict())
+        return
+    ended = "stopped when the loss diverged" if finding.diverged else "ran every step"
+    out.print(f"suggested lr: {finding.suggested_lr:.3g}", soft_wrap=True)
+    out.print(f"chosen by: {finding.rule}", soft_wrap=True)
+    out.print(f"ramp: {finding.steps_run} steps from {finding.lrs[0]:.3g} to {finding.lrs[-1]:.3g}, {ended}",
+              soft_wrap=True)
+    out.print(f"wrote {escape(str(json_path))} and {escape(str(plot_path))}; train with `tltk finetune ... "
+              f"--lr {finding.suggested_lr:.3g}` or `--lr find`", soft_wrap=True)
+
+
+def finetune_defaults() -> dict[str, Any]:
+    """Every option of finetune at its default: lr-find leaves those it does not take there
+    (they change neither the model nor the ramp)."""
+    return finetune.make_context("finetune", [], parent=click.get_current_context(), resilient_parsing=True).params
+
+
+lr_find.params.extend(param for param in finetune.params if param.name not in NOT_FOR_LR_FIND)
+
+
 # --- tltk evaluate --------------------------------------------------------------------
 
 
@@ -306,14 +358,15 @@ def _fmt(value: Any) -> str:
 @click.option("--device", default="auto", show_default=True)
 @click.option("--batch-size", type=int, default=None)
 @click.option("--plot", default=None, help="Multi-label: where to write the per-class AP chart [RUN/plots/per_class_ap_SPLIT.png].")
+@tta_option
 @click.option("--json", "as_json", is_flag=True)
 def evaluate(run: str, data_spec: str | None, split: str, device: str, batch_size: int | None, plot: str | None,
-             as_json: bool, **data: Any) -> None:
+             tta: str, as_json: bool, **data: Any) -> None:
     """Multi-class: accuracy, top-5, per-class accuracy, confusion matrix. Multi-label: per-class AP and mAP."""
     from tltk.distributed import launched_rank
     from tltk.run import evaluate as run_evaluate
 
-    report = run_evaluate(run, data_spec, split, device=device, batch_size=batch_size, **data_overrides(data))
+    report = run_evaluate(run, data_spec, split, device=device, batch_size=batch_size, tta=tta, **data_overrides(data))
     if launched_rank() != 0:
         return  # under torchrun every rank holds the whole report; rank 0 shows it
     if report["task"] == "multilabel":
@@ -336,6 +389,7 @@ def print_ap_table(report: dict[str, Any]) -> None:
     from tltk.viz.ap_chart import classes_hardest_first
 
     out.print(f"[bold]{report['run']}[/] on {report['data']} ({report['split']}, {report['n']} images)")
+    print_tta(report)
     table = Table(title="per-class average precision, hardest first")
     for column, justify in (("class", "left"), ("AP", "right"), ("AP (VOC07 11-pt)", "right"),
                             ("positives", "right"), ("ignored", "right")):
@@ -354,6 +408,7 @@ def print_ap_table(report: dict[str, Any]) -> None:
 
 def print_evaluation(report: dict[str, Any]) -> None:
     out.print(f"[bold]{report['run']}[/] on {report['data']} ({report['split']}, {report['n']} images)")
+    print_tta(report)
     out.print(f"accuracy: {report['accuracy']:.4f}")
     if "top5_accuracy" in report:
         out.print(f"top-5 accuracy: {report['top5_accuracy']:.4f}")
@@ -374,3 +429,7 @@ def print_evaluation(report: dict[str, Any]) -> None:
         confusion.add_row(name, *(str(v) for v in row))
     out.print(confusion)
 
+
+def print_tta(report: dict[str, Any]) -> None:
+    if report.get("tta", "none") != "none":
+        out.print(f"test-time augmentation: {report['tta']} (probabilities averaged over its views)")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from tltk.cli.app import main, out, print_json
+from tltk.cli.app import main, out, print_json, tta_option
 
 
 @main.command()
@@ -23,21 +23,24 @@ from tltk.cli.app import main, out, print_json
 @click.option("--label-column", default=None, help="hf: the column of labels [the one ClassLabel column].")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--batch-size", type=int, default=64, show_default=True)
+@tta_option
 @click.option("--json", "as_json", is_flag=True, help="Print where the file went and how many rows, as JSON.")
 def predict(run: str, data_spec: str | None, split: str, out_file: str, fmt: str, label_as: str | None,
             multilabel_as: str | None, threshold: float | None, sample_submission: str | None,
             id_from: str | None, image_root: str | None, image_column: str | None, label_column: str | None,
-            device: str, batch_size: int, as_json: bool) -> None:
+            device: str, batch_size: int, tta: str, as_json: bool) -> None:
     """Predict with RUN and write one row per image, in the order of the input listing."""
     from tltk.export import export
     from tltk.run import predict as run_predict
 
-    predictions = run_predict(run, data_spec, split, device=device, batch_size=batch_size, image_root=image_root,
+    predictions = run_predict(run, data_spec, split, device=device, batch_size=batch_size, tta=tta, image_root=image_root,
                               image_column=image_column, label_column=label_column)
     path = export(predictions, out_file, fmt, label_as=label_as, multilabel_as=multilabel_as, threshold=threshold,
                   sample_submission=sample_submission, id_from=id_from)
     if as_json:
-        print_json({"out": str(path), "rows": len(predictions), "format": fmt, "task": predictions.task})
+        print_json({"out": str(path), "rows": len(predictions), "format": fmt, "task": predictions.task,
+                    "tta": predictions.tta})
         return
-    out.print(f"wrote {len(predictions)} predictions ({predictions.task}) to {path} as {fmt}")
+    augmented = f", test-time augmentation {predictions.tta}" if predictions.tta != "none" else ""
+    out.print(f"wrote {len(predictions)} predictions ({predictions.task}{augmented}) to {path} as {fmt}")
 

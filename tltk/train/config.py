@@ -4,6 +4,7 @@ imports no torch, so the command line starts without it."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -16,6 +17,32 @@ if TYPE_CHECKING:
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("none", "step", "exp", "cosine")
 MONITORS = ("auto", "val_accuracy", "val_map", "val_loss")
+FIND_LR = "find"  # --lr find: the learning-rate finder chooses the rate before training
+
+
+def parse_lr(text: str) -> float | str:
+    """``--lr``'s value: a positive number, or ``find`` for the learning-rate finder."""
+    if isinstance(text, str) and text.strip().lower() == FIND_LR:
+        return FIND_LR
+    try:
+        lr = float(text)
+    except (TypeError, ValueError):
+        raise SettingError(f"lr '{text}' is neither a number nor 'find'; give a rate such as 1e-3, or find to "
+                           f"let the learning-rate finder choose it.", ["lr"]) from None
+    check_lr(lr)
+    return lr
+
+
+def check_lr(lr: float | str) -> None:
+    """A learning rate training can take: positive and finite (torch would train with NaN or
+    infinity without a word), or ``find``."""
+    if lr == FIND_LR:
+        return
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)):
+        raise SettingError(f"lr '{lr}' is neither a number nor 'find'; give a rate such as 1e-3.", ["lr"])
+    if not math.isfinite(lr) or lr <= 0:
+        raise SettingError(f"lr must be a positive finite number, not {lr}; give a rate such as 1e-3, or find.",
+                           ["lr"])
 
 
 @dataclass
@@ -27,7 +54,9 @@ class TrainConfig:
     max_steps: int | None = setting(None, "Stop after this many optimizer steps.")
     batch_size: int = setting(64, "Images per step (per process under torchrun).")
     optimizer: str = setting("adamw", "The optimizer.", choices=OPTIMIZERS)
-    lr: float = setting(1e-3, "Learning rate (the head's, where a strategy sets others).")
+    lr: float | str = setting(1e-3, "Learning rate (the head's, where a strategy sets others); find: run the "
+                                    "learning-rate finder first and train with its suggestion (see `tltk lr-find`).",
+                              parse=parse_lr)
     momentum: float = setting(0.9, "SGD momentum (Adam's beta1).")
     nesterov: bool = setting(False, "Nesterov momentum (SGD).")
     weight_decay: float = setting(1e-4, "Weight decay.")
@@ -71,8 +100,7 @@ class TrainConfig:
         if self.epochs < 1 and not self.max_steps:
             raise SettingError(f"epochs must be at least 1, not {self.epochs}.", ["epochs"])
         check_batch_size(self.batch_size)
-        if self.lr <= 0:
-            raise SettingError(f"lr must be positive, not {self.lr}.", ["lr"])
+        check_lr(self.lr)
         if self.workers is not None and self.workers < 0:
             raise SettingError(f"workers must be 0 or more, not {self.workers}.", ["workers"])
         self._validate_optimizer_and_schedule()
@@ -118,6 +146,38 @@ class TrainConfig:
         if self.monitor != "auto":
             return self.monitor
         return "val_map" if self.task == "multilabel" else "val_accuracy"
+
+
+@dataclass(frozen=True)
+class LrFinderSettings:
+    """The ramp: ``steps`` rates from ``start_lr`` to ``end_lr``, evenly spaced on a log
+    scale; the loss is smoothed with weight ``smoothing`` on the past, and the ramp stops
+    once the smoothed loss exceeds ``diverge_factor`` times its lowest value."""
+
+    start_lr: float = setting(1e-7, "Learning rate of the first step.")
+    end_lr: float = setting(10.0, "Learning rate of the last step.")
+    steps: int = setting(100, "Steps of the ramp (at most: it stops once the loss diverges).")
+    smoothing: float = setting(0.9, "Weight of the past in the exponentially smoothed loss.")
+    diverge_factor: float = setting(4.0, "Stop once the smoothed loss exceeds this many times its lowest value.")
+
+    def check(self) -> None:
+        for name in ("start_lr", "end_lr"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise SettingError(f"{name} must be a positive number, not {value}.", [name])
+        if self.end_lr <= self.start_lr:
+            raise SettingError(f"end_lr ({self.end_lr}) must be above start_lr ({self.start_lr}); the finder ramps "
+                               f"the rate up.", ["end_lr", "start_lr"])
+        if self.steps < 5:
+            raise SettingError(f"steps must be at least 5 for a curve to judge, not {self.steps}.", ["steps"])
+        if not 0 <= self.smoothing < 1:
+            raise SettingError(f"smoothing must be in [0, 1), not {self.smoothing}.", ["smoothing"])
+        if not self.diverge_factor > 1:
+            raise SettingError(f"diverge_factor must be above 1, not {self.diverge_factor}.", ["diverge_factor"])
+
+    def rate(self, step: int) -> float:
+        """The learning rate of step ``step`` (0-based) of the ramp."""
+        return self.start_lr * (self.end_lr / self.start_lr) ** (step / (self.steps - 1))
 
 
 def _one_of(setting: str, value: str, choices: Sequence[str]) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import torch
 
@@ -26,7 +26,9 @@ from tltk.runtime import resolve_device
 from tltk.strategies import Strategy, build_strategy
 from tltk.train import checkpoint
 from tltk.train.callbacks import Callback, build_callbacks
+from tltk.train.config import FIND_LR, LrFinderSettings
 from tltk.train.losses import TASKS, auto_pos_weight, build_loss
+from tltk.train.lr_find import LrFinding, check_single_process, find_lr, save_finding
 from tltk.train.tensorboard import warn, watch_callbacks
 from tltk.train.trainer import (
     DEFAULT_CHECKPOINT_INTERVAL,
@@ -38,7 +40,7 @@ from tltk.train.trainer import (
     fit,
     seed_everything,
 )
-from tltk.viz.curves import write_curves
+from tltk.viz.curves import PLOTS, write_curves
 
 
 @dataclass
@@ -130,25 +132,16 @@ def _finetune(
         check_resumable(out)
     saving.check()
     config.train.validate_settings()
-    data = config.data.load()
-    if not resume or records_absolute_paths(out):
-        config = replace(config, data=config.data.with_absolute_paths())
-    _check_trainable(data)
-    # A resolved copy: the caller's config stays as given (task "auto" follows each dataset).
-    config = replace(config, train=replace(config.train, task=resolve_task(config.task, data)))
-    if config.train.task == "multilabel":
-        data = data.as_multilabel()
-    config.train.validate()
-    loss_fn = build_loss(config.train.task, _pos_weight(config.pos_weight, data))
-    spec = ModelSpec(
-        config.backbone, config.head, data.num_classes, dict(config.head_options),
-        resolve_weights_choice(config.backbone, config.weights), config.init, dict(config.backbone_options),
-    )
-    seed_everything(config.train.seed)  # the head's (and a scratch backbone's) initial weights
-    model = build_model(spec)
-    strategy = build_strategy(config.strategy, **config.strategy_options)
-    preprocessing = _preprocessing(model, config.input_size)
-    check_input_size(model, preprocessing.input_size)
+    absolute_paths = not resume or records_absolute_paths(out)
+    config, data, loss_fn, spec, model, strategy, preprocessing = _prepare(config, absolute_paths)
+    finding = None
+    if config.train.lr == FIND_LR:  # resolved before anything is written: the record holds the rate trained with
+        if main and not resume:
+            rundir.check_out_dir(out, overwrite)  # told now rather than after the finder's steps
+        finding = _find_lr(config, model, strategy, data, preprocessing, loss_fn, context)
+        config = replace(config, train=replace(config.train, lr=finding.suggested_lr))
+        if reporter is not None:
+            reporter.message(f"learning-rate finder: lr {finding.suggested_lr:.3g} ({finding.rule})")
     callbacks = [*callbacks, *build_callbacks(config.callbacks)]
     if main:
         callbacks = [*callbacks, *watch_callbacks(
@@ -156,7 +149,10 @@ def _finetune(
             filters_every=config.filters_every, preprocessing=preprocessing,
             notify=reporter.message if reporter else warn,
         )]
-        _prepare_run_dir(out, resume, overwrite, _config_record(config, spec, strategy, data, preprocessing, model))
+        _prepare_run_dir(out, resume, overwrite,
+                         _config_record(config, spec, strategy, data, preprocessing, model, finding))
+        if finding is not None:
+            save_finding(finding, out, out / PLOTS)
     distributed.barrier(context)  # the run directory exists before any rank looks for a checkpoint in it
 
     train_set, val_set = _datasets(data, preprocessing, config.train.augment)
@@ -180,6 +176,64 @@ def _finetune(
         checkpoint.remove_checkpoint(out)  # the run is complete; a checkpoint can be as large as the model twice over
     distributed.barrier(context)
     return RunResult(out, summary, data.skipped, model, main)
+
+
+class Prepared(NamedTuple):
+    """What training and the learning-rate finder start from."""
+
+    config: FinetuneConfig  # resolved: the task from the data, data paths absolute where asked
+    data: DataSplits
+    loss_fn: torch.nn.Module
+    spec: ModelSpec
+    model: TransferModel
+    strategy: Strategy
+    preprocessing: Preprocessing
+
+
+def _prepare(config: FinetuneConfig, absolute_paths: bool = True) -> Prepared:
+    """Data read, task resolved, loss, model (seeded initial weights), strategy and preprocessing,
+    every name and setting checked: what training and the learning-rate finder start from.
+    The config returned is a resolved copy (task, and data paths made absolute where asked)."""
+    data = config.data.load()
+    if absolute_paths:
+        config = replace(config, data=config.data.with_absolute_paths())
+    _check_trainable(data)
+    # A resolved copy: the caller's config stays as given (task "auto" follows each dataset).
+    config = replace(config, train=replace(config.train, task=resolve_task(config.task, data)))
+    if config.train.task == "multilabel":
+        data = data.as_multilabel()
+    config.train.validate()
+    loss_fn = build_loss(config.train.task, _pos_weight(config.pos_weight, data))
+    spec = ModelSpec(
+        config.backbone, config.head, data.num_classes, dict(config.head_options),
+        resolve_weights_choice(config.backbone, config.weights), config.init, dict(config.backbone_options),
+    )
+    seed_everything(config.train.seed)  # the head's (and a scratch backbone's) initial weights
+    model = build_model(spec)
+    strategy = build_strategy(config.strategy, **config.strategy_options)
+    preprocessing = _preprocessing(model, config.input_size)
+    check_input_size(model, preprocessing.input_size)
+    return Prepared(config, data, loss_fn, spec, model, strategy, preprocessing)
+
+
+def find_learning_rate(config: FinetuneConfig, settings: LrFinderSettings | None = None,
+                       out: str | Path | None = None) -> LrFinding:
+    """``tltk lr-find``: the learning-rate finder on the model, strategy and training data
+    that ``finetune(config, ...)`` would train (its ``train.lr`` is not used); with ``out``,
+    lr_find.json and lr_find.png are written there. Nothing else is written."""
+    settings = settings or LrFinderSettings()
+    settings.check()
+    config.train.validate_settings()
+    if out is not None and Path(out).expanduser().exists() and not Path(out).expanduser().is_dir():
+        raise RunDirError(f"--out {out} is a file; name a folder for lr_find.json and lr_find.png.")
+    with distributed.session(resolve_device(config.train.device).type) as context:
+        check_single_process(context)
+        config, data, loss_fn, _, model, strategy, preprocessing = _prepare(config)
+        train_set, _ = _datasets(data, preprocessing, config.train.augment)
+        finding = find_lr(model, train_set, config.train, strategy=strategy, loss_fn=loss_fn, settings=settings)
+    if out is not None:
+        save_finding(finding, out)
+    return finding
 
 
 def _prepare_run_dir(out: Path, resume: bool, overwrite: bool, record: dict[str, Any]) -> None:
@@ -265,8 +319,9 @@ def _config_record(
     data: DataSplits,
     preprocessing: Preprocessing,
     model: TransferModel,
+    finding: LrFinding | None = None,
 ) -> dict[str, Any]:
-    return {
+    record = {
         "model": spec.to_dict(),
         "pretrained_source": model.backbone.pretrained_source,
         "components": components_record(config, data),
@@ -284,6 +339,18 @@ def _config_record(
         "versions": rundir.library_versions(),
         "finetune": config.to_dict(),  # everything `tltk finetune --resume` needs to rebuild the run
     }
+    if finding is not None:  # --lr find: the rate "train" holds, and how it was chosen
+        record["lr_find"] = {"requested": FIND_LR, **finding.summary()}
+    return record
+
+
+def _find_lr(config: FinetuneConfig, model: TransferModel, strategy: Strategy, data: DataSplits,
+             preprocessing: Preprocessing, loss_fn: torch.nn.Module, context: distributed.DistContext) -> LrFinding:
+    """``--lr find``: the finder's suggestion for this model, strategy and training data,
+    found on copies (the model and the random generators training uses are untouched)."""
+    check_single_process(context)
+    train_set, _ = _datasets(data, preprocessing, config.train.augment)
+    return find_lr(model, train_set, config.train, strategy=strategy, loss_fn=loss_fn)
 
 
 def components_record(config: FinetuneConfig, data: DataSplits) -> dict[str, Any]:

@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, Subset
 
 from tltk import distributed
 from tltk.distributed import SINGLE, DistContext, EpochOrder
-from tltk.errors import RunDirError, TltkError
+from tltk.errors import RunDirError, SettingError, TltkError
 from tltk.metrics import multilabel_report
 from tltk.model import TransferModel
 from tltk.rundir import MetricsLog
@@ -50,7 +50,7 @@ from tltk.strategies import Strategy
 from tltk.train import cache
 from tltk.train import checkpoint as ckpt
 from tltk.train.callbacks import Callback, Progress, Reporter, SilentReporter, StrategyHooks
-from tltk.train.config import TrainConfig
+from tltk.train.config import FIND_LR, TrainConfig
 from tltk.train.losses import build_loss
 
 
@@ -256,6 +256,9 @@ def fit(
     it has joined, if any; see ``tltk.distributed.session``). ``config.batch_size`` is then
     per process, and every rank returns the same model and figures."""
     config.validate()
+    if config.lr == FIND_LR:
+        raise SettingError("lr find is resolved by finetune, which runs the learning-rate finder first; give fit a "
+                           "number (tltk.train.lr_find.find_lr suggests one).", ["lr"])
     context = context or distributed.current_context()
     reporter = reporter or SilentReporter()
     generator = seed_everything(config.seed + context.rank)  # ranks draw different dropout masks
