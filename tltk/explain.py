@@ -32,7 +32,7 @@ from torch import nn
 
 from tltk.backbones.base import Preprocessing
 from tltk.data import load_image
-from tltk.errors import DataError, SettingError, TltkError
+from tltk.errors import DataError, SettingError, TltkError, require
 from tltk.layers import available_layers, backbone_of, layer_shapes, resolve_layer
 from tltk.runtime import resolve_device
 
@@ -180,9 +180,9 @@ def explained_classes(probabilities: np.ndarray, task: str, threshold: float) ->
 
 
 def cam_class(method: str) -> Callable[..., Any]:
-    from pytorch_grad_cam import EigenCAM, GradCAM, GradCAMPlusPlus, ScoreCAM
-
-    return {"gradcam": GradCAM, "gradcam++": GradCAMPlusPlus, "scorecam": ScoreCAM, "eigencam": EigenCAM}[method]
+    cams = require("pytorch_grad_cam", "explain")
+    return {"gradcam": cams.GradCAM, "gradcam++": cams.GradCAMPlusPlus, "scorecam": cams.ScoreCAM,
+            "eigencam": cams.EigenCAM}[method]
 
 
 def class_activation_maps(model: nn.Module, layer: nn.Module, batch: torch.Tensor, classes: Sequence[int],
@@ -193,14 +193,13 @@ def class_activation_maps(model: nn.Module, layer: nn.Module, batch: torch.Tenso
     gives its activations one; the package's progress bars (Score-CAM) are kept off the
     terminal.
     """
-    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
-
+    target_of = require("pytorch_grad_cam.utils.model_targets", "explain").ClassifierOutputTarget
     cam = cam_class(method)(model=model, target_layers=[layer])
     cam.batch_size = 32  # Score-CAM's masked images per forward pass
     inputs = batch.detach().clone().requires_grad_(True)
     try:
         with torch.enable_grad(), contextlib.redirect_stderr(io.StringIO()):
-            maps = cam(input_tensor=inputs, targets=[ClassifierOutputTarget(c) for c in classes])
+            maps = cam(input_tensor=inputs, targets=[target_of(c) for c in classes])
     finally:
         cam.activations_and_grads.release()
     return np.asarray(maps, dtype=np.float32)

@@ -45,7 +45,7 @@ def plot(run: str, out_dir: str | None, as_json: bool) -> None:
 
 @main.group()
 def visualize() -> None:
-    """Pictures of a trained run: filters, activations, misclassified images."""
+    """Pictures of a trained run: filters, activations, misclassified images, class activation maps."""
 
 
 @visualize.command()

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from tltk.deploy.card import INPUT, OUTPUT, TORCHSCRIPT_CARD, ModelCard
-from tltk.errors import DataError
+from tltk.errors import DataError, SettingError, require
 
 FORMATS = ("onnx", "torchscript")
 ONNX_OPSET = 18
@@ -66,7 +66,8 @@ def write_model(module: ProbabilityModel, card: ModelCard, format: str, path: Pa
 
 
 def write_onnx(module: ProbabilityModel, card: ModelCard, path: Path) -> None:
-    import onnx
+    onnx = require("onnx", "deploy")
+    require("onnxscript", "deploy")  # what torch's exporter translates operators with
 
     batch = torch.export.Dim("batch")
     quiet = io.StringIO()  # the exporter prints its progress; tltk reports the outcome itself
@@ -103,7 +104,7 @@ def open_model(path: Path, format: str, device: str = "cpu") -> tuple[NumpyForwa
 
 def open_onnx(path: Path, device: str = "cpu") -> tuple[NumpyForward, ModelCard]:
     """An ONNX file in onnxruntime; a file that is not ONNX is one sentence."""
-    import onnxruntime
+    onnxruntime = require("onnxruntime", "deploy")
 
     try:
         session = onnxruntime.InferenceSession(str(path), providers=onnx_providers(device))
@@ -123,14 +124,12 @@ def open_onnx(path: Path, device: str = "cpu") -> tuple[NumpyForward, ModelCard]
 def onnx_providers(device: str) -> list[str]:
     """onnxruntime's execution providers for a tltk device: CUDA where asked for (or, with
     auto, where the installed onnxruntime has it), the CPU otherwise."""
-    import onnxruntime
+    onnxruntime = require("onnxruntime", "deploy")
 
     available = onnxruntime.get_available_providers()
     if device == "cpu" or (device == "auto" and "CUDAExecutionProvider" not in available):
         return ["CPUExecutionProvider"]
     if "CUDAExecutionProvider" not in available:
-        from tltk.errors import SettingError
-
         raise SettingError(f"device {device} was asked for but this onnxruntime has no CUDA provider; use device cpu.",
                            ["device"])
     return ["CUDAExecutionProvider", "CPUExecutionProvider"]
