@@ -179,3 +179,36 @@ def test_a_multilabel_model_gets_a_map_per_predicted_label(tmp_path: Path) -> No
     explanations = explain_images(model, [image], ["a", "b", "c"], model.preprocessing, "multilabel", device="cpu")
     assert [e.class_name for e in explanations] == ["a", "c"]
     assert all(e.probability > 0.99 for e in explanations)
+
+
+CNN_BACKBONES = ["alexnet", "vgg16", "vgg16_bn", "resnet18", "simplecnn", "lenet5", "mnist-cnn", "alexnet-bn",
+                 "cifar-vgg7-bn", "cifar-vgg11-bn", "timm:mobilenetv3_small_050", "tinyconv"]
+
+
+@pytest.mark.parametrize("backbone", CNN_BACKBONES)
+def test_every_builtin_cnn_a_timm_cnn_and_a_plugin_cnn_get_a_map_at_a_spatial_layer(backbone: str, tmp_path: Path):
+    """Untrained, at 64 px (or the network's own size where smaller: the small nets are fixed-size):
+    the default layer is a map larger than one pixel (pool5, or the last convolution where pool5 is a
+    single pixel), and the map comes back at the image's size."""
+    from tltk.explain import default_layer, explain_images, map_size
+    from tltk.model import ModelSpec, build_model
+
+    model = build_model(ModelSpec(backbone, "linear", 2, weights="none")).eval()
+    preprocessing = model.preprocessing.resized(min(64, model.preprocessing.input_size[0]))
+    layer = default_layer(model, preprocessing)
+    assert map_size(model, layer, preprocessing) > 1
+    image = tmp_path / "x.png"
+    patch_image(np.random.default_rng(0), (1, 0)).resize((50, 40)).save(image)
+    (explanation,) = explain_images(model, [image], ["a", "b"], preprocessing, device="cpu")
+    assert explanation.layer == layer
+    assert explanation.heatmap.shape == (40, 50) and np.isfinite(explanation.heatmap).all()
+
+
+@pytest.mark.parametrize("backbone", ["rnn", "lstm", "gru"])
+def test_every_sequence_backbone_is_refused(backbone: str) -> None:
+    from tltk.explain import default_layer
+    from tltk.model import ModelSpec, build_model
+
+    model = build_model(ModelSpec(backbone, "linear", 2, weights="none"))
+    with pytest.raises(TltkError, match="has no convolutional layer, so there is no spatial map"):
+        default_layer(model, model.preprocessing)

@@ -9,7 +9,8 @@ which images, and the map's place over the picture.
 
 The default layer is the backbone's last convolutional map (``pool5``, what the head
 reads), unless the run's input size shrinks it to a single pixel, where the map would say
-nothing; then the last ``Conv2d`` in the network. Sequence backbones read an image as rows
+nothing, or the backbone does not name one (a timm CNN); then the last ``Conv2d`` in the
+network whose output is still a map. Sequence backbones read an image as rows
 of time steps and have no spatial map to weigh, so they are refused.
 
 Maps are returned at each image's own size (the model's input is the image resized to
@@ -132,21 +133,26 @@ def as_rgb(image: ImageInput) -> Image.Image:
 
 def default_layer(model: nn.Module, preprocessing: Preprocessing) -> str:
     """``pool5`` where the backbone names it and its map is more than one pixel at the run's
-    input size; otherwise the last ``Conv2d`` of the network (its path inside it)."""
+    input size; otherwise the last ``Conv2d`` of the network whose map is (its path inside the
+    network): a 1x1 convolution after global pooling, as MobileNetV3's head has, is no map."""
     backbone = backbone_of(model)
     convolutions = [path for path, module in backbone.net.named_modules() if isinstance(module, nn.Conv2d)]
     if not convolutions:
         raise TltkError(
             f"{backbone.name} reads an image as a sequence of rows and has no convolutional layer, so there is no "
             f"spatial map for a class activation map to weigh; explain a run with a CNN backbone.")
-    if "pool5" in available_layers(model) and map_size(model, "pool5", preprocessing) > 1:
-        return "pool5"
-    return convolutions[-1]
+    candidates = (["pool5"] if "pool5" in available_layers(model) else []) + convolutions[::-1]
+    infos = layer_shapes(model, candidates, tuple(preprocessing.input_size))
+    return next((info.name for info in infos if pixels(info.shape) > 1), candidates[0])
 
 
 def map_size(model: nn.Module, layer: str, preprocessing: Preprocessing) -> int:
     """Pixels in ``layer``'s output map per channel (0 for an output that is not a map)."""
-    shape = layer_shapes(model, [layer], tuple(preprocessing.input_size))[0].shape
+    return pixels(layer_shapes(model, [layer], tuple(preprocessing.input_size))[0].shape)
+
+
+def pixels(shape: tuple[int, ...] | None) -> int:
+    """Pixels per channel of a per-image (C, H, W) shape; 0 for anything that is not a map."""
     return int(shape[1] * shape[2]) if shape is not None and len(shape) == 3 else 0
 
 
