@@ -67,4 +67,5 @@ def export_command(run: str, fmt: str, out_file: str, split: str, check_images: 
         return
     parity = result.parity
     out.print(f"wrote {result.out} ({fmt}); parity on {parity.images} {split} images: max probability difference "
-              f"{parity.max_difference:.2g} (allowed {result.tolerance:g}), same top class on {parity.same_labels}")
+              f"{parity.max_difference:.2g} (allowed {result.tolerance:g}), same top class on {parity.same_labels} of "
+              f"{parity.images}")
