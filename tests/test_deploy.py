@@ -180,3 +180,23 @@ def test_a_missing_optional_package_names_the_extra_to_install() -> None:
     with pytest.raises(TltkError, match=r"package 'no_such_package_here', which is not installed; install it with "
                                         r"pip install 'tltk\[deploy\]'"):
         require("no_such_package_here.sub", "deploy")
+
+
+def test_a_multilabel_run_exports_sigmoids_and_its_onnx_file_predicts_the_run_rows(tmp_path) -> None:
+    """VOC (multi-label): the file's outputs are per-class sigmoids, its card says multilabel, and
+    predicting with it on the run's own test split gives the run's rows and probabilities."""
+    from voc_fixtures import write_voc
+
+    voc = write_voc(tmp_path / "voc", images=24)
+    config = FinetuneConfig(backbone="simplecnn", input_size=32, weights="none", data=DataOptions(f"voc:{voc}"),
+                            train=TrainConfig(epochs=1, batch_size=4, workers=0, device="cpu", precision="fp32",
+                                              monitor="val_map"))
+    run = load_run(finetune(config, tmp_path / "run").out)
+    assert run.task == "multilabel"
+    result = export_model(run, "onnx", tmp_path / "voc.onnx")
+    assert result.parity.max_difference <= PARITY_TOLERANCE
+    from_onnx = predict_onnx(tmp_path / "voc.onnx")
+    from_run = run.predict(device="cpu")
+    assert from_onnx.task == "multilabel" and from_onnx.ids == from_run.ids and len(from_run) == 6
+    np.testing.assert_allclose(from_onnx.probabilities, from_run.probabilities, atol=PARITY_TOLERANCE)
+    assert not np.allclose(from_onnx.probabilities.sum(axis=1), 1.0)  # sigmoids, not a softmax
