@@ -42,7 +42,7 @@ HEADER = """# tltk command reference
 Every command prints for people by default and takes `--json` where it prints figures.
 Errors are one sentence on stderr with exit code 2; `tltk --debug COMMAND` keeps the traceback.
 An option given twice is refused, except those that take a list (`--query`, `--query-index`,
-`--backbone-opt`), rather than silently keeping the last value.
+`--backbone-opt`, `visualize gradcam --image`), rather than silently keeping the last value.
 Each command is a thin wrapper over a Python function, named under its heading.
 """
 
