@@ -212,3 +212,13 @@ def test_every_sequence_backbone_is_refused(backbone: str) -> None:
     model = build_model(ModelSpec(backbone, "linear", 2, weights="none"))
     with pytest.raises(TltkError, match="has no convolutional layer, so there is no spatial map"):
         default_layer(model, model.preprocessing)
+
+
+def test_more_images_than_one_backward_pass_takes_give_the_same_map_for_the_same_image(patch_run, quadrant_images):
+    """Maps are computed in batches of CAM_BATCH; an image gets the same map whichever batch it fell in."""
+    from tltk.explain import CAM_BATCH
+
+    images = [quadrant_images["top-right"]] * (CAM_BATCH + 3)
+    explanations = load_run(patch_run).explain(images, class_name="patch", device="cpu")
+    assert [e.position for e in explanations] == list(range(len(images)))
+    np.testing.assert_allclose(explanations[-1].heatmap, explanations[0].heatmap, atol=1e-5)

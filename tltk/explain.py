@@ -39,6 +39,8 @@ from tltk.runtime import resolve_device
 
 METHODS = ("gradcam", "gradcam++", "scorecam", "eigencam")
 DEFAULT_THRESHOLD = 0.5
+# Images (times explained classes) per backward pass: memory holds this many images' activations and gradients.
+CAM_BATCH = 16
 ImageInput = str | Path | Image.Image
 
 
@@ -91,8 +93,9 @@ def explain_images(
     probabilities = predict_probabilities(model, batch, task)
     chosen = [[asked] if asked is not None else explained_classes(row, task, threshold) for row in probabilities]
     rows = [(i, c) for i, classes in enumerate(chosen) for c in classes]
-    maps = class_activation_maps(model, resolve_layer(model, layer_name).module, batch[[i for i, _ in rows]],
-                                 [c for _, c in rows], method)
+    module = resolve_layer(model, layer_name).module
+    maps = np.concatenate([class_activation_maps(model, module, batch[[i for i, _ in part]], [c for _, c in part], method)
+                           for part in chunks(rows, CAM_BATCH)])
     explanations = []
     for (i, c), heatmap in zip(rows, maps):
         source, picture = pictures[i]
@@ -100,6 +103,10 @@ def explain_images(
                                         float(probabilities[i, c]), resize_map(heatmap, picture.size[::-1]),
                                         layer_name, method))
     return explanations
+
+
+def chunks(rows: list[tuple[int, int]], size: int) -> list[list[tuple[int, int]]]:
+    return [rows[start:start + size] for start in range(0, len(rows), size)]
 
 
 def check_method(method: str) -> None:
