@@ -11,7 +11,7 @@ $(VENV)/.installed: pyproject.toml plugins/tltk-example-plugin/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH_PIN)
-	$(PY) -m pip install --quiet -e '.[test,hf]'
+	$(PY) -m pip install --quiet -e '.[test,hf,deploy,explain]'
 	$(PY) -m pip install --quiet -e plugins/tltk-example-plugin
 	touch $@
 

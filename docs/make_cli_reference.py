@@ -18,10 +18,13 @@ PYTHON_API = {
     "summary": "tltk.summary.summarize(tltk.build_model(ModelSpec(...)), input_size)",
     "finetune": "tltk.finetune(backbone, data=..., out=..., **settings) -> Run",
     "evaluate": "tltk.load_run(run).evaluate(split, data)",
-    "predict": "tltk.load_run(run).predict(data) then tltk.export.export(predictions, out, fmt)",
+    "predict": "tltk.load_run(run).predict(data) (a .onnx file: tltk.deploy.predict_onnx(file, data)) then "
+               "tltk.export.export(predictions, out, fmt)",
+    "export": "tltk.deploy.export_model(run, format, out)",
     "plugins": "tltk.catalog.plugin_rows(...)",
     "plot": "tltk.viz.curves.write_curves(run)",
-    "visualize": "tltk.viz.filters.visualize_filters / activations.image_activations / misclassified.visualize_misclassified",
+    "visualize": "tltk.viz.filters.visualize_filters / activations.image_activations / misclassified.visualize_misclassified"
+                 " / gradcam.visualize_gradcam (maps alone: tltk.load_run(run).explain(images))",
     "compare": "tltk.viz.compare.write_comparison(runs, out)",
     "sweep": "tltk.sweep.sweep(base_config, param, values, out_root)",
     "tensorboard": "tltk.train.tensorboard.launch_tensorboard(argv)",
@@ -40,7 +43,7 @@ HEADER = """# tltk command reference
 Every command prints for people by default and takes `--json` where it prints figures.
 Errors are one sentence on stderr with exit code 2; `tltk --debug COMMAND` keeps the traceback.
 An option given twice is refused, except those that take a list (`--query`, `--query-index`,
-`--backbone-opt`), rather than silently keeping the last value.
+`--backbone-opt`, `visualize gradcam --image`), rather than silently keeping the last value.
 Each command is a thin wrapper over a Python function, named under its heading.
 """
 

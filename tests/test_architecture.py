@@ -43,10 +43,10 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "model": ("tltk.model", "tltk.layers", "tltk.summary"),
     "runtime": ("tltk.runtime",),
     "run files": ("tltk.rundir", "tltk.metrics"),
-    "inference": ("tltk.evaluation", "tltk.predict", "tltk.tta"),
+    "inference": ("tltk.evaluation", "tltk.predict", "tltk.tta", "tltk.explain"),
     "training": ("tltk.train",),
     "run": ("tltk.run",),
-    "consumers": ("tltk.features", "tltk.viz", "tltk.sweep"),
+    "consumers": ("tltk.features", "tltk.viz", "tltk.sweep", "tltk.deploy"),
     "interface": ("tltk.cli", "tltk.testing", "tltk.api", "tltk"),
 }
 ORDER = list(LAYERS)

@@ -211,7 +211,7 @@ CLASS_RGB = {"circle": (255, 0, 0), "square": (0, 255, 0), "star": (0, 0, 255)}
 
 # --- options given twice --------------------------------------------------------------------
 
-LIST_OPTIONS = {("neighbors", "--query"), ("neighbors", "--query-index")}
+LIST_OPTIONS = {("neighbors", "--query"), ("neighbors", "--query-index"), ("visualize gradcam", "--image")}
 
 
 def every_command(group: click.Group, path: tuple[str, ...] = ()):
@@ -248,7 +248,7 @@ def test_only_the_options_that_take_lists_are_repeatable() -> None:
     assert LIST_OPTIONS <= repeatable
     assert {name for _, name in repeatable} == {"--query", "--query-index", "--backbone-opt", "--callback", "--head-opt",
                                               "--strategy-opt",
-                                              "--callback-opt"}, repeatable
+                                              "--callback-opt", "--image"}, repeatable
 
 
 @pytest.mark.parametrize("args,fragment", [

@@ -9,7 +9,7 @@ bug and keeps its traceback.
 from __future__ import annotations
 
 import re
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 
 class TltkError(Exception):
@@ -75,3 +75,14 @@ def printable(text: str) -> str:
     """``text`` with newlines and other control characters escaped, so that a message quoting
     a file's contents stays the one line the CLI promises."""
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def require(module: str, extra: str) -> Any:
+    """Import ``module``, a package of one of tltk's extras; missing, it is one sentence naming the extra."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise TltkError(f"this needs the Python package '{module.split('.')[0]}', which is not installed; "
+                        f"install it with pip install 'tltk[{extra}]'.") from exc

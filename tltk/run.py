@@ -25,6 +25,7 @@ from tltk.data.options import DATA_SETTINGS
 from tltk.data.specs import parse_spec, same_data, spec_location
 from tltk.errors import DataError, RunDirError
 from tltk.evaluation import evaluate_model
+from tltk.explain import Explanation, explain_images
 from tltk.fileio import user_path
 from tltk.layers import check_pool, resolve_layer, tap
 from tltk.model import ModelSpec, TransferModel, build_model
@@ -174,6 +175,14 @@ class Run:
             rows = [vectors.numpy() for vectors, _ in stream_outputs(self.model, dataset, settings,
                                                                       forward=features_of)]
         return np.concatenate(rows) if rows else np.empty((0, 0), dtype=np.float32)
+
+    def explain(self, images: Sequence[str | Path | Any], *, layer: str | None = None, class_name: str | None = None,
+                method: str = "gradcam", device: str = "auto", threshold: float = 0.5) -> list[Explanation]:
+        """Class activation maps of image files (or PIL images): where in each image the model
+        found the evidence for its predicted class (each predicted label of a multi-label run,
+        or ``class_name``), at the last convolutional layer or ``layer``; see ``tltk.explain``."""
+        return explain_images(self.model, images, self.class_names, self.preprocessing, self.task, layer=layer,
+                              class_name=class_name, method=method, device=device, threshold=threshold)
 
     def _prediction_input(self, data: str | None, split: str, batch_size: int,
                           overrides: dict[str, Any]) -> ImageDataset:

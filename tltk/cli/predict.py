@@ -1,4 +1,5 @@
-"""``tltk predict``: a run's predictions on a split or a folder of images, to a file."""
+"""``tltk predict``: a run's (or an exported ONNX model's) predictions, to a file; ``tltk export``:
+the run's model itself, as an ONNX or TorchScript file."""
 
 from __future__ import annotations
 
@@ -29,9 +30,10 @@ def predict(run: str, data_spec: str | None, split: str, out_file: str, fmt: str
             multilabel_as: str | None, threshold: float | None, sample_submission: str | None,
             id_from: str | None, image_root: str | None, image_column: str | None, label_column: str | None,
             device: str, batch_size: int, tta: str, as_json: bool) -> None:
-    """Predict with RUN and write one row per image, in the order of the input listing."""
+    """Predict with RUN (a run directory, or a model.onnx from `tltk export`) and write one row per image,
+    in the order of the input listing."""
+    from tltk.deploy import predict as run_predict
     from tltk.export import export
-    from tltk.run import predict as run_predict
 
     predictions = run_predict(run, data_spec, split, device=device, batch_size=batch_size, tta=tta, image_root=image_root,
                               image_column=image_column, label_column=label_column)
@@ -44,3 +46,29 @@ def predict(run: str, data_spec: str | None, split: str, out_file: str, fmt: str
     augmented = f", test-time augmentation {predictions.tta}" if predictions.tta != "none" else ""
     out.print(f"wrote {len(predictions)} predictions ({predictions.task}{augmented}) to {path} as {fmt}")
 
+
+
+@main.command(name="export")
+@click.argument("run")
+@click.option("--format", "fmt", required=True, type=click.Choice(["onnx", "torchscript"]),
+              help="onnx (runs in onnxruntime) or torchscript (runs in torch.jit.load).")
+@click.option("--out", "out_file", required=True, help="Model file to write.")
+@click.option("--split", default="test", show_default=True, type=click.Choice(["train", "val", "test"]),
+              help="The split of the run's data the parity check feeds both models.")
+@click.option("--check-images", type=int, default=256, show_default=True, help="Images in the parity check.")
+@click.option("--data", "data_spec", default=None, help="Where the run's data is now, if it has moved.")
+@click.option("--json", "as_json", is_flag=True, help="Print the file and the parity check as JSON.")
+def export_command(run: str, fmt: str, out_file: str, split: str, check_images: int, data_spec: str | None,
+                   as_json: bool) -> None:
+    """The whole model of RUN (backbone, head, softmax) as one file, with its classes and preprocessing
+    inside; written only after it matches the run's probabilities within 1e-4 on its own images."""
+    from tltk.deploy import export_model
+
+    result = export_model(run, fmt, out_file, split=split, data=data_spec, check_images=check_images)
+    if as_json:
+        print_json(result.to_dict())
+        return
+    parity = result.parity
+    out.print(f"wrote {result.out} ({fmt}); parity on {parity.images} {split} images: max probability difference "
+              f"{parity.max_difference:.2g} (allowed {result.tolerance:g}), same top class on {parity.same_labels} of "
+              f"{parity.images}")

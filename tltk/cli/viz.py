@@ -45,7 +45,7 @@ def plot(run: str, out_dir: str | None, as_json: bool) -> None:
 
 @main.group()
 def visualize() -> None:
-    """Pictures of a trained run: filters, activations, misclassified images."""
+    """Pictures of a trained run: filters, activations, misclassified images, class activation maps."""
 
 
 @visualize.command()
@@ -129,6 +129,31 @@ def misclassified(**opts: Any) -> None:
         table.add_row(mistake.id, mistake.true, mistake.predicted, f"{mistake.confidence:.3f}")
     out.print(table)
     _print_paths("pictures", [str(result.grid), str(result.confusion_png)])
+
+
+@visualize.command()
+@click.argument("run")
+@click.option("--image", "images", multiple=True, required=True, help="An image to explain; repeat for more.")
+@click.option("--layer", default=None, help="A conv layer by name or module path [the last convolutional map].")
+@click.option("--class", "class_name", default=None, help="Explain this class [the predicted one, or each predicted label].")
+@click.option("--method", default="gradcam", show_default=True, type=click.Choice(["gradcam", "gradcam++", "scorecam", "eigencam"]))
+@click.option("--out", "out_dir", required=True, help="Folder for the PNGs (one per image).")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def gradcam(run: str, images: tuple[str, ...], layer: str | None, class_name: str | None, method: str, out_dir: str,
+            device: str, as_json: bool) -> None:
+    """Where in each image RUN found the evidence for its decision: a class activation map over the image."""
+    from tltk.viz.gradcam import visualize_gradcam
+
+    result = visualize_gradcam(run, list(images), out_dir, layer=layer, class_name=class_name, method=method,
+                               device=device)
+    if as_json:
+        print_json(result.to_dict())
+        return
+    for explanation in result.explanations:
+        out.print(f"{explanation.source}: {explanation.class_name} p={explanation.probability:.3f}")
+    first = result.explanations[0]
+    _print_paths(f"{first.method} at {first.layer}", [str(p) for p in result.pictures])
 
 
 # --- tltk compare ---------------------------------------------------------------------
