@@ -32,6 +32,7 @@ PYTHON_API = {
     "neighbors": "tltk.features.neighbors.neighbours_of_images / neighbours_of_rows",
     "evaluate-retrieval": "tltk.features.retrieval.evaluate_retrieval(store)",
     "tsne": "tltk.viz.tsne.write_tsne(FeatureStore(path), out)",
+    "report": "tltk.report(runs, out, pdf=None)",
 }
 
 HEADER = """# tltk command reference

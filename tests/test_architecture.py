@@ -46,7 +46,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "inference": ("tltk.evaluation", "tltk.predict"),
     "training": ("tltk.train",),
     "run": ("tltk.run",),
-    "consumers": ("tltk.features", "tltk.viz", "tltk.sweep"),
+    "consumers": ("tltk.features", "tltk.viz", "tltk.sweep", "tltk.reporting"),
     "interface": ("tltk.cli", "tltk.testing", "tltk.api", "tltk"),
 }
 ORDER = list(LAYERS)
