@@ -155,3 +155,43 @@ def test_a_chromium_that_fails_to_print_leaves_no_pdf(tmp_path, monkeypatch) -> 
     with pytest.raises(TltkError, match=r"could not print .* \(exit 3: cannot open display\); no PDF was written"):
         page.write_pdf(html, tmp_path / "out" / "r.pdf")
     assert list((tmp_path / "out").iterdir()) == []
+
+
+# --- the optional sections --------------------------------------------------------------------------
+
+
+def test_a_run_with_a_feature_store_gets_a_neighbour_grid_and_one_without_gets_none(many_test_images) -> None:
+    """The section appears once `tltk extract` has written a store under RUN/features."""
+    from tltk.reporting.contents import neighbours_part
+
+    run = load_run(many_test_images)
+    assert neighbours_part(run) is None
+    store = many_test_images / "features" / "fc"
+    done = tltk("extract", str(many_test_images), "--layer", "logits", "--split", "test", "--out", str(store),
+                "--device", "cpu")
+    assert done.exit_code == 0, done.output
+    part = neighbours_part(run)
+    assert part is not None and not part.note, part
+    assert len(part.pictures) == 1 and part.pictures[0].uri.startswith("data:image/png;base64,")
+    assert "nearest neighbours at" in part.pictures[0].caption
+
+
+def test_explanations_appear_only_when_the_run_can_explain_itself(many_test_images, tmp_path) -> None:
+    """Without ``Run.explain`` there is no section; with it, its overlay PNG is shown, made from a few
+    of the split's image files."""
+    from PIL import Image
+
+    from tltk.reporting.contents import EXPLAINED_IMAGES, explanations_part
+
+    run = load_run(many_test_images)
+    dataset, _ = run.split("test")
+    if not hasattr(run, "explain"):  # until Run can explain itself
+        assert explanations_part(run, dataset) is None
+    asked: list[list[str]] = []
+    overlay = tmp_path / "overlay.png"
+    Image.new("RGB", (20, 10), (255, 0, 0)).save(overlay)
+    run.explain = lambda images: asked.append(list(images)) or overlay  # type: ignore[attr-defined]
+    part = explanations_part(run, dataset)
+    assert part is not None and len(part.pictures) == 1
+    assert asked == [[sample.source for sample in dataset.samples[:EXPLAINED_IMAGES]]]
+    assert all(Path(path).is_file() for path in asked[0])
