@@ -53,9 +53,13 @@ def many_test_images(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def page_text(many_test_images, tmp_path_factory) -> str:
-    result = report(many_test_images, tmp_path_factory.mktemp("report") / "digits.html", device="cpu")
-    return result.html.read_text(encoding="utf-8")
+def page_file(many_test_images, tmp_path_factory) -> Path:
+    return report(many_test_images, tmp_path_factory.mktemp("report") / "digits.html", device="cpu").html
+
+
+@pytest.fixture(scope="module")
+def page_text(page_file) -> str:
+    return page_file.read_text(encoding="utf-8")
 
 
 def tltk(*args: str):
@@ -79,6 +83,23 @@ def test_the_page_fetches_nothing_and_allows_only_its_own_script(page_text) -> N
     assert page_text.count("<script") == 1
     assert f"script-src '{page.script_hash(script)}'" in page_text
     assert "default-src 'none'" in page_text
+
+
+def test_in_chromium_the_page_loads_offline_and_a_header_click_sorts(page_file, tmp_path) -> None:
+    """The quick browser check of every plain test run (the slow module checks the rest): no request
+    but the file, no console error, every image decoded, and the per-class table sorted by a click."""
+    from report_fixtures import OpenedPage, launched_chromium
+
+    for browser in launched_chromium():
+        opened = OpenedPage(browser, page_file)
+        assert opened.outside_requests() == [] and opened.errors == [] and opened.dialogs == []
+        assert opened.page.evaluate("[...document.images].every(i => i.complete && i.naturalWidth > 0)")
+        values = 'table[data-table="per-class"] td[data-column="accuracy"]'
+        opened.page.click('table[data-table="per-class"] th[data-column="accuracy"] button')
+        shown = opened.page.eval_on_selector_all(values, "cells => cells.map(c => parseFloat(c.dataset.value))")
+        assert shown == sorted(shown) and len(shown) == 3
+        opened.page.screenshot(path=str(tmp_path / "digits-report.png"), full_page=True)
+        print(f"\nscreenshot of the digits report: {tmp_path / 'digits-report.png'}")
 
 
 def test_filter_snapshots_recorded_in_training_are_in_the_page(many_test_images, page_text) -> None:
