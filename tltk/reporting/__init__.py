@@ -8,6 +8,6 @@ fetched. It is a consumer of finished runs like ``tltk.viz``: it takes ``Run`` o
 evaluates them with ``Run.evaluate`` and draws them with ``tltk.viz``'s figures.
 """
 
-from tltk.reporting.page import report, write_pdf, write_report
+from tltk.reporting.page import ReportResult, report, write_pdf
 
-__all__ = ["report", "write_pdf", "write_report"]
+__all__ = ["ReportResult", "report", "write_pdf"]

@@ -47,13 +47,7 @@ class ReportResult:
 def report(runs: Run | str | Path | Sequence[Run | str | Path], out: str | Path, *, pdf: str | Path | None = None,
            split: str = "test", device: str = "auto") -> ReportResult:
     """Write the report of ``runs`` (run directories or loaded ``Run`` objects) to ``out`` as one
-    HTML page, and its PDF to ``pdf`` when given: ``tltk report RUN... --out FILE [--pdf FILE]``."""
-    return write_report(runs, out, pdf=pdf, split=split, device=device)
-
-
-def write_report(runs: Run | str | Path | Sequence[Run | str | Path], out: str | Path, *,
-                 pdf: str | Path | None = None, split: str = "test", device: str = "auto") -> ReportResult:
-    """Check every argument, load the runs, build the page and write it; then print the PDF.
+    HTML page, and its PDF to ``pdf`` when given: ``tltk report RUN... --out FILE [--pdf FILE]``.
 
     Everything that can be refused is refused before a file is written: no runs, an output that
     is a folder, a PDF asked for where no Chromium is found.
@@ -67,7 +61,7 @@ def write_report(runs: Run | str | Path | Sequence[Run | str | Path], out: str |
     loaded = [as_run(run) for run in given]
     text = render_page(loaded, split=split, device=device)
     write_text(html_path, text)
-    if pdf_path is not None and chromium is not None:
+    if pdf_path is not None and chromium is not None:  # both or neither: chromium is looked up for a PDF
         print_pdf(chromium, html_path, pdf_path)
     return ReportResult(html_path, pdf_path, [str(run.path) for run in loaded], len(text.encode("utf-8")))
 
