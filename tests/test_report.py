@@ -216,3 +216,18 @@ def test_explanations_appear_only_when_the_run_can_explain_itself(many_test_imag
     assert part is not None and len(part.pictures) == 1
     assert asked == [[sample.source for sample in dataset.samples[:EXPLAINED_IMAGES]]]
     assert all(Path(path).is_file() for path in asked[0])
+
+
+# --- the browser tests' own rule ---------------------------------------------------------------------
+
+
+def test_without_chromium_the_browser_tests_skip_on_a_laptop_and_fail_in_ci(tmp_path, monkeypatch) -> None:
+    import report_fixtures
+
+    monkeypatch.setattr(report_fixtures, "CHROMIUM", tmp_path / "no-chromium")
+    monkeypatch.delenv("CI", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="no Chromium at"):
+        report_fixtures.skip_or_fail_without_browser()
+    monkeypatch.setenv("CI", "1")
+    with pytest.raises(pytest.fail.Exception, match="CI is set and the report's browser tests cannot run"):
+        report_fixtures.skip_or_fail_without_browser()
