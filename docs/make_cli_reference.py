@@ -36,6 +36,7 @@ PYTHON_API = {
     "evaluate-retrieval": "tltk.features.retrieval.evaluate_retrieval(store)",
     "tsne": "tltk.viz.tsne.write_tsne(FeatureStore(path), out)",
     "lr-find": "tltk.train.finetune.find_learning_rate(FinetuneConfig(...), LrFinderSettings(...), out)",
+    "report": "tltk.report(runs, out, pdf=None)",
 }
 
 HEADER = """# tltk command reference

@@ -46,7 +46,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "inference": ("tltk.evaluation", "tltk.predict", "tltk.tta", "tltk.explain"),
     "training": ("tltk.train",),
     "run": ("tltk.run",),
-    "consumers": ("tltk.features", "tltk.viz", "tltk.sweep", "tltk.deploy"),
+    "consumers": ("tltk.features", "tltk.viz", "tltk.sweep", "tltk.deploy", "tltk.reporting"),
     "interface": ("tltk.cli", "tltk.testing", "tltk.api", "tltk"),
 }
 ORDER = list(LAYERS)

@@ -82,7 +82,12 @@ def test_the_demo_runs_end_to_end_and_reports_three_test_accuracies(demo, tmp_pa
     monkeypatch.setattr(sys, "argv", ["transfer_demo", "--out", str(tmp_path / "demo"), "--epochs", "1",
                                       "--per-class", "2"])
     demo.main()
-    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    *_, table_line, report_line = capsys.readouterr().out.strip().splitlines()
+    # It ends with the path of the three runs' report page, their ablation table first.
+    page = Path(report_line.removeprefix("report: "))
+    assert page == tmp_path / "demo" / "report.html"
+    assert 'data-table="ablation"' in page.read_text(encoding="utf-8")
+    report = json.loads(table_line)
     assert set(report) == {"transfer, frozen backbone", "transfer, fine-tuned", "from scratch"}
     assert all(0.0 <= accuracy <= 1.0 for accuracy in report.values())
     for run in ("source", "transfer-frozen-backbone", "transfer-fine-tuned", "from-scratch"):

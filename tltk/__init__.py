@@ -1,7 +1,7 @@
 """tltk: transfer learning for image classification, from the command line and from Python.
 
 The main entry points are re-exported here lazily, so ``import tltk`` stays cheap:
-``finetune``, ``evaluate``, ``load_run`` (a ``Run``), ``build_model`` and ``summarize``.
+``finetune``, ``evaluate``, ``load_run`` (a ``Run``), ``build_model``, ``summarize`` and ``report``.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ _LAZY = {
     "ModelSpec": "tltk.model",
     "summarize": "tltk.summary",
     "load_data": "tltk.data",
+    "report": "tltk.reporting",
 }
 
 

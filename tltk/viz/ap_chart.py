@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tltk.viz.style import new_figure, save_figure
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 def classes_hardest_first(report: dict[str, Any]) -> list[dict[str, Any]]:
@@ -15,6 +18,11 @@ def classes_hardest_first(report: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def plot_per_class_ap(report: dict[str, Any], path: str | Path, title: str) -> Path:
+    return save_figure(per_class_ap_figure(report, title), path)
+
+
+def per_class_ap_figure(report: dict[str, Any], title: str) -> Figure:
+    """Both APs of each class (bars: area under the PR curve; dots: VOC2007 11-point) and the mAP line."""
     rows = [r for r in classes_hardest_first(report) if r["ap"] is not None]
     figure, (ax,) = new_figure(8.0, max(3.0, 0.3 * len(rows) + 1.5))
     names = [r["class"] for r in rows]
@@ -27,4 +35,4 @@ def plot_per_class_ap(report: dict[str, Any], path: str | Path, title: str) -> P
     ax.invert_yaxis()
     ax.set_title(title)
     ax.legend(loc="lower right", fontsize="small")
-    return save_figure(figure, path)
+    return figure
