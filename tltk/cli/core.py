@@ -19,6 +19,7 @@ from tltk.cli.app import (
     parse_options,
     print_json,
     train_options,
+    wait_option,
 )
 from tltk.errors import TltkError
 
@@ -168,6 +169,7 @@ def summary(backbone: str, head: str, num_classes: int, strategy: str, freeze: b
               help="Option of a --callback, repeatable (e.g. time-budget.seconds=600).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@wait_option
 def finetune(**opts: Any) -> None:
     """Train a backbone + head on --data and write a run directory to --out.
 
@@ -180,7 +182,8 @@ def finetune(**opts: Any) -> None:
     config, out = _config_and_out(opts)
     reporter = RichReporter(err, enabled=not (opts["quiet"] or opts["as_json"]))
     result = run_finetune(config, out, overwrite=opts["overwrite"], reporter=reporter, resume=opts["resume"] is not None,
-                          checkpoint_every=opts["checkpoint_every"], checkpoint_interval=opts["checkpoint_interval"])
+                          checkpoint_every=opts["checkpoint_every"], checkpoint_interval=opts["checkpoint_interval"],
+                          wait=opts["wait"])
     if not result.is_main:
         return  # one report per data-parallel job, from rank 0
     if result.skipped:
@@ -192,7 +195,7 @@ def finetune(**opts: Any) -> None:
 
 
 # Options that may accompany --resume: they change how the run is shown or saved, not what it computes.
-RESUME_OPTIONS = {"resume", "checkpoint_every", "checkpoint_interval", "quiet", "as_json"}
+RESUME_OPTIONS = {"resume", "checkpoint_every", "checkpoint_interval", "quiet", "as_json", "wait"}
 
 
 def _config_and_out(opts: dict[str, Any]) -> tuple[Any, str]:
