@@ -149,8 +149,10 @@ def _write_info(target: Path) -> None:
 
 def _command_line() -> str:
     name = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "python"
-    if name in ("__main__.py", "-m", "-c"):
+    if name == "__main__.py":  # python -m tltk.cli
         name = "tltk"
+    elif name == "-c":
+        name = "python -c ..."
     return " ".join([name, *sys.argv[1:]])
 
 

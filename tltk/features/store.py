@@ -177,7 +177,11 @@ class FeatureStore(ManifestFields):
                 read_manifest(path)  # says it is not a store
                 raise
             manifest = read_manifest(path, text)
-            index = read_index(path, manifest, opener)
+            try:
+                index = read_index(path, manifest, opener)
+            except TltkError:
+                _check_same_version(path, folder)  # no index because the version was removed: open again
+                raise
             version = _Version.at(path, opener)
             if version.features is None or version.metadata is None:
                 _check_same_version(path, folder)
