@@ -102,18 +102,18 @@ def disk_errno(exc: BaseException) -> int | None:
 
 def disk_message(path: Path, code: int, needed: int | None, written: int | None = None) -> str:
     """One sentence: which file, what the OS said, how much space the write needed, what is kept."""
+    details = []
     if needed is not None:
-        space = f"; the write needed at least {byte_words(needed)}"
+        details.append(f"the write needed at least {byte_words(needed)}")
     elif written:
-        space = f"; the write had put {byte_words(written)} there when it stopped, and needed more"
-    else:
-        space = ""
+        details.append(f"the write had put {byte_words(written)} there and needed more")
     free = _free_bytes(path)
     if code in (errno.ENOSPC, errno.EDQUOT) and free is not None:
-        space += f" and {byte_words(free)} {'is' if free != 1 else 'was'} free"
+        details.append(f"{byte_words(free)} free")
+    detail = f" ({'; '.join(details)})" if details else ""
     advice = ("check the device (the system log says more) and run the command again" if code == errno.EIO
               else "free some space there and run the command again")
-    return (f"cannot write {path}: {DISK_ERRNOS[code]}{space}; the partial file was removed and what was there "
+    return (f"cannot write {path}: {DISK_ERRNOS[code]}{detail}; the partial file was removed and what was there "
             f"before is kept; {advice}.")
 
 
