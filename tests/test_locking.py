@@ -221,3 +221,20 @@ def test_readers_see_the_old_or_the_new_store_never_a_mix(tmp_path: Path) -> Non
     mixed = [one for one in seen if one not in versions]
     assert not mixed, f"{len(mixed)} of {len(seen)} answers matched no whole version: {mixed[0]}"
     assert len({one[0] for one in seen}) > 1  # the reader did see the store change under it
+
+
+def test_a_file_system_without_locks_is_one_sentence_not_an_unguarded_write(tmp_path: Path, monkeypatch) -> None:
+    """Where flock is not supported (ENOSYS), writing is refused in one sentence rather than done unlocked."""
+    import errno
+
+    import filelock
+
+    def no_flock(self, *args, **kwargs):
+        raise OSError(errno.ENOSYS, os.strerror(errno.ENOSYS))
+
+    monkeypatch.setattr(filelock.FileLock, "acquire", no_flock)
+    from tltk.errors import TltkError
+
+    with pytest.raises(TltkError, match="does not support file locks; write the feature store on a local disk"):
+        make(tmp_path / "store", vectors(20, 0), "a")
+    assert not (tmp_path / "store").exists()

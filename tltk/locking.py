@@ -19,6 +19,7 @@ over it (``tltk.features.writing``), so a reader sees one whole version or the o
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import socket
@@ -107,14 +108,16 @@ def _acquire(target: Path, wait: bool, what: str) -> Any:
     from filelock import FileLock, Timeout
 
     target.parent.mkdir(parents=True, exist_ok=True)
-    # fallback_to_soft=False: a lock file that outlives a killed holder would block for good.
-    lock = FileLock(str(lock_path(target)), fallback_to_soft=False)
+    # Never a "soft" lock (a file whose existence is the lock): one left by a killed holder would block for good.
+    no_soft = {"fallback_to_soft": False} if "fallback_to_soft" in inspect.signature(FileLock).parameters else {}
+    lock = FileLock(str(lock_path(target)), **no_soft)
     try:
         lock.acquire(timeout=-1 if wait else 0, poll_interval=0.1)
     except Timeout:
         raise BusyError(busy_message(target, what)) from None
-    except OSError as exc:
-        raise TltkError(f"cannot lock {target} ({exc.strerror or exc}): its file system does not support file locks; "
+    except (OSError, NotImplementedError) as exc:
+        reason = getattr(exc, "strerror", None) or exc
+        raise TltkError(f"cannot lock {target} ({reason}): its file system does not support file locks; "
                         f"write the {what} on a local disk.") from exc
     return lock
 
