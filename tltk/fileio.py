@@ -186,15 +186,15 @@ def _exchange(first: Path, second: Path) -> bool:
     raise OSError(code, os.strerror(code), str(second))
 
 
-def write_text(path: Path, text: str) -> None:
+def write_text(path: Path, text: str, *, shown: Path | None = None) -> None:
     """UTF-8, except that file names which were not UTF-8 on disk are written back as their
     original bytes (Python holds them as surrogate escapes), so an export names the same files."""
     data = text.encode("utf-8", errors="surrogateescape")
-    atomic_write(path, lambda tmp: tmp.write_bytes(data), size=len(data))
+    atomic_write(path, lambda tmp: tmp.write_bytes(data), size=len(data), shown=shown)
 
 
-def write_json(path: Path, obj: Any) -> None:
-    write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+def write_json(path: Path, obj: Any, *, shown: Path | None = None) -> None:
+    write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n", shown=shown)
 
 
 def write_safetensors(path: Path, tensors: dict, metadata: dict[str, str] | None = None) -> None:

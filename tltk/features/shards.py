@@ -138,12 +138,14 @@ def create_part(
     store gets. It appears at ``path`` only once complete, as a store does.
     """
 
+    target = Path(path).expanduser()
+
     def record_shard(building: Path, manifest: dict[str, Any]) -> StorePart:
         manifest[SHARD] = shard
-        write_json(building / MANIFEST, manifest)
+        write_json(building / MANIFEST, manifest, shown=target / MANIFEST)
         return StorePart(building, manifest)
 
-    return build_atomically(Path(path).expanduser(), chunks, header, metric, overwrite, total, progress, record_shard,
+    return build_atomically(target, chunks, header, metric, overwrite, total, progress, record_shard,
                             wait=wait)
 
 

@@ -63,7 +63,7 @@ from tltk.features.manifest import (
     shard_words,
 )
 from tltk.features.writing import RowWriter, build_atomically, replace_version, timestamp
-from tltk.fileio import atomic_write
+from tltk.fileio import atomic_write, write_json
 from tltk.locking import hold
 
 OPEN_ATTEMPTS = 20  # versions a reader lets go by while opening a store that is being replaced
@@ -494,8 +494,7 @@ class FeatureStore(ManifestFields):
             if write_more is not None:
                 write_more(folder)
             write_index(self.index, folder / INDEX, shown=self.home / INDEX)
-            data = (json.dumps(self.manifest, indent=2) + "\n").encode("utf-8")
-            atomic_write(folder / MANIFEST, lambda tmp: tmp.write_bytes(data), size=len(data), shown=self.home / MANIFEST)
+            write_json(folder / MANIFEST, self.manifest, shown=self.home / MANIFEST)
 
         if self.path != self.home:
             write(self.path)
