@@ -166,6 +166,25 @@ def test_a_nested_hold_in_one_process_is_reentrant(tmp_path: Path) -> None:
     assert holder(target) is None
 
 
+def test_another_thread_of_the_same_process_is_another_writer(tmp_path: Path) -> None:
+    """Re-entry is per thread: a second thread writing the same store is refused like a second process."""
+    target = tmp_path / "x"
+    refused: list[BaseException] = []
+
+    def second_writer() -> None:
+        try:
+            with hold(target):
+                pass
+        except BusyError as exc:
+            refused.append(exc)
+
+    with hold(target):
+        thread = threading.Thread(target=second_writer)
+        thread.start()
+        thread.join(timeout=30)
+    assert refused and f"process {os.getpid()}" in str(refused[0])
+
+
 # A writer that replaces the store again and again: new stores of two contents, and appends.
 # (Only the store modules are imported, so that it starts quickly.)
 REPLACER = """

@@ -57,21 +57,22 @@ class _Held:
         self.depth = 0
 
 
-_held: dict[Path, _Held] = {}
+_held: dict[tuple[int, Path], _Held] = {}  # by thread: another thread of this process is another writer
 _registry_guard = threading.Lock()
 
 
 @contextmanager
 def hold(target: str | Path, *, wait: bool = False, what: str = "directory") -> Iterator[bool]:
     """Hold the writer's lock of ``target`` for the block; yield whether this call took it
-    (False when an enclosing ``hold`` in this process already holds it).
+    (False when an enclosing ``hold`` in this thread already holds it).
 
     Another process holding it is a ``BusyError`` naming that process, or with ``wait``
     a wait until it lets go. ``what`` names the target in the sentence ("run directory").
     """
     target = _absolute(Path(target).expanduser())
+    key = (threading.get_ident(), target)
     with _registry_guard:
-        held = _held.get(target)
+        held = _held.get(key)
         if held is not None:
             held.depth += 1
     if held is not None:
@@ -84,13 +85,13 @@ def hold(target: str | Path, *, wait: bool = False, what: str = "directory") -> 
     held = _Held(_acquire(target, wait, what))
     held.depth = 1
     with _registry_guard:
-        _held[target] = held
+        _held[key] = held
     try:
         _write_info(target)
         yield True
     finally:
         with _registry_guard:
-            del _held[target]
+            del _held[key]
         info_path(target).unlink(missing_ok=True)
         held.lock.release()
 
