@@ -257,3 +257,39 @@ def test_a_file_system_without_locks_is_one_sentence_not_an_unguarded_write(tmp_
     with pytest.raises(TltkError, match="does not support file locks; write the feature store on a local disk"):
         make(tmp_path / "store", vectors(20, 0), "a")
     assert not (tmp_path / "store").exists()
+
+
+def test_a_training_run_holds_its_directory_until_it_ends(tmp_path: Path) -> None:
+    """While finetune trains, another writer of its --out is refused naming this process; after, it is free."""
+    from tltk.train.callbacks import Callback
+    from tltk.train.finetune import DataOptions, FinetuneConfig, finetune
+    from tltk.train.trainer import TrainConfig
+
+    run = tmp_path / "run"
+    answers: list[str] = []
+
+    class TryToWriteTheRun(Callback):
+        """At the first step, a second writer (another thread) tries the run's lock."""
+
+        def on_step_end(self, model, row, images) -> None:
+            if answers:
+                return
+
+            def second_writer() -> None:
+                try:
+                    with hold(run, what="run directory"):
+                        answers.append("got it")
+                except BusyError as exc:
+                    answers.append(str(exc))
+
+            thread = threading.Thread(target=second_writer)
+            thread.start()
+            thread.join(timeout=30)
+
+    data = DataOptions("builtin:digits", classes=["0", "1"], train_per_class=8)
+    config = FinetuneConfig(backbone="lenet5", data=data, weights="none",
+                            train=TrainConfig(epochs=1, batch_size=8, workers=0, device="cpu"))
+    finetune(config, run, callbacks=[TryToWriteTheRun()])
+    assert answers and f"the run directory {run} is being written by process {os.getpid()}" in answers[0]
+    with hold(run, what="run directory") as taken:
+        assert taken  # free once the run has ended
