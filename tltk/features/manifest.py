@@ -62,11 +62,11 @@ class ManifestFields:
         return str(self.manifest.get("pool", ""))
 
 
-def load_manifest(path: Path, text: str | None = None) -> dict[str, Any]:
-    """``manifest.json`` (or its ``text``, already read) as a JSON object of this tltk's store
+def load_manifest(path: Path, data: bytes | None = None) -> dict[str, Any]:
+    """``manifest.json`` (or its bytes, already read) as a JSON object of this tltk's store
     format, or one sentence on why not."""
     try:
-        manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8") if text is None else text)
+        manifest = json.loads((path / MANIFEST).read_bytes().decode("utf-8") if data is None else data.decode("utf-8"))
     except ValueError as exc:
         raise TltkError(f"{path / MANIFEST} is not valid JSON ({exc}); the store is damaged, extract it again.") from exc
     if not isinstance(manifest, dict):

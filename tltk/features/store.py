@@ -170,13 +170,13 @@ class FeatureStore(ManifestFields):
 
         try:
             try:
-                with open(MANIFEST, encoding="utf-8", opener=opener) as handle:
-                    text = handle.read()
+                with open(MANIFEST, "rb", opener=opener) as handle:
+                    data = handle.read()
             except FileNotFoundError:
                 _check_same_version(path, folder)
                 read_manifest(path)  # says it is not a store
                 raise
-            manifest = read_manifest(path, text)
+            manifest = read_manifest(path, data)
             try:
                 index = read_index(path, manifest, opener)
             except TltkError:
@@ -521,14 +521,14 @@ def concatenate(first: Path, first_bytes: int, second: Path | None, out: Path) -
                 shutil.copyfileobj(source, target, 1 << 20)
 
 
-def read_manifest(path: Path, text: str | None = None) -> dict[str, Any]:
-    """A complete store's manifest (read from ``path``, or its ``text`` already read), checked;
+def read_manifest(path: Path, data: bytes | None = None) -> dict[str, Any]:
+    """A complete store's manifest (read from ``path``, or its bytes already read), checked;
     a part of a sharded extraction is refused by name."""
-    if text is None and not path.is_dir():
+    if data is None and not path.is_dir():
         raise TltkError(f"feature store {path} does not exist; create one with `tltk extract SOURCE --layer L --data SPEC --out {path}`.")
-    if text is None and not (path / MANIFEST).is_file():
+    if data is None and not (path / MANIFEST).is_file():
         raise TltkError(f"{path} is not a feature store (no {MANIFEST}); create one with `tltk extract`.")
-    manifest = load_manifest(path, text)
+    manifest = load_manifest(path, data)
     if SHARD in manifest:
         raise TltkError(f"{path} is {shard_words(manifest[SHARD])} of a sharded extraction, not a searchable store; "
                         f"merge all its parts first with `tltk index merge PART... --out STORE`.")
