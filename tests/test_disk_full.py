@@ -458,3 +458,17 @@ def test_a_full_disk_while_logging_metrics_cuts_the_log_back_to_its_last_flush(t
         log.flush()
     log.close()
     assert read_metrics(tmp_path) == [{"step": 1, "loss": 0.5}]
+
+
+def test_a_disk_feature_cache_too_big_for_the_disk_is_a_disk_error_not_a_crash(small_disk: Path) -> None:
+    """The frozen-backbone cache memory-maps a file; on a full disk writing through the mapping would
+    kill training with SIGBUS, so its blocks are reserved up front and a shortfall is a DiskError."""
+    from tltk.train.cache import FeatureCache
+
+    with FeatureCache(total_images=20_000, budget_bytes=0, directory=small_disk) as cache:
+        with pytest.raises(DiskError, match=r"needed at least 5\.1 MB"):
+            cache.allocate(20_000, (64,), torch.float32)  # 5.1 MB on a 2 MiB disk
+        fits = cache.allocate(1_000, (64,), torch.float32)
+        fits[:] = 1.0  # every page of the reserved file can be written
+        assert float(fits.sum()) == 64_000
+    assert list(small_disk.iterdir()) == []
