@@ -293,3 +293,18 @@ def test_a_training_run_holds_its_directory_until_it_ends(tmp_path: Path) -> Non
     assert answers and f"the run directory {run} is being written by process {os.getpid()}" in answers[0]
     with hold(run, what="run directory") as taken:
         assert taken  # free once the run has ended
+
+
+def test_the_cli_wait_flag_waits_for_the_holder(tmp_path: Path, holders) -> None:
+    """`tltk index STORE --rebuild --wait` with another writer: it waits until that one lets go, then rebuilds."""
+    store = tmp_path / "store"
+    make(store, vectors(40, 0), "a")
+    other = holders(store)
+    releaser = threading.Timer(1.5, other.release)
+    releaser.start()
+    started = time.monotonic()
+    result = CliRunner().invoke(main, ["index", str(store), "--rebuild", "--wait", "--json"])
+    releaser.join()
+    assert result.exit_code == 0, result.output
+    assert time.monotonic() - started >= 1.4  # it waited for the holder
+    assert FeatureStore.open(store).count == 40
