@@ -472,3 +472,23 @@ def test_a_disk_feature_cache_too_big_for_the_disk_is_a_disk_error_not_a_crash(s
         fits[:] = 1.0  # every page of the reserved file can be written
         assert float(fits.sum()) == 64_000
     assert list(small_disk.iterdir()) == []
+
+
+def test_extract_overwrite_on_a_full_tmpfs_is_one_sentence_and_keeps_the_old_store(small_disk: Path) -> None:
+    """`tltk extract --overwrite` on a full disk: exit 2, one line naming the store, the old store intact."""
+    from click.testing import CliRunner
+
+    from tltk.cli import main
+
+    store = small_disk / "store"
+    make(store, vectors(50, 0, dim=84), "a")
+    before = snapshot(store)
+    fill(small_disk, leave=60_000)
+    result = CliRunner().invoke(main, ["extract", "lenet5", "--layer", "fc7", "--data", "builtin:digits", "--out",
+                                       str(store), "--overwrite", "--weights", "none", "--device", "cpu",
+                                       "--workers", "0", "--json"])
+    assert result.exit_code == 2, result.output
+    text = " ".join(result.stderr.split())
+    assert text.startswith("error: cannot write") and str(store) in text and "no space is left" in text
+    assert "Traceback" not in result.output and BYTES.search(text)
+    assert snapshot(store) == before and leftovers(small_disk, store) == []
