@@ -30,7 +30,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from tltk.errors import TltkError, printable
+from tltk.errors import DiskError, TltkError, printable
+from tltk.fileio import disk_errors
 
 WAIT_HELP = "If another command is writing the same directory, wait for it to finish instead of stopping."
 
@@ -113,9 +114,12 @@ def _acquire(target: Path, wait: bool, what: str) -> Any:
     no_soft = {"fallback_to_soft": False} if "fallback_to_soft" in inspect.signature(FileLock).parameters else {}
     lock = FileLock(str(lock_path(target)), **no_soft)
     try:
-        lock.acquire(timeout=-1 if wait else 0, poll_interval=0.1)
+        with disk_errors(lock_path(target)):  # a disk too full for even the empty lock file
+            lock.acquire(timeout=-1 if wait else 0, poll_interval=0.1)
     except Timeout:
         raise BusyError(busy_message(target, what)) from None
+    except DiskError:
+        raise
     except (OSError, NotImplementedError) as exc:
         reason = getattr(exc, "strerror", None) or exc
         raise TltkError(f"cannot lock {target} ({reason}): its file system does not support file locks; "
