@@ -35,7 +35,7 @@ VERSION = "tltk.__version__"
 # one of the longest prefix listed here.
 LAYERS: dict[str, tuple[str, ...]] = {
     "foundations": ("tltk.errors", "tltk.fileio", "tltk.progress", "tltk.distributed", "tltk.kinds", "tltk.plugin",
-                    "tltk.registry", "tltk.settings",
+                    "tltk.registry", "tltk.settings", "tltk.locking",
                     VERSION),
     "data": ("tltk.data",),
     "components": ("tltk.catalog", "tltk.backbones", "tltk.heads", "tltk.strategies",

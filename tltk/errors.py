@@ -49,6 +49,12 @@ class RunDirError(TltkError):
     """A run directory that is missing, incomplete, or would be overwritten."""
 
 
+class DiskError(TltkError):
+    """A write the file system refused: the disk is full, a quota is reached, or the device
+    failed. The message names the file and the space the write needed; what was there
+    before the write is left as it was."""
+
+
 class SettingError(TltkError):
     """A setting given a value it cannot take.
 

@@ -9,15 +9,17 @@ Commands after training take the directory, never the original command line.
 from __future__ import annotations
 
 import json
+import os
 import platform
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Iterator, TextIO
 
 import torch
 
 from tltk.errors import RunDirError
-from tltk.fileio import write_json, write_safetensors
+from tltk.fileio import disk_errors, write_json, write_safetensors
 
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
@@ -102,22 +104,60 @@ def read_summary(run: Path) -> dict[str, Any]:
 
 @dataclass
 class MetricsLog:
-    """Appends one JSON object per line to metrics.jsonl, flushed per epoch."""
+    """Appends one JSON object per line to metrics.jsonl, flushed per epoch.
+
+    A full disk is a ``DiskError``, and the file is cut back to its last flush, so that it
+    never ends in half a row (the checkpoint records how much of it a resumed run keeps).
+    """
 
     handle: TextIO
+    path: Path | None = None
+    _flushed: int = field(default=0, init=False)
+    _failed: bool = field(default=False, init=False)
+
+    def __post_init__(self) -> None:
+        self._flushed = self.handle.tell()
 
     @classmethod
     def open(cls, out: Path) -> "MetricsLog":
-        return cls((out / METRICS).open("a", encoding="utf-8"))
+        with disk_errors(out / METRICS):
+            return cls((out / METRICS).open("a", encoding="utf-8"), out / METRICS)
 
     def write(self, row: dict[str, Any]) -> None:
-        self.handle.write(json.dumps(row) + "\n")
+        line = json.dumps(row) + "\n"
+        with self._refused(len(line.encode("utf-8"))):
+            self.handle.write(line)
 
     def flush(self) -> None:
-        self.handle.flush()
+        with self._refused():
+            self.handle.flush()
+        self._flushed = self.handle.tell()
 
     def close(self) -> None:
-        self.handle.close()
+        if self._failed:
+            self._discard_buffer()
+            return
+        with self._refused():
+            self.handle.close()
+
+    @contextmanager
+    def _refused(self, size: int | None = None) -> Iterator[None]:
+        """A write the disk refuses: cut the file back to its last flush, then report it."""
+        try:
+            with disk_errors(self.path or Path(self.handle.name), size):
+                yield
+        except Exception:
+            self._failed = True
+            self._discard_buffer()
+            raise
+
+    def _discard_buffer(self) -> None:
+        try:
+            self.handle.close()
+        except OSError:
+            pass  # the rows still buffered: the disk would not take them
+        if self.path is not None and self.path.exists() and self.path.stat().st_size > self._flushed:
+            os.truncate(self.path, self._flushed)
 
 
 def read_metrics(run: Path) -> list[dict[str, Any]]:

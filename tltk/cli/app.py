@@ -120,6 +120,13 @@ def print_json(obj: Any) -> None:
     click.echo(json.dumps(obj, indent=2, default=str))
 
 
+def wait_option(command: Callable[..., Any]) -> Callable[..., Any]:
+    """``--wait``: every command that writes a run directory or store offers it in the same words."""
+    from tltk.locking import WAIT_HELP
+
+    return click.option("--wait", is_flag=True, help=WAIT_HELP)(command)
+
+
 def parse_options(pairs: tuple[str, ...], flag: str) -> dict[str, Any]:
     """``KEY=VALUE`` pairs to a dict; values read as int, float, true/false, else text."""
     options: dict[str, Any] = {}

@@ -21,6 +21,7 @@ from tltk.cli.app import (
     setting_options,
     train_options,
     tta_option,
+    wait_option,
 )
 from tltk.errors import TltkError
 from tltk.settings import described
@@ -172,6 +173,7 @@ def summary(backbone: str, head: str, num_classes: int, strategy: str, freeze: b
               help="Option of a --callback, repeatable (e.g. time-budget.seconds=600).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@wait_option
 def finetune(**opts: Any) -> None:
     """Train a backbone + head on --data and write a run directory to --out.
 
@@ -184,7 +186,8 @@ def finetune(**opts: Any) -> None:
     config, out = _config_and_out(opts)
     reporter = RichReporter(err, enabled=not (opts["quiet"] or opts["as_json"]))
     result = run_finetune(config, out, overwrite=opts["overwrite"], reporter=reporter, resume=opts["resume"] is not None,
-                          checkpoint_every=opts["checkpoint_every"], checkpoint_interval=opts["checkpoint_interval"])
+                          checkpoint_every=opts["checkpoint_every"], checkpoint_interval=opts["checkpoint_interval"],
+                          wait=opts["wait"])
     if not result.is_main:
         return  # one report per data-parallel job, from rank 0
     if result.skipped:
@@ -196,7 +199,7 @@ def finetune(**opts: Any) -> None:
 
 
 # Options that may accompany --resume: they change how the run is shown or saved, not what it computes.
-RESUME_OPTIONS = {"resume", "checkpoint_every", "checkpoint_interval", "quiet", "as_json"}
+RESUME_OPTIONS = {"resume", "checkpoint_every", "checkpoint_interval", "quiet", "as_json", "wait"}
 
 
 def _config_and_out(opts: dict[str, Any]) -> tuple[Any, str]:

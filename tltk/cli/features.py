@@ -18,6 +18,7 @@ from tltk.cli.app import (
     out,
     parse_options,
     print_json,
+    wait_option,
 )
 from tltk.errors import TltkError
 
@@ -174,8 +175,9 @@ def layers(backbone: str, all_modules: bool, input_size: int | None, num_classes
 @loading_options
 @data_options
 @click.option("--json", "as_json", is_flag=True)
+@wait_option
 def extract(source: str, layer: str, data_spec: str | None, split: str, out_dir: str, overwrite: bool, pool: str,
-            metric: str, shard: str | None, as_json: bool, **opts: Any) -> None:
+            metric: str, shard: str | None, as_json: bool, wait: bool, **opts: Any) -> None:
     """Features of one layer of SOURCE (a run directory, or a backbone with --weights) into a FAISS store."""
     from tltk.features.extract import extract as run_extract
     from tltk.features.extract import parse_shard
@@ -186,7 +188,7 @@ def extract(source: str, layer: str, data_spec: str | None, split: str, out_dir:
     with _ProgressBar("extract", not as_json) as bar:
         store = run_extract(model, layer, out_dir, data_spec, split=split, pool=pool, metric=metric,
                             index=_index_config(opts), loading=_loading(opts), overwrite=overwrite, progress=bar,
-                            shard=shard_of, **data_overrides(opts))
+                            shard=shard_of, wait=wait, **data_overrides(opts))
     if as_json:
         print_json(store.summary())
         return
@@ -263,8 +265,9 @@ def index() -> None:
 @loading_options
 @data_options
 @click.option("--json", "as_json", is_flag=True)
+@wait_option
 def index_store(store_dir: str, add: bool, data_spec: str | None, split: str, rebuild: bool, check_recall: bool,
-                recall_k: int, recall_queries: int, as_json: bool, **opts: Any) -> None:
+                recall_k: int, recall_queries: int, as_json: bool, wait: bool, **opts: Any) -> None:
     """Show STORE; --add images, --rebuild its index, set --nprobe/--ef-search, or --check-recall."""
     from tltk.features.extract import add_images
     from tltk.features.store import FeatureStore
@@ -276,11 +279,11 @@ def index_store(store_dir: str, add: bool, data_spec: str | None, split: str, re
             raise TltkError("--add needs --data SPEC: the images to append.")
         with _ProgressBar("add", not as_json) as bar:
             report["added"] = add_images(store, data_spec, split=split, loading=_loading(opts), progress=bar,
-                                         **data_overrides(opts))
+                                         wait=wait, **data_overrides(opts))
     if rebuild:
-        store.rebuild(_index_config(opts))
+        store.rebuild(_index_config(opts), wait=wait)
     elif opts["nprobe"] is not None or opts["ef_search"] is not None:
-        store.set_search_params(opts["nprobe"], opts["ef_search"])
+        store.set_search_params(opts["nprobe"], opts["ef_search"], wait=wait)
     if check_recall:
         report["check_recall"] = store.check_recall(recall_k, recall_queries).to_dict()
     if as_json:
@@ -300,12 +303,13 @@ def index_store(store_dir: str, add: bool, data_spec: str | None, split: str, re
 @click.option("--out", "out_dir", required=True, help="Directory of the merged store.")
 @click.option("--overwrite", is_flag=True, help="Replace a store already in --out.")
 @click.option("--json", "as_json", is_flag=True)
-def merge(parts: tuple[str, ...], out_dir: str, overwrite: bool, as_json: bool) -> None:
+@wait_option
+def merge(parts: tuple[str, ...], out_dir: str, overwrite: bool, as_json: bool, wait: bool) -> None:
     """Join all the parts of `tltk extract --shard I/N` (any order) into the store one extraction writes."""
     from tltk.features.shards import merge_parts
 
     with _ProgressBar("merge", not as_json) as bar:
-        store = merge_parts(parts, out_dir, overwrite=overwrite, progress=bar)
+        store = merge_parts(parts, out_dir, overwrite=overwrite, progress=bar, wait=wait)
     if as_json:
         print_json(store.summary())
         return

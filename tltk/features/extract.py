@@ -200,13 +200,15 @@ def extract(
     overwrite: bool = False,
     progress: Progress | None = None,
     shard: tuple[int, int] | None = None,
+    wait: bool = False,
     **data_options: Any,
 ) -> FeatureStore | StorePart:
     """Extract ``layer`` features of ``data`` with ``source`` into a new store at ``out``.
 
     With ``shard=(i, n)``, only shard ``i`` of ``n`` of those rows (``shard_rows``) go to
     ``out``, as a part that ``tltk.features.shards.merge_parts`` joins with the others into
-    the store this call would write without ``shard``.
+    the store this call would write without ``shard``. Another command writing ``out`` is
+    refused by name, or waited for with ``wait``.
     """
     check_pool(pool)
     check_metric(metric)
@@ -234,13 +236,13 @@ def extract(
     if shard is None:
         chunks = feature_chunks(source, resolved.name, pool, selection, loading)
         return create_store(out, chunks, header, metric=metric, index=options, overwrite=overwrite,
-                            total=total, progress=progress)
+                            total=total, progress=progress, wait=wait)
     rows = shard_rows(total, loading.batch_size, shard)
     recipe = {"extraction": header["build_key"], "batch_size": loading.batch_size, "index": asdict(options),
               "tltk_version": _tltk_version()}
     chunks = feature_chunks(source, resolved.name, pool, selection, loading, rows=rows)
     return create_part(out, chunks, header, shard_record(shard[0], shard[1], rows, total, recipe), metric=metric,
-                       overwrite=overwrite, total=len(rows), progress=progress)
+                       overwrite=overwrite, total=len(rows), progress=progress, wait=wait)
 
 
 def shard_rows(total: int, batch_size: int, shard: tuple[int, int]) -> range:
@@ -300,13 +302,22 @@ def add_images(
     source: FeatureSource | None = None,
     loading: Loading | None = None,
     progress: Progress | None = None,
+    wait: bool = False,
     **data_options: Any,
 ) -> int:
     """Append the images of ``data`` to ``store`` with the model that built it; returns how many.
 
     The model is built again from the manifest (or passed as ``source``) and must have
     the store's fingerprint; data already in the store (same images, same split) is refused.
+    The store's lock is held throughout (another writer: refused by name, or waited for
+    with ``wait``), and the checks read the store as it is once the lock is held.
     """
+    with store.writing(wait):
+        return _add_images(store, data, split, source, loading, progress, data_options)
+
+
+def _add_images(store: FeatureStore, data: str, split: str, source: FeatureSource | None, loading: Loading | None,
+                progress: Progress | None, data_options: dict[str, Any]) -> int:
     source = source or source_from_record(store.manifest["source"])
     store.check_same_model(source.fingerprint, store.layer, store.pool, source.description)
     selection = select_data(source, data, split, **data_options)

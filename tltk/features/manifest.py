@@ -17,8 +17,9 @@ each depend on this module rather than on one another.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, BinaryIO, Callable, Sequence
 
 import numpy as np
 
@@ -61,10 +62,11 @@ class ManifestFields:
         return str(self.manifest.get("pool", ""))
 
 
-def load_manifest(path: Path) -> dict[str, Any]:
-    """``manifest.json`` as a JSON object of this tltk's store format, or one sentence on why not."""
+def load_manifest(path: Path, data: bytes | None = None) -> dict[str, Any]:
+    """``manifest.json`` (or its bytes, already read) as a JSON object of this tltk's store
+    format, or one sentence on why not."""
     try:
-        manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
+        manifest = json.loads((path / MANIFEST).read_bytes().decode("utf-8") if data is None else data.decode("utf-8"))
     except ValueError as exc:
         raise TltkError(f"{path / MANIFEST} is not valid JSON ({exc}); the store is damaged, extract it again.") from exc
     if not isinstance(manifest, dict):
@@ -114,21 +116,34 @@ def is_store(path: str | Path) -> bool:
     return (Path(path).expanduser() / MANIFEST).is_file()
 
 
-def open_features(path: Path, count: int, dim: int) -> np.ndarray:
+def open_features(path: Path, count: int, dim: int, handle: BinaryIO | None = None) -> np.ndarray:
+    """The ``count`` x ``dim`` rows, memory-mapped read-only from the file (or from ``handle``,
+    the file as it was when a store was opened, whatever has been renamed over it since)."""
     expected = count * dim * 4
-    size = (path / FEATURES).stat().st_size if (path / FEATURES).exists() else -1
+    if handle is not None:
+        size = os.fstat(handle.fileno()).st_size
+    else:
+        size = (path / FEATURES).stat().st_size if (path / FEATURES).exists() else -1
     if size < expected:
         raise TltkError(f"{path / FEATURES} holds {max(size, 0)} bytes but the manifest needs {expected}; the store is damaged, extract it again.")
-    return np.memmap(path / FEATURES, dtype=np.float32, mode="r", shape=(count, dim))
+    if expected == 0:
+        return np.empty((0, dim), dtype=np.float32)
+    return np.memmap(handle if handle is not None else path / FEATURES, dtype=np.float32, mode="r", shape=(count, dim))
 
 
-def read_metadata(path: Path, count: int) -> list[dict[str, Any]]:
+def read_metadata(path: Path, count: int, handle: BinaryIO | None = None) -> list[dict[str, Any]]:
+    """The first ``count`` rows of ``metadata.jsonl`` (read from ``handle`` where given)."""
     rows: list[dict[str, Any]] = []
-    with open(path / METADATA, encoding="utf-8") as handle:
-        for line in handle:
+    source = handle if handle is not None else open(path / METADATA, "rb")
+    try:
+        source.seek(0)
+        for line in source:
             if len(rows) == count:
                 break
             rows.append(json.loads(line))
+    finally:
+        if handle is None:
+            source.close()
     if len(rows) != count:
         raise TltkError(f"{path / METADATA} has {len(rows)} rows but the manifest {count}; the store is damaged, extract it again.")
     return rows

@@ -131,18 +131,22 @@ def create_part(
     overwrite: bool = False,
     total: int = 0,
     progress: Progress | None = None,
+    wait: bool = False,
 ) -> "StorePart":
     """Like ``create_store``, for one shard of an extraction: the rows and a manifest that
     says which shard they are (``shard_record``), and no index, which only the merged
     store gets. It appears at ``path`` only once complete, as a store does.
     """
 
+    target = Path(path).expanduser()
+
     def record_shard(building: Path, manifest: dict[str, Any]) -> StorePart:
         manifest[SHARD] = shard
-        write_json(building / MANIFEST, manifest)
+        write_json(building / MANIFEST, manifest, shown=target / MANIFEST)
         return StorePart(building, manifest)
 
-    return build_atomically(Path(path).expanduser(), chunks, header, metric, overwrite, total, progress, record_shard)
+    return build_atomically(target, chunks, header, metric, overwrite, total, progress, record_shard,
+                            wait=wait)
 
 
 def open_part(path: str | Path) -> StorePart:
@@ -206,13 +210,14 @@ def _check_part_files(part: StorePart) -> None:
 
 
 def merge_parts(parts: Sequence[str | Path], out: str | Path, *, overwrite: bool = False,
-                progress: Progress | None = None) -> "FeatureStore":
+                progress: Progress | None = None, wait: bool = False) -> "FeatureStore":
     """The store a single extraction would have written, from all the parts of a sharded one.
 
     The parts may come in any order. Parts of different extractions, a shard given twice
     or missing, anything that is not a finished part, and an existing ``out`` (unless
     ``overwrite``) are refused before anything is written; the store appears at ``out``
-    only once whole, as ``create_store`` builds it.
+    only once whole, as ``create_store`` builds it; another command writing ``out`` is
+    refused by name, or waited for with ``wait``.
     """
     if not parts:
         raise TltkError("name the parts to merge: `tltk index merge PART... --out STORE`.")
@@ -223,7 +228,7 @@ def merge_parts(parts: Sequence[str | Path], out: str | Path, *, overwrite: bool
     header = {key: value for key, value in first.manifest.items() if key not in _WRITTEN_BY_STORE}
     options = IndexOptions(**first.shard["recipe"]["index"])
     return create_store(target, _part_chunks(ordered), header, metric=first.metric, index=options, overwrite=overwrite,
-                        total=first.total, progress=progress)
+                        total=first.total, progress=progress, wait=wait)
 
 
 def parts_in_shard_order(parts: Sequence[StorePart]) -> list[StorePart]:

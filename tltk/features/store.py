@@ -4,6 +4,12 @@
 ``create_store`` streams rows into a new one. The directory's files and manifest are
 described in ``manifest.py``, how they are written safely in ``writing.py``, the index in
 ``faiss_index.py``, and the parts of a sharded extraction in ``shards.py``.
+
+An opened store keeps the files of the version it opened (the manifest and index read,
+the vectors and metadata held open), so that a command replacing the store meanwhile
+(``extract --overwrite``, ``index --add``) never gives it rows of one version and an index
+of another. Its own writes hold the store's lock and start from the store as it is on
+disk then, not as it was when opened.
 """
 
 from __future__ import annotations
@@ -12,8 +18,9 @@ import json
 import os
 import shutil
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, BinaryIO, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -55,8 +62,11 @@ from tltk.features.manifest import (
     read_metadata,
     shard_words,
 )
-from tltk.features.writing import RowWriter, build_atomically, timestamp
+from tltk.features.writing import RowWriter, build_atomically, replace_version, timestamp
 from tltk.fileio import atomic_write, write_json
+from tltk.locking import hold
+
+OPEN_ATTEMPTS = 20  # versions a reader lets go by while opening a store that is being replaced
 
 
 def create_store(
@@ -69,43 +79,143 @@ def create_store(
     overwrite: bool = False,
     total: int = 0,
     progress: Progress | None = None,
+    wait: bool = False,
 ) -> "FeatureStore":
     """Stream ``chunks`` of (vectors, metadata rows) into a new store at ``path``.
 
     ``header`` holds what describes the vectors (source, layer, pool, preprocessing,
     class_names, data); it goes into the manifest. The store appears at ``path`` only
     once complete; if anything fails, nothing is left behind and an old store is kept.
+    Another command writing ``path`` is refused by name, or waited for with ``wait``.
     """
     options = index or IndexOptions()
     options.validate()
+    target = Path(path).expanduser()
 
     def index_rows(building: Path, manifest: dict[str, Any]) -> FeatureStore:
-        return FeatureStore(building, manifest).build_index(options)
+        return FeatureStore(building, manifest, home=target).build_index(options)
 
-    return build_atomically(Path(path).expanduser(), chunks, header, metric, overwrite, total, progress, index_rows)
+    return build_atomically(target, chunks, header, metric, overwrite, total, progress, index_rows, wait=wait)
+
+
+class _Replaced(Exception):
+    """The store was replaced by another command while it was being opened: open it again."""
+
+
+class _Version:
+    """The vectors and metadata files of one version of a store, held open together."""
+
+    def __init__(self, features: BinaryIO | None, metadata: BinaryIO | None) -> None:
+        self.features = features
+        self.metadata = metadata
+
+    @classmethod
+    def at(cls, path: Path, opener: Callable[[str, int], int] | None = None) -> "_Version":
+        return cls(_open_or_none(path / FEATURES, opener), _open_or_none(path / METADATA, opener))
+
+    def close(self) -> None:
+        for handle in (self.features, self.metadata):
+            if handle is not None:
+                handle.close()
+
+
+def _open_or_none(path: Path, opener: Callable[[str, int], int] | None) -> BinaryIO | None:
+    try:
+        return open(path.name if opener else path, "rb", opener=opener)
+    except FileNotFoundError:
+        return None
 
 
 class FeatureStore(ManifestFields):
     """A finished store: its manifest, its vectors (memory-mapped) and its FAISS index."""
 
-    def __init__(self, path: Path, manifest: dict[str, Any], index: Any = None) -> None:
+    def __init__(self, path: Path, manifest: dict[str, Any], index: Any = None, *, home: Path | None = None) -> None:
         self.path = path
         self.manifest = manifest
         self.index = index
+        # Where the store lives (and is locked): ``path`` itself, except while it is built beside it.
+        self.home = home if home is not None else path
         self._metadata: list[dict[str, Any]] | None = None
+        self._version: _Version | None = None
 
     @classmethod
     def open(cls, path: str | Path) -> "FeatureStore":
-        """Open a complete store; a missing, unfinished or inconsistent one is one clear error."""
+        """Open a complete store; a missing, unfinished or inconsistent one is one clear error.
+
+        A store being replaced by another command meanwhile is opened as one whole version,
+        the old or the new.
+        """
         path = Path(path).expanduser()
-        manifest = read_manifest(path)
-        store = cls(path, manifest, read_index(path, manifest))
+        for attempt in range(OPEN_ATTEMPTS):
+            try:
+                return cls._open_version(path)
+            except _Replaced:
+                time.sleep(0.005 * (attempt + 1))
+        raise TltkError(f"{path} was replaced {OPEN_ATTEMPTS} times while it was being opened; "
+                        f"open it again once the command writing it has finished.")
+
+    @classmethod
+    def _open_version(cls, path: Path) -> "FeatureStore":
+        """Every file read through one handle on the directory: one version, whatever is renamed over it."""
+        try:
+            folder = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError:
+            if _being_replaced(path):
+                raise _Replaced from None
+            read_manifest(path)  # the sentence for a missing path, a file, or no store
+            raise
+
+        def opener(name: str, flags: int) -> int:
+            return os.open(name, flags, dir_fd=folder)
+
+        try:
+            try:
+                with open(MANIFEST, "rb", opener=opener) as handle:
+                    data = handle.read()
+            except FileNotFoundError:
+                _check_same_version(path, folder)
+                read_manifest(path)  # says it is not a store
+                raise
+            manifest = read_manifest(path, data)
+            try:
+                index = read_index(path, manifest, opener)
+            except TltkError:
+                _check_same_version(path, folder)  # no index because the version was removed: open again
+                raise
+            version = _Version.at(path, opener)
+            if version.features is None or version.metadata is None:
+                _check_same_version(path, folder)
+        finally:
+            os.close(folder)
+        store = cls(path, manifest, index)
+        store._version = version
         if store.index.ntotal != store.count:
             raise TltkError(
                 f"the index of {path} holds {store.index.ntotal} vectors but its manifest {store.count} "
                 f"(an interrupted append); run `tltk index {path} --rebuild`."
             )
         return store
+
+    def close(self) -> None:
+        """Let go of the files of the version this store opened."""
+        if self._version is not None:
+            self._version.close()
+            self._version = None
+
+    @contextmanager
+    def writing(self, wait: bool = False) -> Iterator["FeatureStore"]:
+        """Hold the store's lock for the block (another writer: refused by name, or waited for
+        with ``wait``), starting from the store as it is on disk now, since another command
+        may have changed it after this one opened it."""
+        with hold(self.home, wait=wait, what="feature store") as taken:
+            if taken and self.path == self.home:
+                self._read_again()
+            yield self
+
+    def _read_again(self) -> None:
+        current = FeatureStore.open(self.path)
+        self.close()
+        self.manifest, self.index, self._version, self._metadata = current.manifest, current.index, current._version, None
 
     # what the store holds
 
@@ -127,11 +237,13 @@ class FeatureStore(ManifestFields):
 
     def features(self) -> np.ndarray:
         """The stored vectors, memory-mapped read-only (raw, before any normalisation)."""
-        return open_features(self.path, self.count, self.dim)
+        handle = self._version.features if self._version is not None else None
+        return open_features(self.path, self.count, self.dim, handle)
 
     def metadata(self) -> list[dict[str, Any]]:
         if self._metadata is None:
-            self._metadata = read_metadata(self.path, self.count)
+            handle = self._version.metadata if self._version is not None else None
+            self._metadata = read_metadata(self.path, self.count, handle)
         return self._metadata
 
     def labels(self) -> list[list[str]]:
@@ -222,9 +334,13 @@ class FeatureStore(ManifestFields):
 
     # writing
 
-    def build_index(self, options: IndexOptions) -> "FeatureStore":
+    def build_index(self, options: IndexOptions, wait: bool = False) -> "FeatureStore":
         """(Re)build the index from the stored vectors, tune and measure it, save it, then the manifest."""
         options.validate()
+        with self.writing(wait):
+            return self._build_index(options)
+
+    def _build_index(self, options: IndexOptions) -> "FeatureStore":
         started = time.perf_counter()
         kind = resolve_kind(options.kind, self.count, options.threshold)
         index, factory = make_index(kind, self.dim, self.count, self.metric, options)
@@ -238,8 +354,13 @@ class FeatureStore(ManifestFields):
         self._save()
         return self
 
-    def set_search_params(self, nprobe: int | None = None, ef_search: int | None = None) -> RecallReport | None:
+    def set_search_params(self, nprobe: int | None = None, ef_search: int | None = None, *,
+                          wait: bool = False) -> RecallReport | None:
         """Fix the approximate index's search setting, measure the recall it gives, and save both."""
+        with self.writing(wait):
+            return self._set_search_params(nprobe, ef_search)
+
+    def _set_search_params(self, nprobe: int | None, ef_search: int | None) -> RecallReport | None:
         if self.index_type not in APPROXIMATE:
             raise TltkError(f"the store at {self.path} has an exact ({self.index_type}) index; --nprobe and --ef-search apply to ivf, ivfpq and hnsw.")
         options = IndexOptions(kind=self.index_type, nprobe=nprobe, ef_search=ef_search)
@@ -249,12 +370,17 @@ class FeatureStore(ManifestFields):
         return RecallReport(**self.manifest["index"]["recall"])
 
     def append(self, chunks: Iterable[Chunk], data_entry: dict[str, Any], class_names: Sequence[str], *,
-               total: int = 0, progress: Progress | None = None) -> int:
+               total: int = 0, progress: Progress | None = None, wait: bool = False) -> int:
         """Add rows to the files and the index (an IVF index keeps its trained centroids).
 
         On any failure the store is left as it was: the new bytes of ``features.f32`` are
         cut off and ``metadata.jsonl``, ``index.faiss`` and the manifest were not touched.
         """
+        with self.writing(wait):
+            return self._append(chunks, data_entry, class_names, total, progress)
+
+    def _append(self, chunks: Iterable[Chunk], data_entry: dict[str, Any], class_names: Sequence[str],
+                total: int, progress: Progress | None) -> int:
         self._truncate_to_manifest()
         committed = json.loads(json.dumps(self.manifest))
         part = self.path / METADATA_PART
@@ -267,7 +393,7 @@ class FeatureStore(ManifestFields):
             if writer.added:
                 self._commit_append(writer, part, data_entry, class_names)
         except BaseException:
-            writer.close()
+            writer.abort()
             self.manifest, self._metadata = committed, None
             self._truncate_to_manifest()
             self.index = read_index(self.path, self.manifest)
@@ -276,15 +402,16 @@ class FeatureStore(ManifestFields):
             part.unlink(missing_ok=True)
         return writer.added
 
-    def rebuild(self, options: IndexOptions) -> "FeatureStore":
+    def rebuild(self, options: IndexOptions, wait: bool = False) -> "FeatureStore":
         """Rebuild the index, after cutting off rows an interrupted append left behind."""
-        self._truncate_to_manifest()
-        return self.build_index(options)
+        with self.writing(wait):
+            self._truncate_to_manifest()
+            return self.build_index(options)
 
     def _commit_append(self, writer: RowWriter, part: Path, data_entry: dict[str, Any], class_names: Sequence[str]) -> None:
         count = self.count + writer.added
-        metadata_bytes = int(self.manifest["metadata_bytes"]) + writer.metadata_bytes
-        atomic_write(self.path / METADATA, lambda tmp: concatenate(self.path / METADATA, int(self.manifest["metadata_bytes"]), part, tmp))
+        committed_bytes = int(self.manifest["metadata_bytes"])
+        metadata_bytes = committed_bytes + writer.metadata_bytes
         add_rows(self.index, open_features(self.path, count, self.dim), self.metric, self.count)
         known = self.class_names
         self.manifest.update(
@@ -295,7 +422,12 @@ class FeatureStore(ManifestFields):
         self._metadata = None
         if self.index_type in APPROXIMATE:
             self._retune()
-        self._save()
+
+        def write_metadata(folder: Path) -> None:
+            atomic_write(folder / METADATA, lambda tmp: concatenate(self.path / METADATA, committed_bytes, part, tmp),
+                         size=metadata_bytes, shown=self.home / METADATA)
+
+        self._save(write_metadata)
 
     def _tune(self, kind: str, options: IndexOptions, start: int | None = None) -> None:
         probe = self._recall_probe(options.recall_k, options.recall_queries, options.seed)
@@ -354,11 +486,23 @@ class FeatureStore(ManifestFields):
             source = self.path / METADATA
             atomic_write(source, lambda tmp: concatenate(source, metadata_bytes, None, tmp))
 
-    def _save(self) -> None:
-        import faiss
+    def _save(self, write_more: Callable[[Path], None] | None = None) -> None:
+        """Write the index and the manifest (and what ``write_more`` writes): in place while the
+        store is being built, else as a new version swapped in whole (``replace_version``)."""
 
-        atomic_write(self.path / INDEX, lambda tmp: faiss.write_index(self.index, str(tmp)))
-        write_json(self.path / MANIFEST, self.manifest)
+        def write(folder: Path) -> None:
+            if write_more is not None:
+                write_more(folder)
+            write_index(self.index, folder / INDEX, shown=self.home / INDEX)
+            write_json(folder / MANIFEST, self.manifest, shown=self.home / MANIFEST)
+
+        if self.path != self.home:
+            write(self.path)
+            return
+        replace_version(self.path, write)
+        if self._version is not None:  # from now on, read the version just written
+            self._version.close()
+            self._version = _Version.at(self.path)
 
 
 def concatenate(first: Path, first_bytes: int, second: Path | None, out: Path) -> None:
@@ -377,13 +521,14 @@ def concatenate(first: Path, first_bytes: int, second: Path | None, out: Path) -
                 shutil.copyfileobj(source, target, 1 << 20)
 
 
-def read_manifest(path: Path) -> dict[str, Any]:
-    """A complete store's manifest, checked; a part of a sharded extraction is refused by name."""
-    if not path.is_dir():
+def read_manifest(path: Path, data: bytes | None = None) -> dict[str, Any]:
+    """A complete store's manifest (read from ``path``, or its bytes already read), checked;
+    a part of a sharded extraction is refused by name."""
+    if data is None and not path.is_dir():
         raise TltkError(f"feature store {path} does not exist; create one with `tltk extract SOURCE --layer L --data SPEC --out {path}`.")
-    if not (path / MANIFEST).is_file():
+    if data is None and not (path / MANIFEST).is_file():
         raise TltkError(f"{path} is not a feature store (no {MANIFEST}); create one with `tltk extract`.")
-    manifest = load_manifest(path)
+    manifest = load_manifest(path, data)
     if SHARD in manifest:
         raise TltkError(f"{path} is {shard_words(manifest[SHARD])} of a sharded extraction, not a searchable store; "
                         f"merge all its parts first with `tltk index merge PART... --out STORE`.")
@@ -391,13 +536,43 @@ def read_manifest(path: Path) -> dict[str, Any]:
     return manifest
 
 
-def read_index(path: Path, manifest: dict[str, Any]) -> Any:
-    """The FAISS index with the search settings (nprobe, efSearch) that ``manifest`` records."""
+def read_index(path: Path, manifest: dict[str, Any], opener: Callable[[str, int], int] | None = None) -> Any:
+    """The FAISS index with the search settings (nprobe, efSearch) that ``manifest`` records
+    (``opener`` opens the file relative to a directory handle, as ``open`` takes it)."""
     import faiss
 
-    if not (path / INDEX).is_file():
-        raise TltkError(f"{path} has no {INDEX}; rebuild it with `tltk index {path} --rebuild`.")
-    index = faiss.read_index(str(path / INDEX))
+    try:
+        handle = open(INDEX if opener else path / INDEX, "rb", opener=opener)
+    except FileNotFoundError:
+        raise TltkError(f"{path} has no {INDEX}; rebuild it with `tltk index {path} --rebuild`.") from None
+    with handle:
+        index = faiss.read_index(faiss.PyCallbackIOReader(handle.read))
     params = manifest["index"].get("params", {})
     apply_search_params(index, params)
     return index
+
+
+def write_index(index: Any, path: Path, *, shown: Path) -> None:
+    """Save ``index`` atomically, through Python's file writes so that a full disk is an OSError like any other."""
+    import faiss
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as handle:
+            faiss.write_index(index, faiss.PyCallbackIOWriter(handle.write))
+
+    atomic_write(path, write, shown=shown)
+
+
+def _being_replaced(path: Path) -> bool:
+    """Whether ``path`` is missing only for the moment a replacement without an atomic swap takes."""
+    return path.parent.is_dir() and any(path.parent.glob(f".{path.name}.old-*"))
+
+
+def _check_same_version(path: Path, folder: int) -> None:
+    """A file missing from a version that is no longer at ``path`` was removed with it: open again."""
+    try:
+        replaced = os.stat(path).st_ino != os.fstat(folder).st_ino
+    except FileNotFoundError:
+        replaced = True
+    if replaced:
+        raise _Replaced

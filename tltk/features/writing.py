@@ -7,11 +7,18 @@ file, a bounded chunk at a time; an exact index then holds the vectors in memory
 searching them needs).
 
 Nothing is ever half-written where a reader looks. A new store is built in a hidden
-sibling directory and renamed into place once complete. ``manifest.json``,
-``index.faiss`` and ``metadata.jsonl`` are only ever replaced whole (temporary file, then
-rename). ``features.f32`` is the one file appended in place, since copying gigabytes to
-add a few rows would be absurd; the manifest's row count says how much of it is
-committed, and bytes past it (from an append that died) are cut off before the next one.
+sibling directory and renamed into place once complete. A finished store changes only as
+a whole new version (``replace_version``): a hidden sibling holding hard links to its
+files, in which the changed files (``manifest.json``, ``index.faiss``, ``metadata.jsonl``)
+are written whole, swapped with the store in one rename. A reader that opened the store
+keeps the files of the version it opened, so it answers from one version, never a mix.
+``features.f32`` is the one file appended in place, since copying gigabytes to add a few
+rows would be absurd; every version's manifest says how many of its rows are committed,
+and bytes past them (from an append that died) are cut off before the next one.
+
+Only one command writes a store at a time: ``build_atomically`` and the store's own
+writes hold its lock (``tltk.locking``). A full disk removes what the write had begun
+and leaves the store as it was, with a ``DiskError`` naming the file and the space needed.
 """
 
 from __future__ import annotations
@@ -29,6 +36,8 @@ import numpy as np
 from tltk.errors import TltkError
 from tltk.features.faiss_index import check_metric
 from tltk.features.manifest import FEATURES, METADATA, STORE_FORMAT, Chunk, Progress, is_store
+from tltk.fileio import disk_errors, replace_directory
+from tltk.locking import hold
 
 
 class RowWriter:
@@ -39,8 +48,10 @@ class RowWriter:
     """
 
     def __init__(self, features_path: Path, metadata_path: Path, dim: int | None = None, *,
-                 progress: Progress | None = None, total: int = 0) -> None:
+                 progress: Progress | None = None, total: int = 0, store: Path | None = None) -> None:
         self.features_path = features_path
+        # Messages name the store's own files, not the hidden directory a new store is built in.
+        self.shown = store if store is not None else features_path.parent
         self.dim = dim
         self.added = 0
         self.chunks = 0
@@ -60,10 +71,14 @@ class RowWriter:
         if not finite.all():
             bad = rows[int(np.flatnonzero(~finite)[0])]
             raise TltkError(f"the features of {bad.get('path') or bad.get('id')} are not finite (NaN or inf); check the model's weights.")
-        self._features.write(vectors.tobytes())
-        self._metadata.write("".join(json.dumps(row) + "\n" for row in rows).encode("utf-8"))
-        self._features.flush()
-        self._metadata.flush()
+        data = vectors.tobytes()
+        with disk_errors(self.shown / FEATURES, len(data)):
+            self._features.write(data)
+            self._features.flush()
+        text = "".join(json.dumps(row) + "\n" for row in rows).encode("utf-8")
+        with disk_errors(self.shown / METADATA, len(text)):
+            self._metadata.write(text)
+            self._metadata.flush()
         self._metadata_bytes = self._metadata.tell()
         self.added += len(vectors)
         self.chunks += 1
@@ -71,13 +86,26 @@ class RowWriter:
             self.progress(self.added, self.total)
 
     def close(self) -> None:
+        """Flush both files to disk and close them."""
         if self._closed:
             return
         self._closed = True
+        try:
+            for name, handle in ((FEATURES, self._features), (METADATA, self._metadata)):
+                with disk_errors(self.shown / name):
+                    handle.flush()
+                    os.fsync(handle.fileno())
+        finally:
+            self.abort()
+
+    def abort(self) -> None:
+        """Close both files without caring what reaches the disk: the caller is discarding the rows."""
+        self._closed = True
         for handle in (self._features, self._metadata):
-            handle.flush()
-            os.fsync(handle.fileno())
-            handle.close()
+            try:
+                handle.close()
+            except OSError:
+                pass  # a full disk refusing the buffered rest; they are being thrown away
 
     @property
     def metadata_bytes(self) -> int:
@@ -101,21 +129,35 @@ Built = TypeVar("Built", bound=Placed)
 
 
 def build_atomically(path: Path, chunks: Iterable[Chunk], header: dict[str, Any], metric: str, overwrite: bool,
-                      total: int, progress: Progress | None, finish: Callable[[Path, dict[str, Any]], Built]) -> Built:
+                      total: int, progress: Progress | None, finish: Callable[[Path, dict[str, Any]], Built],
+                      wait: bool = False) -> Built:
     """Write the rows and manifest in a hidden sibling of ``path``, let ``finish`` complete
-    it there (index, manifest), and rename it into place; on any failure remove it."""
+    it there (index, manifest), and rename it into place; on any failure remove it.
+
+    The store's lock is held throughout: another command writing ``path`` is refused by
+    name, or waited for with ``wait``.
+    """
     check_metric(metric)
+    with hold(path, wait=wait, what="feature store"):
+        return _build(path, chunks, header, metric, overwrite, total, progress, finish)
+
+
+def _build(path: Path, chunks: Iterable[Chunk], header: dict[str, Any], metric: str, overwrite: bool,
+           total: int, progress: Progress | None, finish: Callable[[Path, dict[str, Any]], Built]) -> Built:
     check_store_target(path, overwrite)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    building = Path(tempfile.mkdtemp(prefix=f".{path.name}.building-", dir=path.parent))
+    with disk_errors(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        building = Path(tempfile.mkdtemp(prefix=f".{path.name}.building-", dir=path.parent))
     building.chmod(0o777 & ~_umask())  # mkdtemp makes it private; a store is an ordinary directory
     try:
-        writer = RowWriter(building / FEATURES, building / METADATA, progress=progress, total=total)
+        writer = RowWriter(building / FEATURES, building / METADATA, progress=progress, total=total, store=path)
         try:
             for vectors, rows in chunks:
                 writer.append(vectors, rows)
-        finally:
-            writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+        writer.close()
         if writer.added == 0:
             raise TltkError("no images to extract features from; check the --data spec and --split.")
         now = timestamp()
@@ -132,7 +174,8 @@ def build_atomically(path: Path, chunks: Iterable[Chunk], header: dict[str, Any]
             "updated": now,
         }
         built = finish(building, manifest)
-        _move_into_place(building, path)
+        with disk_errors(path):
+            _move_into_place(building, path)
     except BaseException:
         shutil.rmtree(building, ignore_errors=True)
         raise
@@ -158,17 +201,54 @@ def check_store_target(path: Path, overwrite: bool) -> None:
 
 def _move_into_place(building: Path, path: Path) -> None:
     """Rename the finished store onto ``path``; an old store there goes only once the new one is in."""
-    if not path.exists():
-        os.replace(building, path)
-        return
-    if not any(path.iterdir()):
-        path.rmdir()
-        os.replace(building, path)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
-    os.replace(path, old / "store")
-    os.replace(building, path)
-    shutil.rmtree(old, ignore_errors=True)
+    old = replace_directory(building, path)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def replace_version(path: Path, write: Callable[[Path], None]) -> None:
+    """Change the finished store at ``path`` as one new version.
+
+    A hidden sibling gets hard links to the store's files (so ``features.f32`` is shared,
+    not copied), ``write(sibling)`` replaces there the files that change, and the sibling is
+    swapped with ``path`` in one rename. Readers that opened the old version keep reading
+    it; on any failure the sibling is removed and ``path`` is as it was.
+    """
+    with disk_errors(path):
+        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.next-", dir=path.parent))
+    try:
+        staging.chmod(path.stat().st_mode & 0o7777)
+        for entry in sorted(path.iterdir()):
+            if entry.is_file() and not entry.name.startswith("."):
+                _link_or_copy(entry, staging / entry.name, path)
+        write(staging)
+        _fsync_directory(staging)
+        old = replace_directory(staging, path)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _link_or_copy(source: Path, target: Path, store: Path) -> None:
+    """A hard link where the file system has them, else a copy (which a full disk may refuse)."""
+    try:
+        os.link(source, target)
+    except OSError:
+        with disk_errors(store / source.name, source.stat().st_size, partial=target):
+            shutil.copy2(source, target)
+
+
+def _fsync_directory(directory: Path) -> None:
+    """The new version's directory entries reach the disk before it is swapped in."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems cannot sync a directory; the files themselves were synced
+    finally:
+        os.close(fd)
 
 
 def _umask() -> int:

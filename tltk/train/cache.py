@@ -29,7 +29,8 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from tltk.data.transforms import dataset_is_deterministic
-from tltk.errors import TltkError
+from tltk.errors import DiskError, TltkError
+from tltk.fileio import disk_errors
 from tltk.model import TransferModel
 from tltk.strategies import Freeze, Strategy
 
@@ -312,6 +313,7 @@ class FeatureCache:
         stored = np.uint16 if dtype == torch.bfloat16 else torch.empty((), dtype=dtype).numpy().dtype
         path = self._folder / f"features-{self._files}.npy"
         mapped = np.lib.format.open_memmap(str(path), mode="w+", dtype=stored, shape=shape)
+        _reserve(path)
         tensor = torch.from_numpy(mapped)
         return tensor.view(torch.bfloat16) if dtype == torch.bfloat16 else tensor
 
@@ -323,3 +325,18 @@ class FeatureCache:
         )
         return (f"frozen backbone: its features of {counts} images are computed once and cached {where}, "
                 f"{human_bytes(self.bytes_needed)}; the head trains on them every epoch")
+
+
+def _reserve(path: Path) -> None:
+    """Give the memory-mapped file its disk blocks now. It is created sparse, and a full disk
+    met while writing through the mapping kills the process (SIGBUS) rather than raising; met
+    here, it is a ``DiskError`` naming the file and its size, and the file is removed."""
+    if not hasattr(os, "posix_fallocate"):
+        return
+    size = path.stat().st_size
+    try:
+        with disk_errors(path, size), open(path, "r+b") as handle:
+            os.posix_fallocate(handle.fileno(), 0, size)
+    except DiskError:
+        path.unlink(missing_ok=True)
+        raise

@@ -52,7 +52,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from tltk.errors import RunDirError, printable
+from tltk.errors import DiskError, RunDirError, printable
 from tltk.fileio import write_json, write_safetensors
 from tltk.rundir import METRICS
 
@@ -178,14 +178,30 @@ def save_checkpoint(
         "rng": _rng_record(table, generators or {}),
     }
     tensor_name = f"state-{secrets.token_hex(6)}.safetensors"
-    write_safetensors(directory / tensor_name, table.tensors, metadata={"format": "pt", "producer": "tltk"})
-    manifest["tensor_file"] = tensor_name
-    manifest["tensor_bytes"] = (directory / tensor_name).stat().st_size
-    manifest["tensor_sha256"] = _sha256(directory / tensor_name)
-    write_json(directory / MANIFEST, manifest)  # the commit: from here on the new pair is the checkpoint
+    try:
+        write_safetensors(directory / tensor_name, table.tensors, metadata={"format": "pt", "producer": "tltk"})
+        manifest["tensor_file"] = tensor_name
+        manifest["tensor_bytes"] = (directory / tensor_name).stat().st_size
+        manifest["tensor_sha256"] = _sha256(directory / tensor_name)
+        write_json(directory / MANIFEST, manifest)  # the commit: from here on the new pair is the checkpoint
+    except DiskError as exc:
+        _remove_uncommitted(directory, tensor_name)
+        then = (f"continue from the checkpoint before it with `tltk finetune --resume {run_dir}`" if has_checkpoint(run_dir)
+                else "no earlier checkpoint exists, so train again")
+        raise DiskError(f"{str(exc).rstrip('.')}; {then} once there is space.") from exc
     _fsync_directory(directory)
     _remove_stale_files(directory, keep=tensor_name)
     return directory
+
+
+def _remove_uncommitted(directory: Path, tensor_name: str) -> None:
+    """Remove a tensor file whose save failed, unless the manifest already names it (then it is the checkpoint)."""
+    try:
+        committed = json.loads((directory / MANIFEST).read_text(encoding="utf-8")).get("tensor_file") == tensor_name
+    except (OSError, ValueError, AttributeError):
+        committed = False
+    if not committed:
+        (directory / tensor_name).unlink(missing_ok=True)
 
 
 def load_checkpoint(

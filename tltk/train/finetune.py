@@ -6,6 +6,7 @@ before the run directory is touched, so bad input leaves nothing half-written.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, NamedTuple, Sequence
@@ -20,6 +21,7 @@ from tltk.errors import DataError, RunDirError
 from tltk.evaluation import evaluate_model
 from tltk.heads import check_head_options
 from tltk.layers import check_input_size
+from tltk.locking import hold
 from tltk.model import ModelSpec, TransferModel, build_model, resolve_weights_choice
 from tltk.registry import provenance
 from tltk.runtime import resolve_device
@@ -102,6 +104,7 @@ def finetune(
     resume: bool = False,
     checkpoint_every: int | None = None,
     checkpoint_interval: float = DEFAULT_CHECKPOINT_INTERVAL,
+    wait: bool = False,
 ) -> RunResult:
     """Train and write the run directory ``out``. A checkpoint is saved there at the end of
     an epoch once ``checkpoint_interval`` seconds have passed since the last one (0: every
@@ -109,12 +112,18 @@ def finetune(
     from it, with ``config`` equal to the interrupted run's (``config_of_run`` reads it back).
 
     Launched by torchrun or srun with several processes, this is one rank of a data-parallel
-    job (``config.train.batch_size`` per process); rank 0 alone writes ``out`` and reports."""
+    job (``config.train.batch_size`` per process); rank 0 alone writes ``out`` and reports.
+
+    One command at a time writes a run directory: rank 0 holds ``out``'s lock from start to
+    end, and another ``finetune`` into it (a new run or a ``resume``) is refused naming the
+    process that holds it, or waits for it with ``wait``."""
     with distributed.session(resolve_device(config.train.device).type) as context:
         if not context.is_main:
             reporter, callbacks = None, ()
         saving = SavePolicy(checkpoint_every, checkpoint_interval)
-        return _finetune(config, Path(out).expanduser(), overwrite, reporter, callbacks, resume, saving, context)
+        out = Path(out).expanduser()
+        with hold(out, wait=wait, what="run directory") if context.is_main else nullcontext():
+            return _finetune(config, out, overwrite, reporter, callbacks, resume, saving, context)
 
 
 def _finetune(
