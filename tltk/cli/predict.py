@@ -29,15 +29,14 @@ def predict(run: str, data_spec: str | None, split: str, out_file: str, fmt: str
             id_from: str | None, image_root: str | None, image_column: str | None, label_column: str | None,
             device: str, batch_size: int, as_json: bool) -> None:
     """Predict with RUN and write one row per image, in the order of the input listing."""
-    from tltk.export import export
-    from tltk.run import predict as run_predict
+    from tltk.run import export_predictions
 
-    predictions = run_predict(run, data_spec, split, device=device, batch_size=batch_size, image_root=image_root,
-                              image_column=image_column, label_column=label_column)
-    path = export(predictions, out_file, fmt, label_as=label_as, multilabel_as=multilabel_as, threshold=threshold,
-                  sample_submission=sample_submission, id_from=id_from)
+    written = export_predictions(run, out_file, fmt, data_spec, split, device=device, batch_size=batch_size,
+                                 exporter_options=dict(label_as=label_as, multilabel_as=multilabel_as,
+                                                       threshold=threshold, sample_submission=sample_submission,
+                                                       id_from=id_from),
+                                 image_root=image_root, image_column=image_column, label_column=label_column)
     if as_json:
-        print_json({"out": str(path), "rows": len(predictions), "format": fmt, "task": predictions.task})
+        print_json({"out": str(written.path), "rows": written.rows, "format": fmt, "task": written.task})
         return
-    out.print(f"wrote {len(predictions)} predictions ({predictions.task}) to {path} as {fmt}")
-
+    out.print(f"wrote {written.rows} predictions ({written.task}) to {written.path} as {fmt}")
