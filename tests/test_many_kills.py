@@ -18,6 +18,7 @@ import os
 import random
 import shutil
 import signal
+import socket
 import sys
 import time
 import traceback
@@ -29,16 +30,20 @@ import faiss  # noqa: F401 - imported once here, not again in every forked attem
 import pytest
 import sklearn.datasets  # noqa: F401 - likewise (builtin:digits)
 import torch
+from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from tltk import rundir
+from tltk.cli import main
+from tltk.errors import RunDirError
 from tltk.features import Loading, extract, load_source
 from tltk.features.manifest import FEATURES, INDEX, MANIFEST, METADATA, is_store
 from tltk.train import checkpoint
+from tltk.train.callbacks import Callback
 from tltk.train.finetune import DataOptions, FinetuneConfig, config_of_run, finetune
 from tltk.train.trainer import TrainConfig
 
-pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 TRAINING_KILLS = 100
 EXTRACTION_KILLS = 30
@@ -187,6 +192,7 @@ def assert_same_run(run: Path, reference: Path) -> None:
 # --- the tests -----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.precision
 def test_training_killed_a_hundred_times_at_random_moments_ends_bit_identical(tmp_path: Path,
                                                                               train_precision: str) -> None:
@@ -266,6 +272,7 @@ def store_files(store: Path) -> dict[str, object]:
     return {"manifest": manifest, **{name: (store / name).read_bytes() for name in (FEATURES, METADATA, INDEX)}}
 
 
+@pytest.mark.slow
 def test_extraction_killed_at_random_moments_and_run_again_gives_the_uninterrupted_store(tmp_path: Path) -> None:
     """Each kill leaves no store or the complete one, never a partial one where readers
     look; running the command again gives the same bytes as an extraction nobody killed,
@@ -284,3 +291,64 @@ def test_extraction_killed_at_random_moments_and_run_again_gives_the_uninterrupt
     assert store_files(out) == store_files(reference)
     assert sorted(p.name for p in out.parent.iterdir()) == ["store"], "a killed attempt's files were left behind"
 
+
+
+# --- the behaviour the kills rely on, pinned fast -----------------------------------------
+
+
+class CrashAtStep(Callback):
+    """Stands in for a kill: raises after a given step."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, model, row, images) -> None:
+        if row["step"] == self.step:
+            raise KeyboardInterrupt
+
+
+def tiny_run() -> FinetuneConfig:
+    data = DataOptions("builtin:digits", classes=["0", "1", "2"], train_per_class=8)
+    return FinetuneConfig(backbone="lenet5", data=data, weights="none",
+                          train=TrainConfig(epochs=1, batch_size=8, workers=0, device="cpu"))
+
+
+def test_a_run_interrupted_before_its_first_checkpoint_resumes_from_its_start(tmp_path: Path) -> None:
+    """config.json written, no checkpoint yet: ``--resume`` starts the run again with its
+    recorded settings and ends where an uninterrupted run ends; other settings are refused."""
+    whole = finetune(tiny_run(), tmp_path / "whole")
+    run = tmp_path / "crashed"
+    with pytest.raises(KeyboardInterrupt):
+        finetune(tiny_run(), run, callbacks=[CrashAtStep(2)])  # no checkpoint_every: nothing saved
+    assert rundir.is_run(run) and not checkpoint.has_checkpoint(run) and (run / rundir.METRICS).exists()
+    changed = tiny_run()
+    changed.train.lr = 0.5
+    with pytest.raises(RunDirError, match="other settings than it started with.*lr"):
+        finetune(changed, run, resume=True)
+    done = CliRunner().invoke(main, ["finetune", "--resume", str(run), "--quiet"])
+    assert done.exit_code == 0, done.output
+    assert_same_run(run, whole.out)
+
+
+def test_resuming_a_directory_without_config_or_checkpoint_is_one_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(RunDirError, match="no checkpoint and no config.json to start again from"):
+        config_of_run(tmp_path / "empty")
+
+
+def test_extraction_removes_building_directories_of_dead_processes_only(tmp_path: Path) -> None:
+    """A killed extraction cannot remove its hidden directory; the next one into the same
+    place removes it, and leaves those of a live process or of another host alone."""
+    dead = start_child(lambda: None)
+    os.waitpid(dead, 0)
+    host = socket.gethostname()
+    leftovers = {name: tmp_path / f".store.building-{name}-abcd1234" for name in
+                 (f"{host}-{dead}", f"{host}-{os.getpid()}", f"elsewhere-{dead}")}
+    for path in leftovers.values():
+        (path / "features.f32").parent.mkdir()
+        (path / "features.f32").write_bytes(b"\0" * 64)
+    source = load_source("lenet5", weights="none", seed=0)
+    extract(source, "fc7", tmp_path / "store", "builtin:digits", split="test", classes=["0", "1"],
+            loading=Loading(batch_size=16, device="cpu", workers=0))
+    assert not leftovers[f"{host}-{dead}"].exists()
+    assert leftovers[f"{host}-{os.getpid()}"].exists() and leftovers[f"elsewhere-{dead}"].exists()

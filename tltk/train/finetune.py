@@ -207,8 +207,19 @@ def _restart_from_beginning(out: Path, record: dict[str, Any]) -> None:
 def _changed_settings(recorded: Any, given: dict[str, Any]) -> str:
     if not isinstance(recorded, dict):
         return "config.json records none"
-    keys = sorted(k for k in set(recorded) | set(given) if json.dumps(recorded.get(k)) != json.dumps(given.get(k)))
-    return "changed: " + ", ".join(keys[:5])
+    return "changed: " + ", ".join(_differences(recorded, given)[:5])
+
+
+def _differences(recorded: dict[str, Any], given: dict[str, Any], prefix: str = "") -> list[str]:
+    """The dotted names of the settings that differ (``train.lr``)."""
+    names = []
+    for key in sorted(set(recorded) | set(given)):
+        old, new = recorded.get(key), given.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            names += _differences(old, new, f"{prefix}{key}.")
+        elif json.dumps(old) != json.dumps(new):
+            names.append(prefix + key)
+    return names
 
 
 def check_resumable(run: Path) -> None:
