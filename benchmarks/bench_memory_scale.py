@@ -10,6 +10,9 @@ number when read, so nothing large is stored and only tltk's own bookkeeping can
   layer, defined here) into a new store; the
   peak is also read when the last row has streamed to disk, before the FAISS index is
   built (``rows``), since an index holds its vectors in memory by design.
+  ``--index auto`` builds an exact (flat) index below 50,000 rows and an IVF one above,
+  so ``extract-flat`` repeats it with ``--index flat`` at both sizes, to tell the IVF
+  machinery (k-means, the recall probe) from growth with the number of rows.
 - add: ``tltk.features.add_images`` of N images to a store of 1,000 (``tltk index --add``).
 - predict: ``Run.export_predictions`` of a Kaggle CSV (``tltk predict``) for the test split
   of ``synthetic:N`` carved with ``--test-split 0.95`` (95% of the images).
@@ -34,7 +37,7 @@ from pathlib import Path
 from typing import Callable
 
 REPO = Path(__file__).resolve().parents[1]
-OPERATIONS = ("extract", "add", "predict", "evaluate")
+OPERATIONS = ("extract", "add", "predict", "evaluate", "extract-flat")
 BATCH = 256
 TEST_SPLIT = 0.95  # predict and evaluate the test split: 95% of synthetic:N
 
@@ -78,15 +81,20 @@ def loading():  # noqa: ANN201 - tltk.features.Loading, imported late so the par
     return Loading(batch_size=BATCH, device="cpu", workers=0)
 
 
-def do_extract(size: int, work: Path, report: dict) -> None:
-    from tltk.features import extract, load_source
+def do_extract(size: int, work: Path, report: dict, index: str = "auto") -> None:
+    from tltk.features import IndexOptions, extract, load_source
 
     def progress(done: int, total: int) -> None:
         if done == total:
             report["rows_peak_mib"] = peak_mib()
 
     source = load_source("tiny8", weights="none", seed=0)
-    extract(source, "fc7", work / f"store-{size}", f"synthetic:{size}", loading=loading(), progress=progress)
+    extract(source, "fc7", work / f"store-{index}-{size}", f"synthetic:{size}", loading=loading(), progress=progress,
+            index=IndexOptions(kind=index))
+
+
+def do_extract_flat(size: int, work: Path, report: dict) -> None:
+    do_extract(size, work, report, index="flat")
 
 
 def do_add(size: int, work: Path, report: dict) -> None:
@@ -116,6 +124,7 @@ def do_evaluate(size: int, work: Path, report: dict) -> None:
 
 CHILD: dict[str, Callable[[int, Path, dict], None]] = {
     "extract": do_extract, "add": do_add, "predict": do_predict, "evaluate": do_evaluate,
+    "extract-flat": do_extract_flat,
 }
 
 
