@@ -163,7 +163,7 @@ def remove_abandoned_builds(path: Path) -> None:
     prefix = _building_prefix(path)
     for candidate in path.parent.glob(f"{glob.escape(prefix)}*"):
         owner = candidate.name[len(prefix):].rsplit("-", 1)[0]
-        host, _, pid = owner.rpartition("-")
+        pid = owner.rpartition("-")[2]
         if candidate.is_dir() and pid.isdigit() and owner == _owner(int(pid)) and not _alive(int(pid)):
             shutil.rmtree(candidate, ignore_errors=True)
 
