@@ -121,3 +121,18 @@ def test_synthetic_images_are_made_again_identically_from_their_row_number(monke
     assert all(s.target == int(s.id.split("/")[1]) % 10 for s in splits.train)
     with pytest.raises(DataError, match="synthetic:many names no image count"):
         load_data("synthetic:many")
+
+
+def test_a_stream_matched_to_a_sample_submission_is_joined_and_written_in_its_order(tmp_path: Path) -> None:
+    """The sample's row order needs every row, so the stream is joined first; the file is the
+    one the whole predictions give."""
+    ids = [f"{k}_{i}" for k in range(3) for i in range(4)]
+    sample = tmp_path / "sample.csv"
+    sample.write_text("image,label\n" + "".join(f"{i},x\n" for i in reversed(ids)))
+    export(PredictionStream(watched_batches(3, 4), CLASSES, "multiclass"), tmp_path / "streamed.csv", "kaggle",
+           sample_submission=str(sample))
+    whole = PredictionStream(watched_batches(3, 4), CLASSES, "multiclass").joined()
+    export(whole, tmp_path / "whole.csv", "kaggle", sample_submission=str(sample))
+    lines = (tmp_path / "streamed.csv").read_text().splitlines()
+    assert lines[0] == "image,label" and [line.split(",")[0] for line in lines[1:]] == list(reversed(ids))
+    assert (tmp_path / "streamed.csv").read_bytes() == (tmp_path / "whole.csv").read_bytes()
