@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 import torch
 
+import tltk.export as export_module
 import tltk.features.store as store_module
 import tltk.features.writing as writing_module
 import tltk.fileio as fileio
@@ -76,7 +77,7 @@ class Faults:
             monkeypatch.setattr(os, name, wrap(f"os.{name}", getattr(os, name)))
         monkeypatch.setattr(Path, "write_bytes", wrap("Path.write_bytes", Path.write_bytes))
         monkeypatch.setattr(safetensors.torch, "save_file", wrap("save_file", safetensors.torch.save_file))
-        for module in (writing_module, store_module):
+        for module in (writing_module, store_module, export_module):  # export: rows written as they come
             monkeypatch.setattr(module, "open", self._open, raising=False)
 
     def _open(self, *args: Any, **kwargs: Any) -> Any:
@@ -421,12 +422,13 @@ def test_a_checkpoint_on_a_full_tmpfs_keeps_the_previous_one(small_disk: Path) -
 
 
 def test_a_prediction_export_on_a_full_tmpfs_keeps_the_previous_file(small_disk: Path) -> None:
-    """A real ENOSPC while writing predictions.csv: the earlier file stays, the message gives the size."""
+    """A real ENOSPC while writing predictions.csv: the earlier file stays, the message gives the size
+    (rows are written as they are predicted, so the size is what had been written when the disk refused more)."""
     out = small_disk / "predictions.csv"
     export(predictions(10), out, "csv")
     before = out.read_bytes()
     fill(small_disk, leave=8_000)
-    with pytest.raises(DiskError, match=r"needed at least .* bytes"):
+    with pytest.raises(DiskError, match=r"the write had put .* bytes\) there and needed more"):
         export(predictions(5000), out, "csv")
     assert out.read_bytes() == before and leftovers(small_disk) == []
 

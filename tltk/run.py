@@ -26,6 +26,7 @@ from tltk.data.specs import parse_spec, same_data, spec_location
 from tltk.errors import DataError, RunDirError
 from tltk.evaluation import evaluate_model
 from tltk.explain import Explanation, explain_images
+from tltk.export import PredictionStream, export
 from tltk.fileio import user_path
 from tltk.layers import check_pool, resolve_layer, tap
 from tltk.model import ModelSpec, TransferModel, build_model
@@ -33,6 +34,16 @@ from tltk.predict import Predictions, as_predictions, is_unlabelled_folder, prob
 from tltk.registry import recorded_name
 from tltk.runtime import Inference, check_batch_size, resolve_device, stream_outputs
 from tltk.tta import check_tta
+
+
+@dataclass(frozen=True)
+class WrittenPredictions:
+    """Where ``Run.export_predictions`` wrote, how many rows, and the run's task."""
+
+    path: Path
+    rows: int
+    task: str
+    tta: str = "none"  # the test-time augmentation the probabilities were averaged over
 
 
 @dataclass
@@ -153,6 +164,22 @@ class Run:
             yield as_predictions(dataset.samples[done:done + len(chunk)], chunk, self.class_names, self.task, tta)
             done += len(chunk)
 
+    def export_predictions(self, out: str | Path, format: str = "kaggle", data: str | None = None,
+                           split: str = "test", *, device: str = "auto", batch_size: int = 64,
+                           workers: int | None = None, tta: str = "none",
+                           exporter_options: dict[str, Any] | None = None,
+                           **data_overrides: Any) -> WrittenPredictions:
+        """Predict and write the file ``out`` with the exporter ``format`` (``tltk predict``).
+
+        The predictions go to the exporter batch by batch (``iter_predictions``): tltk's
+        exporters write each batch as it comes, so a file of any number of rows is written
+        while memory holds one batch of probabilities."""
+        stream = PredictionStream(self.iter_predictions(data, split, device=device, batch_size=batch_size,
+                                                        workers=workers, tta=tta, **data_overrides),
+                                  self.class_names, self.task, tta)
+        path = export(stream, out, format, **(exporter_options or {}))
+        return WrittenPredictions(path, stream.rows, self.task, tta)
+
     def _probabilities(self, data: str | None, split: str, device: str, batch_size: int, workers: int | None,
                        overrides: dict[str, Any], tta: str = "none") -> tuple[ImageDataset, Iterator[np.ndarray]]:
         """The images to predict and their probabilities batch by batch, as the run trained."""
@@ -222,6 +249,12 @@ def evaluate(run: str | Path | Run, data: str | None = None, split: str = "test"
 def predict(run: str | Path | Run, data: str | None = None, split: str = "test", **options: Any) -> Predictions:
     """``Run.predict`` for a run directory or a loaded run (what ``tltk predict`` writes)."""
     return as_run(run).predict(data, split, **options)
+
+
+def export_predictions(run: str | Path | Run, out: str | Path, format: str = "kaggle", data: str | None = None,
+                       split: str = "test", **options: Any) -> WrittenPredictions:
+    """``Run.export_predictions`` for a run directory or a loaded run (what ``tltk predict`` does)."""
+    return as_run(run).export_predictions(out, format, data, split, **options)
 
 
 def iter_predictions(run: str | Path | Run, data: str | None = None, split: str = "test",
@@ -326,5 +359,5 @@ def align_to_run_classes(samples: Sequence[Sample], data_classes: list[str], run
     return [Sample(s.source, index[data_classes[s.target]], s.id) for s in samples]
 
 
-__all__ = ["DATA_SETTINGS", "Run", "align_to_run_classes", "as_run", "check_recorded_data", "evaluate",
-           "iter_predictions", "load_run", "predict", "recorded_data_options"]
+__all__ = ["DATA_SETTINGS", "Run", "WrittenPredictions", "align_to_run_classes", "as_run", "check_recorded_data",
+           "evaluate", "export_predictions", "iter_predictions", "load_run", "predict", "recorded_data_options"]

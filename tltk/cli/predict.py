@@ -32,19 +32,19 @@ def predict(run: str, data_spec: str | None, split: str, out_file: str, fmt: str
             device: str, batch_size: int, tta: str, as_json: bool) -> None:
     """Predict with RUN (a run directory, or a model.onnx from `tltk export`) and write one row per image,
     in the order of the input listing."""
-    from tltk.deploy import predict as run_predict
-    from tltk.export import export
+    from tltk.deploy import export_predictions
 
-    predictions = run_predict(run, data_spec, split, device=device, batch_size=batch_size, tta=tta, image_root=image_root,
-                              image_column=image_column, label_column=label_column)
-    path = export(predictions, out_file, fmt, label_as=label_as, multilabel_as=multilabel_as, threshold=threshold,
-                  sample_submission=sample_submission, id_from=id_from)
+    written = export_predictions(run, out_file, fmt, data_spec, split, device=device, batch_size=batch_size, tta=tta,
+                                 exporter_options=dict(label_as=label_as, multilabel_as=multilabel_as,
+                                                       threshold=threshold, sample_submission=sample_submission,
+                                                       id_from=id_from),
+                                 image_root=image_root, image_column=image_column, label_column=label_column)
     if as_json:
-        print_json({"out": str(path), "rows": len(predictions), "format": fmt, "task": predictions.task,
-                    "tta": predictions.tta})
+        print_json({"out": str(written.path), "rows": written.rows, "format": fmt, "task": written.task,
+                    "tta": written.tta})
         return
-    augmented = f", test-time augmentation {predictions.tta}" if predictions.tta != "none" else ""
-    out.print(f"wrote {len(predictions)} predictions ({predictions.task}{augmented}) to {path} as {fmt}")
+    augmented = f", test-time augmentation {written.tta}" if written.tta != "none" else ""
+    out.print(f"wrote {written.rows} predictions ({written.task}{augmented}) to {written.path} as {fmt}")
 
 
 

@@ -8,8 +8,8 @@ checks it against the run before it counts as written, and predicts with an ONNX
 
 from tltk.deploy.card import ModelCard
 from tltk.deploy.files import FORMATS, open_model
-from tltk.deploy.predict import predict, predict_onnx
+from tltk.deploy.predict import export_predictions, predict, predict_onnx
 from tltk.deploy.write import PARITY_TOLERANCE, ExportResult, ParityError, export_model
 
 __all__ = ["FORMATS", "PARITY_TOLERANCE", "ExportResult", "ModelCard", "ParityError", "export_model", "open_model",
-           "predict", "predict_onnx"]
+           "export_predictions", "predict", "predict_onnx"]

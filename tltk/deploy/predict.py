@@ -18,6 +18,9 @@ from tltk.data import ImageDataset, load_data
 from tltk.deploy.card import ModelCard
 from tltk.deploy.files import open_onnx
 from tltk.predict import Predictions, as_predictions, is_unlabelled_folder, unlabelled_samples
+from tltk.export import export
+from tltk.run import WrittenPredictions
+from tltk.run import export_predictions as run_export_predictions
 from tltk.run import predict as run_predict
 from tltk.run import recorded_data_options
 from tltk.runtime import check_batch_size, default_workers, make_loader, resolve_device
@@ -31,6 +34,19 @@ def predict(target: str | Path, data: str | None = None, split: str = "test", **
     if path.is_file():
         return predict_onnx(path, data, split, **options)
     return run_predict(target, data, split, **options)
+
+
+def export_predictions(target: str | Path, out: str | Path, format: str = "kaggle", data: str | None = None,
+                       split: str = "test", *, exporter_options: dict[str, Any] | None = None,
+                       **options: Any) -> WrittenPredictions:
+    """What ``tltk predict`` does: predict with a run directory (streamed batch by batch into the
+    exporter) or a model file (onnxruntime), and write ``out`` with the exporter ``format``."""
+    path = Path(target).expanduser()
+    if not path.is_file():
+        return run_export_predictions(target, out, format, data, split, exporter_options=exporter_options, **options)
+    predictions = predict_onnx(path, data, split, **options)
+    written = export(predictions, out, format, **(exporter_options or {}))
+    return WrittenPredictions(written, len(predictions), predictions.task, predictions.tta)
 
 
 def predict_onnx(model_file: str | Path, data: str | None = None, split: str = "test", *, device: str = "auto",

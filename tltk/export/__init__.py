@@ -12,13 +12,15 @@ everything before writing.
 from __future__ import annotations
 
 import json
-from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path, PurePath
-from typing import Any, Callable
+from typing import IO, Any, Callable, Iterable, Iterator
+
+import numpy as np
 
 from tltk.data.images import IMAGE_EXTENSIONS
 from tltk.errors import TltkError
-from tltk.fileio import user_path, write_text
+from tltk.fileio import atomic_write, user_path
 from tltk.kinds import option_help
 from tltk.predict import Predictions
 from tltk.registry import EXPORTERS, PluginError, build
@@ -27,9 +29,47 @@ Exporter = Callable[..., None]
 ID_SOURCES = ("stem", "path", "index")
 
 
-def export(predictions: Predictions, out: str | Path, format: str = "csv", **options: Any) -> Path:
+@dataclass
+class PredictionStream:
+    """Predictions that arrive one batch at a time (``Run.iter_predictions``), so that a file
+    of any number of rows is written while memory holds one batch.
+
+    tltk's own exporters write each batch as it comes (they are marked with
+    ``writes_batches``); another exporter is given the batches joined into one
+    ``Predictions``, as its contract says. ``rows`` counts the rows handed out so far.
+    """
+
+    batches: Iterable[Predictions]
+    class_names: list[str]
+    task: str
+    tta: str = "none"  # the test-time augmentation the probabilities were averaged over (tltk.tta)
+    rows: int = 0
+
+    def __iter__(self) -> Iterator[Predictions]:
+        for batch in self.batches:
+            self.rows += len(batch)
+            yield batch
+
+    def joined(self) -> Predictions:
+        """Every batch in one ``Predictions``: for what needs all rows at once."""
+        parts = list(self)
+        probabilities = (np.concatenate([p.probabilities for p in parts]) if parts
+                         else np.zeros((0, len(self.class_names)), np.float32))
+        return Predictions([i for p in parts for i in p.ids], [x for p in parts for x in p.paths], probabilities,
+                           list(self.class_names), self.task, self.tta)
+
+
+def writes_batches(exporter: Exporter) -> Exporter:
+    """Mark an exporter that takes a ``PredictionStream`` as well as ``Predictions``."""
+    exporter.writes_batches = True  # type: ignore[attr-defined]
+    return exporter
+
+
+def export(predictions: Predictions | PredictionStream, out: str | Path, format: str = "csv", **options: Any) -> Path:
     """Write ``predictions`` to ``out`` with the exporter ``format``; options left None are not given."""
     path = user_path(out)
+    if isinstance(predictions, PredictionStream) and not getattr(EXPORTERS.get(format), "writes_batches", False):
+        predictions = predictions.joined()
     build("exporter", format, predictions, path, **options)
     if not path.is_file():
         raise PluginError(f"exporter '{format}' from {EXPORTERS.origin(format)} wrote no file at {path}; "
@@ -37,20 +77,62 @@ def export(predictions: Predictions, out: str | Path, format: str = "csv", **opt
     return path
 
 
+def batches(predictions: Predictions | PredictionStream) -> Iterable[Predictions]:
+    return [predictions] if isinstance(predictions, Predictions) else predictions
+
+
+@dataclass
+class RowIds:
+    """Row ids batch after batch: the image's file stem (Kaggle's usual id), its relative
+    path, or its row index. An id given twice is collected and refused by ``check``, once
+    every row is seen (the file being written is then dropped)."""
+
+    id_from: str
+    count: int = 0
+    seen: set[str] = field(default_factory=set)
+    repeated: set[str] = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        if self.id_from not in ID_SOURCES:
+            raise TltkError(f"--id-from '{self.id_from}' is not one of {', '.join(ID_SOURCES)}.")
+
+    def of(self, predictions: Predictions) -> list[str]:
+        start, self.count = self.count, self.count + len(predictions)
+        if self.id_from == "index":
+            return [str(i) for i in range(start, self.count)]
+        ids = [image_stem(i) if self.id_from == "stem" else i for i in predictions.ids]
+        for row_id in ids:
+            if row_id in self.seen:
+                self.repeated.add(row_id)
+            self.seen.add(row_id)
+        return ids
+
+    def check(self) -> None:
+        if self.repeated:
+            duplicated = sorted(self.repeated)
+            raise TltkError(
+                f"{len(duplicated)} id(s) occur more than once with --id-from {self.id_from} (first: {duplicated[0]}); "
+                f"use --id-from path."
+            )
+
+
 def output_ids(predictions: Predictions, id_from: str) -> list[str]:
-    """Row ids: the image's file stem (Kaggle's usual id), its relative path, or its row index."""
-    if id_from not in ID_SOURCES:
-        raise TltkError(f"--id-from '{id_from}' is not one of {', '.join(ID_SOURCES)}.")
-    if id_from == "index":
-        return [str(i) for i in range(len(predictions))]
-    ids = [image_stem(i) if id_from == "stem" else i for i in predictions.ids]
-    duplicated = sorted(i for i, count in Counter(ids).items() if count > 1)
-    if duplicated:
-        raise TltkError(
-            f"{len(duplicated)} id(s) occur more than once with --id-from {id_from} (first: {duplicated[0]}); "
-            f"use --id-from path."
-        )
-    return ids
+    """Every row's id (see ``RowIds``); ids given twice are one error."""
+    ids = RowIds(id_from)
+    rows = ids.of(predictions)
+    ids.check()
+    return rows
+
+
+def write_rows(out: Path, write: Callable[[IO[str]], None]) -> None:
+    """Write a text file row by row into a temporary file renamed over ``out`` at the end (see
+    ``tltk.fileio``); file names that were not UTF-8 on disk are written back as their bytes."""
+
+    def to_file(tmp: Path) -> None:
+        with open(tmp, "w", encoding="utf-8", errors="surrogateescape", newline="") as handle:
+            write(handle)
+
+    atomic_write(out, to_file)
 
 
 def image_stem(path: str) -> str:
@@ -68,28 +150,41 @@ def label_sets(predictions: Predictions, threshold: float) -> list[list[str]]:
     return [[names[i]] for i in predictions.predicted_index()]
 
 
+@writes_batches
 @option_help(threshold="multi-label: probability at which a label is predicted", id_from="row ids: stem, path or index")
-def csv_exporter(predictions: Predictions, out: Path, *, threshold: float = 0.5, id_from: str = "path") -> None:
+def csv_exporter(predictions: Predictions | PredictionStream, out: Path, *, threshold: float = 0.5,
+                 id_from: str = "path") -> None:
     """id, path, predicted label(s) and one probability column per class."""
     import csv
-    import io
 
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["id", "path", "predicted", *predictions.class_names])
-    rows = zip(output_ids(predictions, id_from), predictions.paths, label_sets(predictions, threshold), predictions.probabilities)
-    for row_id, path, labels, probs in rows:
-        writer.writerow([row_id, path, " ".join(labels), *(f"{p:.6g}" for p in probs)])
-    write_text(out, buffer.getvalue())
+    ids = RowIds(id_from)
+
+    def write(handle: IO[str]) -> None:
+        writer = csv.writer(handle, lineterminator="\n")
+        writer.writerow(["id", "path", "predicted", *predictions.class_names])
+        for batch in batches(predictions):
+            rows = zip(ids.of(batch), batch.paths, label_sets(batch, threshold), batch.probabilities)
+            for row_id, path, labels, probs in rows:
+                writer.writerow([row_id, path, " ".join(labels), *(f"{p:.6g}" for p in probs)])
+        ids.check()
+
+    write_rows(out, write)
 
 
+@writes_batches
 @option_help(threshold="multi-label: probability at which a label is predicted", id_from="row ids: stem, path or index")
-def jsonl_exporter(predictions: Predictions, out: Path, *, threshold: float = 0.5, id_from: str = "path") -> None:
+def jsonl_exporter(predictions: Predictions | PredictionStream, out: Path, *, threshold: float = 0.5,
+                   id_from: str = "path") -> None:
     """One JSON object per image: id, path, predicted label(s), probabilities by class."""
-    lines = []
-    rows = zip(output_ids(predictions, id_from), predictions.paths, label_sets(predictions, threshold), predictions.probabilities)
-    for row_id, path, labels, probs in rows:
-        record = {"id": row_id, "path": path, "predicted": labels,
-                  "probabilities": {name: float(p) for name, p in zip(predictions.class_names, probs)}}
-        lines.append(json.dumps(record))
-    write_text(out, "\n".join(lines) + ("\n" if lines else ""))
+    ids = RowIds(id_from)
+
+    def write(handle: IO[str]) -> None:
+        for batch in batches(predictions):
+            rows = zip(ids.of(batch), batch.paths, label_sets(batch, threshold), batch.probabilities)
+            for row_id, path, labels, probs in rows:
+                record = {"id": row_id, "path": path, "predicted": labels,
+                          "probabilities": {name: float(p) for name, p in zip(batch.class_names, probs)}}
+                handle.write(json.dumps(record) + "\n")
+        ids.check()
+
+    write_rows(out, write)

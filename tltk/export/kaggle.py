@@ -11,11 +11,12 @@ from __future__ import annotations
 import csv
 import io
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 
 from tltk.errors import TltkError
-from tltk.export import label_sets, output_ids
+from tltk.export import PredictionStream, RowIds, batches, label_sets, output_ids, write_rows, writes_batches
 from tltk.fileio import write_text
 from tltk.kinds import option_help
 from tltk.predict import Predictions
@@ -24,12 +25,13 @@ LABEL_AS = ("name", "index")
 MULTILABEL_AS = ("probs", "labels")
 
 
+@writes_batches
 @option_help(label_as="multi-class: name or index of the class", multilabel_as="multi-label: probs or labels",
              threshold="multi-label: probability at which a label is predicted",
              sample_submission="match this file's header, id column and row order",
              id_from="row ids: stem, path or index")
 def kaggle_exporter(
-    predictions: Predictions,
+    predictions: Predictions | PredictionStream,
     out: Path,
     *,
     label_as: str = "name",
@@ -38,17 +40,47 @@ def kaggle_exporter(
     sample_submission: str | None = None,
     id_from: str = "stem",
 ) -> None:
-    """A submission CSV: ``id,label`` (multi-class) or per-class probabilities / label lists."""
+    """A submission CSV: ``id,label`` (multi-class) or per-class probabilities / label lists.
+
+    Rows are written as their batches come, in input order, so a submission of any size
+    holds one batch in memory; matching a sample file's row order needs every row first."""
     _check_choice("--label-as", label_as, LABEL_AS)
     _check_choice("--multilabel-as", multilabel_as, MULTILABEL_AS)
+    if sample_submission is not None:
+        whole = predictions.joined() if isinstance(predictions, PredictionStream) else predictions
+        _write_in_sample_order(whole, out, label_as, multilabel_as, threshold, Path(sample_submission).expanduser(),
+                               id_from)
+        return
+    ids = RowIds(id_from)
+
+    def write(handle: IO[str]) -> None:
+        writer = csv.writer(handle, lineterminator="\n")
+        for number, batch in enumerate(batches(predictions)):
+            header, values = _columns(batch, label_as, multilabel_as, threshold)
+            if number == 0:
+                writer.writerow(header)
+            writer.writerows([row_id, *row] for row_id, row in zip(ids.of(batch), values))
+        if ids.count == 0:
+            writer.writerow(_columns(_no_rows(predictions), label_as, multilabel_as, threshold)[0])
+        ids.check()
+
+    write_rows(out, write)
+
+
+def _write_in_sample_order(predictions: Predictions, out: Path, label_as: str, multilabel_as: str, threshold: float,
+                           sample: Path, id_from: str) -> None:
     ids = output_ids(predictions, id_from)
     header, values = _columns(predictions, label_as, multilabel_as, threshold)
     rows = dict(zip(ids, values))
-    if sample_submission is not None:
-        header, order = _match_sample(Path(sample_submission).expanduser(), header, rows, predictions.class_names)
-        values_by_column = _reorder_columns(header, rows, predictions, multilabel_as)
-        rows = {row_id: values_by_column[row_id] for row_id in order}
-    write_text(out, _csv_text(header, rows))
+    header, order = _match_sample(sample, header, rows, predictions.class_names)
+    values_by_column = _reorder_columns(header, rows, predictions, multilabel_as)
+    write_text(out, _csv_text(header, {row_id: values_by_column[row_id] for row_id in order}))
+
+
+def _no_rows(predictions: Predictions | PredictionStream) -> Predictions:
+    """An empty ``Predictions`` of the same classes and task: the header of a file without rows."""
+    return Predictions([], [], np.zeros((0, len(predictions.class_names)), np.float32), list(predictions.class_names),
+                       predictions.task)
 
 
 def _check_choice(option: str, value: str, choices: tuple[str, ...]) -> None:

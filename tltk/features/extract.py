@@ -67,7 +67,12 @@ class DataSelection:
     options: dict[str, Any]
     split: str
     splits: DataSplits
-    samples: list[tuple[str, Sample]]
+    samples: list[Sample]
+    split_starts: list[tuple[int, str]]  # (first position, split name) of each split in ``samples``
+
+    def split_at(self, position: int) -> str:
+        """The split of the sample at ``position`` (kept as boundaries, not one name per row)."""
+        return next(name for start, name in reversed(self.split_starts) if start <= position)
 
     def entry(self, start: int) -> dict[str, Any]:
         """What the manifest records about this data: enough to load its pixels again."""
@@ -75,7 +80,7 @@ class DataSelection:
                 "rows": [start, start + len(self.samples)]}
 
     def row(self, position: int, data_index: int) -> dict[str, Any]:
-        split, sample = self.samples[position]
+        split, sample = self.split_at(position), self.samples[position]
         names = self.splits.class_names
         row: dict[str, Any] = {"id": sample.id, "split": split, "labels": [names[i] for i in positives(sample.target)],
                                "data": data_index}
@@ -99,16 +104,16 @@ def select_data(source: FeatureSource, data: str | None, split: str = "all", **o
         raise TltkError(f"--split '{split}' is not one of {', '.join(SPLITS)}.")
     spec, options = _data_settings(source, data, overrides)
     splits = load_data(spec, **options)
-    if split == "all":
-        samples = [(name, s) for name in ("train", "val", "test") for s in getattr(splits, name)]
-        if not samples:
-            raise DataError(f"{spec} holds no images; check the --data spec.")
-    else:
-        samples = [(split, s) for s in splits.split(split)]
+    names = ("train", "val", "test") if split == "all" else (split,)
+    parts = [getattr(splits, name) if split == "all" else splits.split(name) for name in names]
+    samples = [s for part in parts for s in part]
+    if not samples:
+        raise DataError(f"{spec} holds no images; check the --data spec.")
+    starts = [sum(len(p) for p in parts[:i]) for i in range(len(parts))]
     # The manifest records where the data is in absolute form, so a store's pictures load from any folder.
     if options.get("image_root") is not None:
         options = {**options, "image_root": absolute_path(options["image_root"])}
-    return DataSelection(absolute_spec(spec), options, split, splits, samples)
+    return DataSelection(absolute_spec(spec), options, split, splits, samples, list(zip(starts, names)))
 
 
 def _data_settings(source: FeatureSource, data: str | None, overrides: dict[str, Any]) -> tuple[str, dict[str, Any]]:
@@ -145,7 +150,7 @@ def feature_chunks(
 
     loading.check()
     positions = rows if rows is not None else range(len(selection.samples))
-    dataset = ImageDataset([selection.samples[p][1] for p in positions], source_transform(source), selection.splits.arrays)
+    dataset = ImageDataset(selection.samples[positions.start:positions.stop], source_transform(source), selection.splits.arrays)
     done = positions.start
     with tap(source.model, layer, pool) as features_of:
         for vectors, _ in stream_outputs(source.model, dataset, loading.inference(), forward=features_of):

@@ -23,9 +23,11 @@ and leaves the store as it was, with a ``DiskError`` naming the file and the spa
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
+import socket
 import tempfile
 import time
 from pathlib import Path
@@ -147,7 +149,8 @@ def _build(path: Path, chunks: Iterable[Chunk], header: dict[str, Any], metric: 
     check_store_target(path, overwrite)
     with disk_errors(path):
         path.parent.mkdir(parents=True, exist_ok=True)
-        building = Path(tempfile.mkdtemp(prefix=f".{path.name}.building-", dir=path.parent))
+        remove_abandoned_builds(path)
+        building = Path(tempfile.mkdtemp(prefix=f"{_building_prefix(path)}{_owner(os.getpid())}-", dir=path.parent))
     building.chmod(0o777 & ~_umask())  # mkdtemp makes it private; a store is an ordinary directory
     try:
         writer = RowWriter(building / FEATURES, building / METADATA, progress=progress, total=total, store=path)
@@ -181,6 +184,41 @@ def _build(path: Path, chunks: Iterable[Chunk], header: dict[str, Any], metric: 
         raise
     built.path = path
     return built
+
+
+def _building_prefix(path: Path) -> str:
+    return f".{path.name}.building-"
+
+
+def _owner(pid: int) -> str:
+    """Which process builds a directory, as its name records it: host and process id."""
+    return f"{socket.gethostname()}-{pid}"
+
+
+def remove_abandoned_builds(path: Path) -> None:
+    """Delete the hidden building directories of ``path`` left by killed processes of this host.
+
+    A build that is killed (SIGKILL, power cut) cannot remove its own directory, and a
+    store re-extracted after many kills would otherwise pile them up beside it. A directory
+    is abandoned when the process its name records is gone; one of a live process (a
+    concurrent build) or of another host (a shared file system) is left alone.
+    """
+    prefix = _building_prefix(path)
+    for candidate in path.parent.glob(f"{glob.escape(prefix)}*"):
+        owner = candidate.name[len(prefix):].rsplit("-", 1)[0]
+        pid = owner.rpartition("-")[2]
+        if candidate.is_dir() and pid.isdigit() and owner == _owner(int(pid)) and not _alive(int(pid)):
+            shutil.rmtree(candidate, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def check_store_target(path: Path, overwrite: bool) -> None:

@@ -6,6 +6,7 @@ before the run directory is touched, so bad input leaves nothing half-written.
 
 from __future__ import annotations
 
+import json
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -167,7 +168,8 @@ def _finetune(
     train_set, val_set = _datasets(data, preprocessing, config.train.augment)
     # A run resumes with the number of processes it started with: the data order depends on it.
     fingerprinted = config.to_dict() | ({"processes": context.world_size} if context.active else {})
-    checkpoints = Checkpointing(out, fingerprinted, saving, resume, context=context)
+    # A run interrupted before its first checkpoint starts again from its beginning.
+    checkpoints = Checkpointing(out, fingerprinted, saving, resume and checkpoint.has_checkpoint(out), context=context)
     log = rundir.MetricsLog.open(out) if main else None
     try:
         fitted = fit(model, strategy, train_set, val_set, config.train, log=log, reporter=reporter,
@@ -246,22 +248,65 @@ def find_learning_rate(config: FinetuneConfig, settings: LrFinderSettings | None
 
 
 def _prepare_run_dir(out: Path, resume: bool, overwrite: bool, record: dict[str, Any]) -> None:
-    if resume:
+    if resume and checkpoint.has_checkpoint(out):
         checkpoint.rewind_metrics_log(out, checkpoint.read_training_state(out))
+        return
+    if resume:
+        _restart_from_beginning(out, record)
         return
     rundir.prepare_out_dir(out, overwrite)
     checkpoint.remove_checkpoint(out)
     rundir.write_config(out, record)
 
 
+def _restart_from_beginning(out: Path, record: dict[str, Any]) -> None:
+    """Resume a run that was interrupted before its first checkpoint: nothing it computed
+    survives, so it starts again from step 0 with the settings it recorded. config.json
+    stays in place throughout (it is replaced, never removed), so a kill during this
+    restart leaves a directory that can still be resumed."""
+    recorded = rundir.read_config(out).get("finetune")
+    if json.loads(json.dumps(recorded)) != json.loads(json.dumps(record["finetune"])):
+        changed = _changed_settings(recorded, record["finetune"])
+        raise RunDirError(f"cannot resume {out} with other settings than it started with ({changed}); "
+                          f"resume with `tltk finetune --resume {out}` alone, or start a new run in another --out.")
+    for name in (rundir.METRICS, rundir.WEIGHTS, rundir.SUMMARY):
+        (out / name).unlink(missing_ok=True)
+    checkpoint.remove_checkpoint(out)  # a save killed before its manifest leaves only temporary files
+    rundir.write_config(out, record)
+
+
+def _changed_settings(recorded: Any, given: dict[str, Any]) -> str:
+    if not isinstance(recorded, dict):
+        return "config.json records none"
+    return "changed: " + ", ".join(_differences(recorded, given)[:5])
+
+
+def _differences(recorded: dict[str, Any], given: dict[str, Any], prefix: str = "") -> list[str]:
+    """The dotted names of the settings that differ (``train.lr``)."""
+    names = []
+    for key in sorted(set(recorded) | set(given)):
+        old, new = recorded.get(key), given.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            names += _differences(old, new, f"{prefix}{key}.")
+        elif json.dumps(old) != json.dumps(new):
+            names.append(prefix + key)
+    return names
+
+
 def check_resumable(run: Path) -> None:
-    """A run can be resumed when it holds a checkpoint; a finished one has none left."""
+    """A run can be resumed when it holds a checkpoint, or when it was interrupted before
+    its first one (config.json written, no checkpoint, no summary): then it starts again
+    from its beginning. A finished run has no checkpoint left and cannot be resumed."""
     if not run.is_dir():
         raise RunDirError(f"cannot resume {run}: no such run directory; pass the --out of an interrupted `tltk finetune`.")
-    if not checkpoint.has_checkpoint(run):
-        finished = (run / rundir.SUMMARY).is_file()
-        why = "it finished (the checkpoint is removed at the end)" if finished else "it holds no checkpoint"
-        raise RunDirError(f"cannot resume {run}: {why}; start a new run with `tltk finetune --out`.")
+    if checkpoint.has_checkpoint(run):
+        return
+    if (run / rundir.SUMMARY).is_file():
+        raise RunDirError(f"cannot resume {run}: it finished (the checkpoint is removed at the end); "
+                          "start a new run with `tltk finetune --out`.")
+    if not (run / rundir.CONFIG).is_file():
+        raise RunDirError(f"cannot resume {run}: it holds no checkpoint and no {rundir.CONFIG} to start again from; "
+                          "start a new run with `tltk finetune --out`.")
 
 
 def records_absolute_paths(run: Path) -> bool:
