@@ -304,6 +304,8 @@ def _summary(
         "best_epoch": fitted.best_epoch,
         "precision": fitted.precision,
         "feature_cache": fitted.feature_cache,
+        "image_cache": fitted.image_cache,
+        "threads": fitted.threads,
         "task": train.task,
         "monitor": train.monitored,
         "best_" + train.monitored: fitted.best_metric,
