@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
+
 import pytest
 import torch
 
@@ -22,6 +25,9 @@ def pytest_configure(config: pytest.Config) -> None:
                                        "tests a second time with --precision other, so both paths run on every CPU")
     config.addinivalue_line("markers", "slow: an end-to-end test of several processes; left out of a plain `pytest` "
                                        "(`-m slow` runs them; `make test` runs every test)")
+    # Decoded training images go to a folder of the test session's own, not the user's cache
+    # (set before any test builds the environment of a `tltk` subprocess).
+    os.environ.setdefault("TLTK_CACHE", tempfile.mkdtemp(prefix="tltk-test-cache-"))
 
 
 def precision_for(choice: str) -> str:
