@@ -89,9 +89,7 @@ class BatchAugment:
     def decode(self, image: Any) -> torch.Tensor:
         """One image as uint8 3 x h x w at the stored size. A single-channel image is
         resized first and repeated to three channels after, which gives the same pixels."""
-        from tltk.data.transforms import _pixels
-
-        pixels = _pixels(image)
+        pixels = image_pixels(image)
         if pixels.dtype != torch.uint8:
             raise DataError(f"Expected 8-bit images, got {pixels.dtype}; convert the arrays to uint8.")
         if list(pixels.shape[-2:]) != list(self.stored_size):
@@ -107,7 +105,7 @@ class BatchAugment:
     def __call__(self, stored: torch.Tensor, seeds: Sequence[int] | None = None) -> torch.Tensor:
         """A batch of stored uint8 images (B x 3 x h x w) to normalised float32 (B x 3 x H x W)."""
         if self.augment == "light":
-            values = self._light(stored, self.draws(_seeds(seeds, len(stored)))).to(torch.float32)
+            values = self._light(stored, self.draws(_seeds(seeds, len(stored))))
         elif self.augment == "standard":
             values = self._standard(stored, self.draws(_seeds(seeds, len(stored))))
         else:
@@ -115,19 +113,17 @@ class BatchAugment:
         return values.mul(self._scale).sub_(self._shift)
 
     def _light(self, stored: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-        """Reflect-padded random crop and flip, as one gather of whole pixels."""
+        """Reflect-padded random crop and flip: whole pixels copied, so exact. The padding is
+        the same for every image, so it is one operation; each crop is then a view of it."""
         height, width = self.size
         pad = max(1, min(self.size) // 8)
-        top = (u[:, 0] * (2 * pad + 1)).floor().long()
-        left = (u[:, 1] * (2 * pad + 1)).floor().long()
+        padded = nnf.pad(stored.to(torch.float32), (pad, pad, pad, pad), mode="reflect")
+        top = (u[:, 0] * (2 * pad + 1)).floor().long().tolist()
+        left = (u[:, 1] * (2 * pad + 1)).floor().long().tolist()
+        out = torch.stack([padded[i, :, t:t + height, l:l + width] for i, (t, l) in enumerate(zip(top, left))])
         flip = u[:, 2] < 0.5
-        rows = _reflect(top[:, None] - pad + torch.arange(height), height)
-        columns = torch.arange(width)
-        columns = torch.where(flip[:, None], columns.flip(0), columns)
-        columns = _reflect(left[:, None] - pad + columns, width)
-        batch = torch.arange(len(stored))[:, None, None]
-        picked = stored[batch, :, rows[:, :, None], columns[:, None, :]]  # B x H x W x C
-        return picked.permute(0, 3, 1, 2)
+        out[flip] = out[flip].flip(-1)
+        return out
 
     def _standard(self, stored: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         grid = self._crop_grid(u, stored.shape[-2], stored.shape[-1])
@@ -137,21 +133,30 @@ class BatchAugment:
 
     def _crop_grid(self, u: torch.Tensor, stored_h: int, stored_w: int) -> torch.Tensor:
         """Where each output pixel samples the stored image, in grid_sample's -1..1 units:
-        a random crop, flipped and rotated about its centre. The per-image numbers are
-        worked out one image at a time (exp, sin and cos must not depend on how many
-        images share a vector register); the grid from them by elementwise arithmetic."""
+        a random crop, flipped and rotated about its centre.
+
+        The map is affine, so each source coordinate is a per-row term plus a per-column
+        term: two small tables per image (worked out one image at a time in float64: exp,
+        sin and cos must not depend on how many images share a vector register) and one
+        elementwise sum per coordinate."""
         rows = [_crop_numbers(draw.tolist(), stored_h, stored_w) for draw in u]
         centre_x, centre_y, half_w, half_h, cos, sin = (
-            torch.tensor(column, dtype=torch.float64)[:, None, None] for column in zip(*rows))
+            torch.tensor(column, dtype=torch.float64)[:, None] for column in zip(*rows))
         height, width = self.size
         # Output pixel centres in -1..1, then in the crop's pixels from its centre.
-        xs = ((torch.arange(width, dtype=torch.float64) + 0.5) * 2 / width - 1)[None, None, :]
-        ys = ((torch.arange(height, dtype=torch.float64) + 0.5) * 2 / height - 1)[None, :, None]
-        dx, dy = xs * half_w, ys * half_h
-        source_x = centre_x + cos * dx - sin * dy
-        source_y = centre_y + sin * dx + cos * dy
-        grid = torch.stack([source_x * (2 / stored_w) - 1, source_y * (2 / stored_h) - 1], dim=-1)
-        return grid.to(torch.float32)
+        xs = ((torch.arange(width, dtype=torch.float64) + 0.5) * 2 / width - 1)[None, :] * half_w
+        ys = ((torch.arange(height, dtype=torch.float64) + 0.5) * 2 / height - 1)[None, :] * half_h
+        to_x, to_y = 2 / stored_w, 2 / stored_h
+        # source_x = centre_x + cos * x - sin * y and source_y = centre_y + sin * x + cos * y,
+        # scaled to -1..1: the column terms carry the centre and the -1.
+        x_by_column = ((centre_x + cos * xs) * to_x - 1).to(torch.float32)
+        x_by_row = ((-sin * ys) * to_x).to(torch.float32)
+        y_by_column = ((centre_y + sin * xs) * to_y - 1).to(torch.float32)
+        y_by_row = ((cos * ys) * to_y).to(torch.float32)
+        grid = torch.empty(len(u), height, width, 2, dtype=torch.float32)
+        torch.add(x_by_row[:, :, None], x_by_column[:, None, :], out=grid[..., 0])
+        torch.add(y_by_row[:, :, None], y_by_column[:, None, :], out=grid[..., 1])
+        return grid
 
 
 def _crop_numbers(u: list[float], stored_h: int, stored_w: int) -> tuple[float, ...]:
@@ -165,6 +170,18 @@ def _crop_numbers(u: list[float], stored_h: int, stored_w: int) -> tuple[float, 
     flip = -1.0 if u[4] < 0.5 else 1.0
     angle = math.radians(MAX_ROTATION_DEGREES * (2 * u[5] - 1))
     return centre_x, centre_y, flip * crop_w / 2, crop_h / 2, math.cos(angle), math.sin(angle)
+
+
+def image_pixels(image: Any) -> torch.Tensor:
+    """A PIL image or an array-row tensor as a plain C x H x W tensor (what ``ToImage`` gives)."""
+    if isinstance(image, torch.Tensor):
+        pixels = image.as_subclass(torch.Tensor)
+    elif isinstance(image, np.ndarray):
+        pixels = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1) if image.ndim == 3 else torch.from_numpy(image)
+    else:
+        pixels = F.pil_to_tensor(image)
+    return pixels.unsqueeze(0) if pixels.ndim == 2 else pixels
+
 
 
 def _seeds(seeds: Sequence[int] | None, count: int) -> Sequence[int]:

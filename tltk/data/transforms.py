@@ -20,6 +20,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
+from tltk.data.augment import BatchAugment, SeededAugment, image_pixels
 from tltk.data.images import load_image
 from tltk.data.samples import Sample
 from tltk.errors import DataError
@@ -57,8 +58,6 @@ def build_transforms(
     mean3, std3 = _three_channels(mean, "mean"), _three_channels(std, "std")
     if augment == "none" or not train:
         return FixedPreprocess(size, mean3, std3)
-    from tltk.data.augment import BatchAugment, SeededAugment
-
     return SeededAugment(BatchAugment(size, tuple(mean3), tuple(std3), augment))  # type: ignore[arg-type]
 
 
@@ -82,7 +81,7 @@ class FixedPreprocess:
         self.shift = self.mean / std_t
 
     def __call__(self, image: Any) -> torch.Tensor:
-        pixels = _pixels(image)
+        pixels = image_pixels(image)
         if list(pixels.shape[-2:]) != self.size:
             pixels = F.resize(pixels, self.size, antialias=True)
         scale = self.inv_std / 255.0 if pixels.dtype == torch.uint8 else self.inv_std
@@ -93,17 +92,6 @@ class FixedPreprocess:
 
     def __repr__(self) -> str:
         return f"FixedPreprocess(size={tuple(self.size)})"
-
-
-def _pixels(image: Any) -> torch.Tensor:
-    """A PIL image or an array-row tensor as a plain C x H x W tensor (what ``ToImage`` gives)."""
-    if isinstance(image, torch.Tensor):
-        pixels = image.as_subclass(torch.Tensor)
-    elif isinstance(image, np.ndarray):
-        pixels = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1) if image.ndim == 3 else torch.from_numpy(image)
-    else:
-        pixels = F.pil_to_tensor(image)
-    return pixels.unsqueeze(0) if pixels.ndim == 2 else pixels
 
 
 # Steps that map an image to the same output every time they see it.
