@@ -37,17 +37,17 @@ from tltk.train.finetune import DataOptions, FinetuneConfig, finetune
 from tltk.train.trainer import TrainConfig
 
 
-def tltk_run(root: Path, out: Path, args: argparse.Namespace, threads: int | None) -> tuple[float, dict]:
+def tltk_run(root: Path, out: Path, args: argparse.Namespace, threads: int | None) -> tuple[StepClock, dict]:
     clock = StepClock()
     train = TrainConfig(epochs=1, batch_size=args.batch_size, augment=args.augment, device="cpu",
                         precision=args.precision, threads=threads, max_steps=args.steps)
     data = DataOptions(f"folder:{root}", val_split=0.05, test_split=0.0)
     config = FinetuneConfig(backbone=args.backbone, data=data, weights="none", input_size=args.input_size, train=train)
     result = finetune(config, out, overwrite=True, callbacks=[clock], checkpoint_interval=3600)
-    return clock.images_per_second(args.batch_size), result.summary
+    return clock, result.summary
 
 
-def compute_bound(args: argparse.Namespace, steps: int) -> float:
+def compute_bound(args: argparse.Namespace, steps: int) -> StepClock:
     """Images/s of training steps alone, on one in-memory batch."""
     torch.manual_seed(0)
     model = build_model(ModelSpec(args.backbone, "linear", 10, {}, "none"))
@@ -58,15 +58,15 @@ def compute_bound(args: argparse.Namespace, steps: int) -> float:
     images = torch.randn(args.batch_size, 3, args.input_size, args.input_size).to(memory_format=torch.channels_last)
     targets = torch.randint(0, 10, (args.batch_size,))
     loss_fn = torch.nn.CrossEntropyLoss()
-    ends = []
+    clock = StepClock()
     for _ in range(steps):
         with autocast(device, dtype):
             loss = loss_fn(model(images).float(), targets)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        ends.append(time.perf_counter())
-    return args.batch_size * (len(ends) - 1) / (ends[-1] - ends[0])
+        clock.tick()
+    return clock
 
 
 def main() -> None:
@@ -90,32 +90,38 @@ def main() -> None:
     out = Path(tempfile.mkdtemp(prefix="tltk-bench-run-"))
 
     started = time.perf_counter()
-    first, summary = tltk_run(root, out, args, args.threads)  # decodes the images once (not timed below)
+    _, summary = tltk_run(root, out, args, args.threads)  # decodes the images once (not timed below)
     print(f"first run (decodes {args.images} images once): {time.perf_counter() - started:.1f} s, "
           f"image cache {summary['image_cache']}, threads {summary['threads']}, precision {summary['precision']}")
     threads = args.threads or summary["threads"]
     steps = summary["steps"]
-    tltk_speeds, bound_speeds = [], []
+    tltk_clocks: list[StepClock] = []
+    bound_clocks: list[StepClock] = []
     for repeat in range(args.repeats):
         before = torch.get_num_threads()
         torch.set_num_threads(threads)
         try:
-            cases = [("bound", lambda: bound_speeds.append(compute_bound(args, steps))),
-                     ("tltk", lambda: tltk_speeds.append(tltk_run(root, out, args, threads)[0]))]
-            for _, case in (cases if repeat % 2 == 0 else cases[::-1]):
+            cases = [lambda: bound_clocks.append(compute_bound(args, steps)),
+                     lambda: tltk_clocks.append(tltk_run(root, out, args, threads)[0])]
+            for case in (cases if repeat % 2 == 0 else cases[::-1]):
                 case()
         finally:
             torch.set_num_threads(before)
-        print(f"  repeat {repeat + 1}/{args.repeats}: tltk {tltk_speeds[-1]:.1f} images/s, "
-              f"compute bound {bound_speeds[-1]:.1f} images/s", flush=True)
-    ratios = [a / b for a, b in zip(tltk_speeds, bound_speeds)]
+        print(f"  repeat {repeat + 1}/{args.repeats}: tltk {tltk_clocks[-1].images_per_second(args.batch_size):.1f} "
+              f"images/s ({tltk_clocks[-1].images_per_cpu_second(args.batch_size):.1f} per CPU-second), compute bound "
+              f"{bound_clocks[-1].images_per_second(args.batch_size):.1f} "
+              f"({bound_clocks[-1].images_per_cpu_second(args.batch_size):.1f})", flush=True)
     print(f"{args.backbone} at {args.input_size} px, batch {args.batch_size}, --augment {args.augment}, "
           f"{precision_name(resolve_precision(args.precision, torch.device('cpu')))}, channels-last, {threads} thread(s), "
           f"{steps} steps per run")
-    print(f"  tltk finetune (decoded-image cache): median {statistics.median(tltk_speeds):.1f} images/s")
-    print(f"  compute-only bound:                  median {statistics.median(bound_speeds):.1f} images/s")
-    print(f"ratio tltk / bound: {statistics.median(ratios):.3f} (per-repeat range {min(ratios):.3f}-{max(ratios):.3f}; "
-          f"goal at least 0.9)")
+    for what, measure in (("images/s (wall clock)", StepClock.images_per_second),
+                          ("images per CPU-second", StepClock.images_per_cpu_second)):
+        ours = [measure(clock, args.batch_size) for clock in tltk_clocks]
+        bound = [measure(clock, args.batch_size) for clock in bound_clocks]
+        ratios = [a / b for a, b in zip(ours, bound)]
+        print(f"  {what}: tltk finetune (decoded-image cache) median {statistics.median(ours):.1f}, compute-only "
+              f"bound {statistics.median(bound):.1f}; ratio {statistics.median(ratios):.3f} "
+              f"(per-repeat range {min(ratios):.3f}-{max(ratios):.3f}; goal at least 0.9)")
 
 
 if __name__ == "__main__":
