@@ -92,11 +92,24 @@ def test_cached_batches_are_the_loaders_batches_pixel_for_pixel(tmp_path: Path, 
         assert not torch.equal(first_epoch[0], next(iter(cached))[0]), "another epoch augments anew"
 
 
+def test_multilabel_targets_come_as_the_loaders_float_rows(tmp_path: Path) -> None:
+    from tltk.data.samples import Sample
+
+    dataset = folder_set(write_noise_folder(tmp_path / "images", per_class=2), "light")
+    dataset.samples = [Sample(s.source, (1, 0, -1) if i % 2 else (0, 1, 1), s.id) for i, s in enumerate(dataset.samples)]
+    batch_form = image_cache.batch_form(dataset.transform)
+    decoded = image_cache.open_images(dataset, batch_form, 2**30, root=tmp_path / "cache")
+    order = EpochOrder(len(dataset), seed=0, sample_seeds=True)
+    loader = make_loader(dataset, batch_size=3, shuffle=True, workers=0, device=torch.device("cpu"), seed=0)
+    for (_, labels), (_, cached) in zip(loader, image_cache.DecodedBatches(decoded, batch_form, 3, order), strict=True):
+        assert cached.dtype == labels.dtype == torch.float32 and torch.equal(cached, labels)
+
+
 def test_without_augmentation_the_cache_gives_fixed_preprocessings_exact_values(tmp_path: Path) -> None:
     """The default (--augment none) trains on exactly what it did before the cache existed."""
     dataset = folder_set(write_noise_folder(tmp_path / "images"), "none")
     batch_form = image_cache.batch_form(dataset.transform)
-    stored = torch.stack([batch_form.decode(dataset._image(s)) for s in dataset.samples])
+    stored = torch.stack([batch_form.decode(dataset.image_of(s)) for s in dataset.samples])
     expected = torch.stack([dataset[i][0] for i in range(len(dataset))])
     assert torch.equal(batch_form(stored), expected)
 

@@ -185,6 +185,11 @@ class ImageDataset(Dataset):
             torch.manual_seed(seed)
             return self.transform(image)
 
+    def image_of(self, sample: Sample) -> Any:
+        """A sample's image before any transform: a PIL image from a file, or an array row as
+        a uint8 image tensor (what the decoded-image cache decodes once)."""
+        return self._image(sample)
+
     def _image(self, sample: Sample) -> Any:
         if isinstance(sample.source, (int, np.integer)):
             if self.arrays is None:

@@ -59,10 +59,6 @@ class ImagePlan:
     augment: BatchAugment | None
     reason: str | None = None
 
-    @property
-    def use(self) -> bool:
-        return self.augment is not None
-
 
 def plan(dataset: Dataset, *, enabled: bool, distributed: bool) -> ImagePlan:
     """Cache the images of an ``ImageDataset`` whose transform has a batched form."""
@@ -225,7 +221,7 @@ def _decode_into(pixels: np.ndarray, dataset: ImageDataset, augment: BatchAugmen
 
     def chunk(start: int) -> None:
         for index in range(start, min(start + _DECODE_CHUNK, len(dataset))):
-            pixels[index] = augment.decode(dataset._image(dataset.samples[index])).numpy()
+            pixels[index] = augment.decode(dataset.image_of(dataset.samples[index])).numpy()
 
     starts = range(0, len(dataset), _DECODE_CHUNK)
     if threads <= 1 or len(starts) <= 1:
