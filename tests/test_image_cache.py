@@ -329,24 +329,6 @@ def test_fit_runs_with_the_planned_threads_and_gives_the_callers_number_back(mon
     assert torch.get_num_threads() == before
 
 
-def test_a_run_whose_threads_busy_cores_lowered_says_so_and_one_with_threads_given_does_not(monkeypatch, tmp_path):
-    from tltk.train import trainer
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        monkeypatch.setattr(trainer, "free_cores", lambda: 1)
-        monkeypatch.setattr(trainer, "usable_cores", lambda: 2)
-        told, quiet = Recorder(), Recorder()
-        finetune(small_config(threads=None, epochs=1), tmp_path / "auto", reporter=told)
-        finetune(small_config(threads=2, epochs=1), tmp_path / "given", reporter=quiet)
-    finally:
-        torch.set_num_threads(before)
-    said = [m for m in told.messages if m.startswith("training on 1 thread(s)")]
-    assert len(said) == 1 and "1 of 2 cores busy" in said[0] and "--threads" in said[0]
-    assert not [m for m in quiet.messages if m.startswith("training on")]
-
-
 def test_threads_below_one_is_one_clear_sentence() -> None:
     with pytest.raises(SettingError, match="threads must be at least 1"):
         TrainConfig(threads=0).validate_settings()

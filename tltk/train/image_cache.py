@@ -38,8 +38,9 @@ from tltk.train.cache import human_bytes
 
 FORMAT_VERSION = 1
 _REFUSAL = "not caching the decoded training images: "
-# Room left free on the cache's disk after writing it.
-DISK_MARGIN = 256 * 2**20
+# The cache takes at most this share of the free space on its disk: it is a convenience,
+# and must not fill the disk that run directories and checkpoints are written to.
+DISK_SHARE = 0.5
 _DECODE_CHUNK = 64
 
 
@@ -153,7 +154,7 @@ def open_images(dataset: ImageDataset, augment: BatchAugment, budget_bytes: int,
     path = root / f"{cache_key(dataset, augment)}.npy"
     if _readable(path, shape):
         return _opened(path, needed, budget_bytes, targets, reused=True)
-    if _disk_room(root) >= needed + DISK_MARGIN:
+    if needed <= _disk_room(root) * DISK_SHARE:
         _decode_to_file(dataset, augment, path, shape, threads)
         return _opened(path, needed, budget_bytes, targets, reused=False)
     if needed <= budget_bytes:
@@ -161,7 +162,7 @@ def open_images(dataset: ImageDataset, augment: BatchAugment, budget_bytes: int,
         _decode_into(pixels, dataset, augment, threads)
         return DecodedImages(pixels, targets, "memory", False, None)
     return (_REFUSAL + f"{len(dataset):,} images at {height}x{width} take {human_bytes(needed)}, more than "
-            f"--cache-mem {human_bytes(budget_bytes)} and than the {human_bytes(_disk_room(root))} free in {root}; "
+            f"--cache-mem {human_bytes(budget_bytes)} and than half the {human_bytes(_disk_room(root))} free in {root}; "
             f"they are decoded every epoch.")
 
 

@@ -48,7 +48,6 @@ from tltk.runtime import (
     resolve_device,
     resolve_precision,
     use_channels_last,
-    usable_cores,
 )
 from tltk.strategies import Strategy
 from tltk.train import cache, image_cache
@@ -290,7 +289,7 @@ def fit(
     use_cache = distributed.all_ranks(decision.use, context, device)  # only rank 0 has the run's watchers
     free = free_cores() if config.threads is None or config.workers is None else 1
     decoded = None if use_cache else decoded_images(train_set, config, reporter, context, free)
-    cpus = training_cpus(train_set, config, decoded is not None, free, checkpoints, reporter)
+    cpus = training_cpus(train_set, config, decoded is not None, free, checkpoints)
     val_workers = plan_cpus(len(val_set), decoded=False, threads=cpus.threads, workers=config.workers,  # type: ignore[arg-type]
                             free=free).workers if val_set is not None else 0
     watchers = [Progress(reporter), StrategyHooks(strategy), *callbacks]
@@ -343,20 +342,16 @@ def decoded_images(train_set: torch.utils.data.Dataset, config: TrainConfig, rep
 
 
 def training_cpus(train_set: torch.utils.data.Dataset, config: TrainConfig, decoded: bool, free: int,
-                  checkpoints: "Checkpointing | None", reporter: Reporter) -> CpuPlan:
-    """Threads and workers for the run (``runtime.plan_cpus``). The number of threads changes
-    the last bits of sums (and so the weights a run ends with), so where the cores other
-    processes keep busy lowered it, the run says so; a resumed run takes the threads it
-    started with, to end where the uninterrupted one would."""
+                  checkpoints: "Checkpointing | None") -> CpuPlan:
+    """Threads and workers for the run (``runtime.plan_cpus``; ``summary.json`` records the
+    threads). The number of threads changes the last bits of sums, and so the weights a run
+    ends with: a resumed run takes the threads it started with, to end where the
+    uninterrupted one would."""
     threads = config.threads
     if threads is None and checkpoints is not None and checkpoints.resume:
         saved = ckpt.read_training_state(checkpoints.run_dir).extra.get("threads")
         threads = int(saved) if isinstance(saved, int) and saved > 0 else None
     plan = plan_cpus(len(train_set), decoded=decoded, threads=threads, workers=config.workers, free=free)  # type: ignore[arg-type]
-    if threads is None and plan.free_cores < usable_cores() and plan.threads < torch.get_num_threads():
-        reporter.message(f"training on {plan.threads} thread(s): other processes keep "
-                         f"{usable_cores() - plan.free_cores} of {usable_cores()} cores busy; the thread count changes "
-                         f"the last bits of the results, so --threads repeats a run exactly")
     if checkpoints is not None:
         checkpoints.threads = plan.threads
     return plan
