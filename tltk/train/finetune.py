@@ -21,7 +21,7 @@ from tltk.evaluation import evaluate_model
 from tltk.layers import check_input_size
 from tltk.model import ModelSpec, TransferModel, build_model, resolve_weights_choice
 from tltk.registry import provenance
-from tltk.runtime import resolve_device
+from tltk.runtime import intra_op_threads, resolve_device
 from tltk.strategies import Strategy, build_strategy
 from tltk.train import checkpoint
 from tltk.train.callbacks import Callback, build_callbacks
@@ -162,7 +162,8 @@ def _finetune(
     finally:
         if log is not None:
             log.close()
-    summary = _summary(model, data, preprocessing, fitted, config.train, context)
+    with intra_op_threads(fitted.threads):  # the test split is evaluated on the threads training chose
+        summary = _summary(model, data, preprocessing, fitted, config.train, context)
     if main:
         # Which modules training left frozen, whichever strategy froze them: a reloaded run is frozen alike.
         rundir.write_config(out, rundir.read_config(out) | {"frozen": model.frozen_modules()})
