@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -42,8 +43,8 @@ from tltk.train.finetune import DataOptions, FinetuneConfig, finetune
 from tltk.train.trainer import TrainConfig
 
 WORKLOADS = {
-    "resnet18": dict(backbone="resnet18", batch_size=64, augment="standard", steps=8),
-    "lenet5": dict(backbone="lenet5", batch_size=16, augment="none", steps=40),
+    "resnet18": {"backbone": "resnet18", "batch_size": 64, "augment": "standard", "steps": 8},
+    "lenet5": {"backbone": "lenet5", "batch_size": 16, "augment": "none", "steps": 40},
 }
 
 
@@ -98,6 +99,13 @@ def main() -> None:
     os.environ.setdefault("TLTK_CACHE", str(Path(tempfile.gettempdir()) / "tltk-bench-cache"))
     print(machine_line())
     out = Path(tempfile.mkdtemp(prefix="tltk-bench-threads-"))
+    try:
+        compare(args, out)
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+
+
+def compare(args: argparse.Namespace, out: Path) -> None:
     settings: list[int | None] = [None, *range(1, usable_cores() + 1)]
     verdicts = []
     for condition in args.conditions:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import tempfile
 import time
@@ -88,7 +89,13 @@ def main() -> None:
     root = Path(args.folder or Path(tempfile.gettempdir()) / "tltk-bench-cifar-like")
     write_jpeg_folder(root, classes=10, per_class=args.images // 10, size=(32, 32))
     out = Path(tempfile.mkdtemp(prefix="tltk-bench-run-"))
+    try:
+        measure(root, out, args)
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
 
+
+def measure(root: Path, out: Path, args: argparse.Namespace) -> None:
     started = time.perf_counter()
     _, summary = tltk_run(root, out, args, args.threads)  # decodes the images once (not timed below)
     print(f"first run (decodes {args.images} images once): {time.perf_counter() - started:.1f} s, "

@@ -35,9 +35,9 @@ from tltk.model import TransferModel
 from tltk.rundir import MetricsLog
 from tltk.runtime import (
     Batches,
+    CpuPlan,
     autocast,
     batch_to,
-    CpuPlan,
     free_cores,
     intra_op_threads,
     make_loader,
@@ -342,7 +342,7 @@ def decoded_images(train_set: torch.utils.data.Dataset, config: TrainConfig, rep
 
 
 def training_cpus(train_set: torch.utils.data.Dataset, config: TrainConfig, decoded: bool, free: int,
-                  checkpoints: "Checkpointing | None") -> CpuPlan:
+                  checkpoints: Checkpointing | None) -> CpuPlan:
     """Threads and workers for the run (``runtime.plan_cpus``; ``summary.json`` records the
     threads). The number of threads changes the last bits of sums, and so the weights a run
     ends with: a resumed run takes the threads it started with, to end where the
