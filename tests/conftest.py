@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
+
 import pytest
 import torch
 
@@ -22,6 +26,19 @@ def pytest_configure(config: pytest.Config) -> None:
                                        "tests a second time with --precision other, so both paths run on every CPU")
     config.addinivalue_line("markers", "slow: an end-to-end test of several processes; left out of a plain `pytest` "
                                        "(`-m slow` runs them; `make test` runs every test)")
+    # Decoded training images go to a folder of the test session's own, not the user's cache
+    # (set before any test builds the environment of a `tltk` subprocess); removed at the end.
+    if "TLTK_CACHE" not in os.environ:
+        os.environ["TLTK_CACHE"] = _SESSION_CACHE[0] = tempfile.mkdtemp(prefix="tltk-test-cache-")
+
+
+_SESSION_CACHE: list[str] = [""]
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if _SESSION_CACHE[0]:
+        shutil.rmtree(_SESSION_CACHE[0], ignore_errors=True)
+        os.environ.pop("TLTK_CACHE", None)
 
 
 def precision_for(choice: str) -> str:

@@ -13,8 +13,10 @@ CPU count.
 
 from __future__ import annotations
 
+import math
 import os
 import random
+import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -158,6 +160,111 @@ def usable_cpus() -> int:
         return len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         return os.cpu_count() or 1
+
+
+# --- threads and workers, chosen together ---------------------------------------------------
+
+# A core counts as taken by other processes once they keep it this busy: torch's threads
+# meet at the end of every parallel operation, and one that waits for its core to be free
+# holds up the others (a tiny network ran ten times slower with two threads on a 2-core
+# machine whose other core was busy).
+BUSY_CORE_SHARE = 0.4
+LOAD_SAMPLE_SECONDS = 0.05
+
+
+@dataclass(frozen=True)
+class CpuPlan:
+    """torch intra-op threads and loader worker processes for one training run: together
+    no more than the cores that are free when it starts."""
+
+    threads: int
+    workers: int
+    free_cores: int
+
+
+def plan_cpus(num_samples: int, *, decoded: bool, threads: int | None = None, workers: int | None = None,
+              free: int | None = None) -> CpuPlan:
+    """Workers decode images beside the model: none when the images are already decoded
+    (``decoded``), else half of the free cores once there is enough data to hide their
+    start-up. The threads take the free cores the workers leave, never more than torch
+    would use on its own (``torch.get_num_threads()``: OMP_NUM_THREADS, or the caller's
+    ``torch.set_num_threads``). ``threads``/``workers`` are the user's, taken as given."""
+    free = free if free is not None else free_cores()
+    if workers is None:
+        workers = 0 if decoded or num_samples < MIN_SAMPLES_FOR_WORKERS else max(1, min(MAX_DEFAULT_WORKERS, free // 2))
+    if threads is None:
+        threads = max(1, min(torch.get_num_threads(), free - workers))
+    return CpuPlan(threads, workers, free)
+
+
+def free_cores(window: float = LOAD_SAMPLE_SECONDS) -> int:
+    """Cores this process may use (affinity and cgroup quota) less those that other processes
+    kept busy over a short look at /proc/stat; at least one."""
+    cores = usable_cores()
+    if cores <= 1:
+        return 1
+    return max(1, cores - math.floor(busy_elsewhere(window) + (1 - BUSY_CORE_SHARE)))
+
+
+def usable_cores() -> int:
+    """CPUs in this process's affinity mask, capped by a cgroup CPU quota (containers)."""
+    cores = usable_cpus()
+    quota = _cgroup_quota()
+    return max(1, min(cores, math.ceil(quota))) if quota is not None else cores
+
+
+def _cgroup_quota(path: Path = Path("/sys/fs/cgroup/cpu.max")) -> float | None:
+    try:
+        limit, period = path.read_text().split()[:2]
+    except (OSError, ValueError):
+        return None
+    return None if limit == "max" else int(limit) / int(period)
+
+
+def busy_elsewhere(window: float = LOAD_SAMPLE_SECONDS) -> float:
+    """Cores' worth of CPU time that other processes used over ``window`` seconds (Linux;
+    0 where /proc/stat cannot be read)."""
+    before, own_before, started = _busy_ticks(), time.process_time(), time.perf_counter()
+    if before is None:
+        return 0.0
+    time.sleep(window)
+    after, own_after, elapsed = _busy_ticks(), time.process_time(), time.perf_counter() - started
+    if after is None or elapsed <= 0:
+        return 0.0
+    ticks_per_second = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    others = (after - before) / ticks_per_second - (own_after - own_before)
+    return max(0.0, others / elapsed)
+
+
+def _busy_ticks(stat: Path = Path("/proc/stat")) -> int | None:
+    """Non-idle ticks of the CPUs this process may run on (user, nice, system, irq, softirq, steal)."""
+    try:
+        lines = stat.read_text(encoding="ascii").splitlines()
+        allowed = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+    except OSError:
+        return None
+    total = 0
+    for line in lines:
+        name, *fields = line.split()
+        if not name.startswith("cpu") or name == "cpu":
+            continue
+        if allowed is not None and int(name[3:]) not in allowed:
+            continue
+        values = [int(v) for v in fields[:8]] + [0] * max(0, 8 - len(fields))
+        user, nice, system, _idle, _iowait, irq, softirq, steal = values[:8]
+        total += user + nice + system + irq + softirq + steal
+    return total
+
+
+@contextmanager
+def intra_op_threads(count: int) -> Iterator[None]:
+    """torch's intra-op threads at ``count`` for the duration, the caller's number after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def make_loader(

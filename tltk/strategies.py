@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
-from tltk.errors import SettingError, TltkError
+from tltk.errors import SettingError
 from tltk.kinds import option_help
 from tltk.registry import STRATEGIES, build  # noqa: F401  (STRATEGIES: where callers look strategies up)
 

@@ -2,10 +2,11 @@
 
 Every image, whether a file or an in-memory array row, becomes a uint8 image tensor
 first (``ToImage``), so files and arrays go through exactly the same operations. The
-augmenting pipelines are built from torchvision ``transforms.v2``; the deterministic one
-(evaluation, and training without augmentation) is one step, ``FixedPreprocess``, which
-does the same arithmetic without five transforms' worth of per-image dispatch. All are
-module-level classes (no lambdas) so that they pickle into DataLoader worker processes.
+augmenting pipelines are ``tltk.data.augment``'s batched tensor operations applied to one
+image with its own seed; the deterministic one (evaluation, and training without
+augmentation) is one step, ``FixedPreprocess``, which does the same arithmetic without
+five transforms' worth of per-image dispatch. All are module-level classes (no lambdas)
+so that they pickle into DataLoader worker processes.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
+from tltk.data.augment import BatchAugment, SeededAugment, image_pixels
 from tltk.data.images import load_image
 from tltk.data.samples import Sample
 from tltk.errors import DataError
@@ -46,8 +48,9 @@ def build_transforms(
 
     ``train=False`` or ``augment="none"`` gives the deterministic eval pipeline: resize to
     exactly ``input_size`` (H, W). ``"light"`` adds a reflect-padded random crop and a
-    horizontal flip; ``"standard"`` a random resized crop, flip, colour jitter and a small
-    rotation.
+    horizontal flip; ``"standard"`` a random resized crop, flip, small rotation and colour
+    jitter. The random presets are ``tltk.data.augment``'s batched operations applied to
+    one image (``SeededAugment``), so the decoded-image cache trains on the same pixels.
     """
     if augment not in AUGMENT_PRESETS:
         raise DataError(f"Unknown augmentation '{augment}'; choose one of {', '.join(AUGMENT_PRESETS)}.")
@@ -55,10 +58,7 @@ def build_transforms(
     mean3, std3 = _three_channels(mean, "mean"), _three_channels(std, "std")
     if augment == "none" or not train:
         return FixedPreprocess(size, mean3, std3)
-    steps: list[Callable[..., Any]] = [v2.ToImage(), ToRGBChannels()]
-    steps.extend(_geometry(size, augment if train else "none"))
-    steps.extend([v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean3, std3)])
-    return v2.Compose(steps)
+    return SeededAugment(BatchAugment(size, tuple(mean3), tuple(std3), augment))  # type: ignore[arg-type]
 
 
 class FixedPreprocess:
@@ -74,13 +74,14 @@ class FixedPreprocess:
 
     def __init__(self, size: tuple[int, int], mean: Sequence[float], std: Sequence[float]) -> None:
         self.size = [int(size[0]), int(size[1])]
+        self.mean_values, self.std_values = tuple(float(v) for v in mean), tuple(float(v) for v in std)
         std_t = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
         self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
         self.inv_std = 1.0 / std_t
         self.shift = self.mean / std_t
 
     def __call__(self, image: Any) -> torch.Tensor:
-        pixels = _pixels(image)
+        pixels = image_pixels(image)
         if list(pixels.shape[-2:]) != self.size:
             pixels = F.resize(pixels, self.size, antialias=True)
         scale = self.inv_std / 255.0 if pixels.dtype == torch.uint8 else self.inv_std
@@ -91,17 +92,6 @@ class FixedPreprocess:
 
     def __repr__(self) -> str:
         return f"FixedPreprocess(size={tuple(self.size)})"
-
-
-def _pixels(image: Any) -> torch.Tensor:
-    """A PIL image or an array-row tensor as a plain C x H x W tensor (what ``ToImage`` gives)."""
-    if isinstance(image, torch.Tensor):
-        pixels = image.as_subclass(torch.Tensor)
-    elif isinstance(image, np.ndarray):
-        pixels = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1) if image.ndim == 3 else torch.from_numpy(image)
-    else:
-        pixels = F.pil_to_tensor(image)
-    return pixels.unsqueeze(0) if pixels.ndim == 2 else pixels
 
 
 # Steps that map an image to the same output every time they see it.
@@ -122,22 +112,6 @@ def is_deterministic(transform: Callable[..., Any] | None) -> bool:
     if isinstance(transform, v2.Compose):
         return all(is_deterministic(step) for step in transform.transforms)
     return isinstance(transform, _DETERMINISTIC_STEPS)
-
-
-def _geometry(size: tuple[int, int], augment: str) -> list[Callable[..., Any]]:
-    """The resizing and augmentation steps for a preset, on uint8 images."""
-    resize = v2.Resize(size, antialias=True)
-    if augment == "none":
-        return [resize]
-    if augment == "light":
-        padding = max(1, min(size) // 8)
-        return [resize, v2.RandomCrop(size, padding=padding, padding_mode="reflect"), v2.RandomHorizontalFlip()]
-    return [
-        v2.RandomResizedCrop(size, scale=(0.6, 1.0), antialias=True),
-        v2.RandomHorizontalFlip(),
-        v2.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2),
-        v2.RandomRotation(10),
-    ]
 
 
 def _size_pair(input_size: tuple[int, int] | int) -> tuple[int, int]:
@@ -203,11 +177,18 @@ class ImageDataset(Dataset):
         return image, target
 
     def _transformed(self, image: Any, seed: int | None) -> torch.Tensor:
+        if getattr(self.transform, "takes_seed", False):  # it draws its numbers from the seed itself
+            return self.transform(image, seed)  # type: ignore[call-arg]
         if seed is None:
             return self.transform(image)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             return self.transform(image)
+
+    def image_of(self, sample: Sample) -> Any:
+        """A sample's image before any transform: a PIL image from a file, or an array row as
+        a uint8 image tensor (what the decoded-image cache decodes once)."""
+        return self._image(sample)
 
     def _image(self, sample: Sample) -> Any:
         if isinstance(sample.source, (int, np.integer)):

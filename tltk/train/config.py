@@ -71,13 +71,20 @@ class TrainConfig:
     device: str = setting("auto", "auto, cpu, cuda, cuda:N.")
     precision: str = setting("auto", "auto: bf16 where the CPU or GPU computes it natively, else fp32.",
                              choices=PRECISIONS)
-    workers: int | None = setting(None, "DataLoader workers; default from the data size and CPU count.")
+    workers: int | None = setting(None, "DataLoader workers; default: none for decoded images, else half the free "
+                                        "cores once the data is large enough.")
+    threads: int | None = setting(None, "torch intra-op threads; default: the cores that neither other processes "
+                                        "nor the loader's workers keep busy when training starts.")
     augment: str = setting("none", "Training augmentation.", choices=AUGMENT_PRESETS)
     clip_grad: float | None = setting(None, "Clip the gradient norm to this value.")
     cache: bool = setting(True, "Frozen backbone and no augmentation: compute its features once and train the head "
                                 "on them.", flag="--cache/--no-cache")
     cache_mem: str = setting("auto", "Cached features up to this size stay in memory (e.g. 2GB, 0), beyond it they "
                                      "are memory-mapped on disk; auto: a quarter of the free memory.")
+    image_cache: bool = setting(True, "Decode the training images once (kept under the user's cache folder for "
+                                      "later runs; in memory up to --cache-mem, else memory-mapped) and augment "
+                                      "them in batches in the training process.",
+                                flag="--image-cache/--no-image-cache")
     channels_last: str = setting("auto", "Channels-last memory layout; auto: for backbones with 2-D convolutions.",
                                  choices=CHANNELS_LAST)
     compile: bool = setting(False, "torch.compile the network (slower start, faster steps).")
@@ -103,6 +110,9 @@ class TrainConfig:
         check_lr(self.lr)
         if self.workers is not None and self.workers < 0:
             raise SettingError(f"workers must be 0 or more, not {self.workers}.", ["workers"])
+        if self.threads is not None and self.threads < 1:
+            raise SettingError(f"threads must be at least 1, not {self.threads}; leave it out to choose from the "
+                               f"free cores.", ["threads"])
         self._validate_optimizer_and_schedule()
 
     def _validate_optimizer_and_schedule(self) -> None:

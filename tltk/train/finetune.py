@@ -25,7 +25,7 @@ from tltk.layers import check_input_size
 from tltk.locking import hold
 from tltk.model import ModelSpec, TransferModel, build_model, resolve_weights_choice
 from tltk.registry import provenance
-from tltk.runtime import resolve_device
+from tltk.runtime import intra_op_threads, resolve_device
 from tltk.strategies import Strategy, build_strategy
 from tltk.train import checkpoint
 from tltk.train.callbacks import Callback, build_callbacks
@@ -177,7 +177,8 @@ def _finetune(
     finally:
         if log is not None:
             log.close()
-    summary = _summary(model, data, preprocessing, fitted, config.train, context)
+    with intra_op_threads(fitted.threads):  # the test split is evaluated on the threads training chose
+        summary = _summary(model, data, preprocessing, fitted, config.train, context)
     if main:
         # Which modules training left frozen, whichever strategy froze them: a reloaded run is frozen alike.
         rundir.write_config(out, rundir.read_config(out) | {"frozen": model.frozen_modules()})
@@ -433,6 +434,8 @@ def _summary(
         "best_epoch": fitted.best_epoch,
         "precision": fitted.precision,
         "feature_cache": fitted.feature_cache,
+        "image_cache": fitted.image_cache,
+        "threads": fitted.threads,
         "task": train.task,
         "monitor": train.monitored,
         "best_" + train.monitored: fitted.best_metric,

@@ -35,11 +35,14 @@ from tltk.model import TransferModel
 from tltk.rundir import MetricsLog
 from tltk.runtime import (
     Batches,
+    CpuPlan,
     autocast,
     batch_to,
-    default_workers,
+    free_cores,
+    intra_op_threads,
     make_loader,
     memory_format,
+    plan_cpus,
     precision_name,
     predict_logits,
     resolve_device,
@@ -47,7 +50,7 @@ from tltk.runtime import (
     use_channels_last,
 )
 from tltk.strategies import Strategy
-from tltk.train import cache
+from tltk.train import cache, image_cache
 from tltk.train import checkpoint as ckpt
 from tltk.train.callbacks import Callback, Progress, Reporter, SilentReporter, StrategyHooks
 from tltk.train.config import FIND_LR, TrainConfig
@@ -65,6 +68,8 @@ class FitResult:
     seconds: float = 0.0
     precision: str = "fp32"  # what --precision resolved to on this machine
     feature_cache: str | None = None  # "memory" or "disk" when the head trained on cached features
+    image_cache: str | None = None  # "memory" or "disk" when training read decoded images (tltk.train.image_cache)
+    threads: int = 0  # torch intra-op threads training ran with
 
 
 # --- set-up ---------------------------------------------------------------------------
@@ -154,15 +159,26 @@ def image_feed(
     device: torch.device,
     generator: torch.Generator,
     context: DistContext = SINGLE,
+    decoded: image_cache.DecodedImages | None = None,
+    val_workers: int | None = None,
 ) -> Feed:
     """Images through the whole model; under data-parallel training each rank loads its share
-    of every epoch's order and its shard of the validation images."""
-    train = make_loader(train_set, batch_size=config.batch_size, shuffle=True, workers=workers, device=device,
-                        generator=generator, seed=config.seed, context=context)
+    of every epoch's order and its shard of the validation images. With ``decoded`` the
+    training batches come from the decoded-image cache, in the order and with the pixels
+    the loader would give."""
     val = None
     if val_set is not None:
         val = make_loader(evaluation_part(val_set, context), batch_size=config.batch_size, shuffle=False,
-                          workers=workers, device=device)
+                          workers=workers if val_workers is None else val_workers, device=device)
+    if decoded is not None:
+        augment = image_cache.batch_form(train_set.transform)  # type: ignore[attr-defined]
+        assert augment is not None, "decoded images come only with a transform that has a batched form"
+        order = EpochOrder(len(train_set), seed=config.seed, rank=context.rank,  # type: ignore[arg-type]
+                           world_size=context.world_size, sample_seeds=augment.random)
+        batches = image_cache.DecodedBatches(decoded, augment, config.batch_size, order)
+        return Feed(model, batches, val, order, feature_cache=None, generator=generator)  # type: ignore[arg-type]
+    train = make_loader(train_set, batch_size=config.batch_size, shuffle=True, workers=workers, device=device,
+                        generator=generator, seed=config.seed, context=context)
     return Feed(model, train, val, train.sampler, generator=generator)  # type: ignore[arg-type]
 
 
@@ -265,7 +281,6 @@ def fit(
     device = distributed.device_for(context, resolve_device(config.device))
     amp_dtype = resolve_precision(config.precision, device)
     channels_last = use_channels_last(config.channels_last, model)
-    workers = config.workers if config.workers is not None else default_workers(len(train_set))
     val_set = val_set if val_set is not None and len(val_set) > 0 else None
     started = time.perf_counter()
 
@@ -275,19 +290,26 @@ def fit(
     if decision.reason:
         reporter.message(decision.reason)
     use_cache = distributed.all_ranks(decision.use, context, device)  # only rank 0 has the run's watchers
+    free = free_cores() if config.threads is None or config.workers is None else 1
+    decoded = None if use_cache else decoded_images(train_set, config, reporter, context, free)
+    cpus = training_cpus(train_set, config, decoded is not None, free, checkpoints)
+    val_workers = plan_cpus(len(val_set), decoded=False, threads=cpus.threads, workers=config.workers,  # type: ignore[arg-type]
+                            free=free).workers if val_set is not None else 0
     watchers = [Progress(reporter), StrategyHooks(strategy), *callbacks]
     with ExitStack() as stack:
         for callback in watchers:
             stack.callback(callback.close)
+        stack.enter_context(intra_op_threads(cpus.threads))
         stack.enter_context(deterministic_algorithms())
         stack.enter_context(memory_format(model, channels_last))
         if use_cache:
             total = len(train_set) + (len(val_set) if val_set is not None else 0)
             store = stack.enter_context(cache.FeatureCache(total, cache.memory_budget(config.cache_mem), cache_dir))
-            feed = cached_feed(model, train_set, val_set, config, workers, device, amp_dtype, channels_last, store,
+            feed = cached_feed(model, train_set, val_set, config, cpus.workers, device, amp_dtype, channels_last, store,
                                reporter, context)
         else:
-            feed = image_feed(model, train_set, val_set, config, workers, device, generator, context)
+            feed = image_feed(model, train_set, val_set, config, cpus.workers, device, generator, context, decoded,
+                              val_workers)
         stack.enter_context(checkpoints.signals() if checkpoints is not None else nullcontext())
         loop = Loop(model, strategy, feed, config, watchers, log=log, loss_fn=loss_fn, checkpoints=checkpoints,
                     context=context)
@@ -299,7 +321,43 @@ def fit(
     result.seconds = round(time.perf_counter() - started, 3)
     result.precision = precision_name(amp_dtype)
     result.feature_cache = feed.feature_cache
+    result.image_cache = decoded.where if decoded is not None else None
+    result.threads = cpus.threads
     return result
+
+
+def decoded_images(train_set: torch.utils.data.Dataset, config: TrainConfig, reporter: Reporter, context: DistContext,
+                   free: int) -> image_cache.DecodedImages | None:
+    """The training images decoded once (``tltk.train.image_cache``), or None where they are
+    read by a loader; a sentence to the user when they could have been and are not."""
+    plan = image_cache.plan(train_set, enabled=config.image_cache, distributed=context.active)
+    if plan.augment is None:
+        if plan.reason:
+            reporter.message(plan.reason)
+        return None
+    opened = image_cache.open_images(train_set, plan.augment, cache.memory_budget(config.cache_mem),  # type: ignore[arg-type]
+                                     threads=config.threads or free)
+    if isinstance(opened, str):
+        reporter.message(opened)
+        return None
+    reporter.message(opened.describe(plan.augment))
+    return opened
+
+
+def training_cpus(train_set: torch.utils.data.Dataset, config: TrainConfig, decoded: bool, free: int,
+                  checkpoints: Checkpointing | None) -> CpuPlan:
+    """Threads and workers for the run (``runtime.plan_cpus``; ``summary.json`` records the
+    threads). The number of threads changes the last bits of sums, and so the weights a run
+    ends with: a resumed run takes the threads it started with, to end where the
+    uninterrupted one would."""
+    threads = config.threads
+    if threads is None and checkpoints is not None and checkpoints.resume:
+        saved = ckpt.read_training_state(checkpoints.run_dir).extra.get("threads")
+        threads = int(saved) if isinstance(saved, int) and saved > 0 else None
+    plan = plan_cpus(len(train_set), decoded=decoded, threads=threads, workers=config.workers, free=free)  # type: ignore[arg-type]
+    if checkpoints is not None:
+        checkpoints.threads = plan.threads
+    return plan
 
 
 class Loop:
@@ -576,6 +634,7 @@ class Checkpointing:
     signal_received: int | None = None  # set by the handler, whenever the signal lands
     stopping: int | None = None  # the signal the ranks agreed to stop on (see ``stop_if_signalled``)
     context: DistContext = SINGLE  # in a data-parallel job every rank restores, rank 0 alone writes
+    threads: int | None = None  # the intra-op threads the run trains with, saved for its resumption
 
     def stop_if_signalled(self, signalled_anywhere: bool) -> None:
         """Act on a signal only at points where every rank decides alike: ``signalled_anywhere``
@@ -695,6 +754,8 @@ class BoundCheckpointing(Callback):
         state.history = list(history if history is not None else self.history)
         if self.loop is not None:
             state.extra = {**state.extra, "callbacks": self.loop.checkpoint_state()}
+        if self.plan.threads is not None:
+            state.extra = {**state.extra, "threads": self.plan.threads}
         ckpt.save_checkpoint(self.plan.run_dir, self.model, self.optimizer, self.scheduler, self.scaler, state,
                              generators=self.generators, best_model=self.stopper.best_state, config=self.plan.config)
         self.last_saved = time.monotonic()
