@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import platform
+import sys
+from importlib import metadata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
@@ -41,7 +43,8 @@ def prepare_out_dir(out: Path, overwrite: bool) -> None:
 
 
 def library_versions() -> dict[str, str]:
-    import timm
+    """The versions a run was made with. timm's is read from its installed metadata, so a
+    run that uses no timm backbone does not pay a second or more to import it."""
     import torchvision
 
     from tltk import __version__
@@ -50,9 +53,20 @@ def library_versions() -> dict[str, str]:
         "tltk": __version__,
         "torch": torch.__version__,
         "torchvision": torchvision.__version__,
-        "timm": timm.__version__,
+        "timm": _installed_version("timm"),
         "python": platform.python_version(),
     }
+
+
+def _installed_version(package: str) -> str:
+    """``package.__version__`` where it is imported already, else the version its metadata records."""
+    module = sys.modules.get(package)
+    if module is not None and isinstance(getattr(module, "__version__", None), str):
+        return module.__version__
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "not installed"
 
 
 def write_config(out: Path, config: dict[str, Any]) -> None:
