@@ -20,6 +20,7 @@ import numpy as np
 from tltk.errors import TltkError
 from tltk.features.faiss_index import (
     APPROXIMATE,
+    EXACT_SCORES,
     RECALL_K,
     RECALL_QUERIES,
     TARGET_RECALL,
@@ -179,8 +180,13 @@ class FeatureStore(ManifestFields):
         """
         queries = self._queries(vectors)
         k = min(k, self.count)
-        _, candidates = self.index.search(queries, min(self.count, k + rerank_extra(k)))
-        return rerank(self.features(), vectors, candidates, k, self.metric)
+        scores, candidates = self._candidates(queries, min(self.count, k + rerank_extra(k)))
+        exact_scores = scores if self.index_type in EXACT_SCORES else None
+        return rerank(self.features(), vectors, candidates, k, self.metric, scores=exact_scores)
+
+    def _candidates(self, queries: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
+        """The index's scores and rows of the ``count`` stored vectors nearest to each prepared query, best first."""
+        return self.index.search(queries, count)
 
     def exact_search(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Like ``search`` but by brute force over the stored vectors, whatever the index."""
