@@ -11,8 +11,8 @@ from __future__ import annotations
 import json
 import platform
 import sys
-from importlib import metadata
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 from typing import Any, TextIO
 
