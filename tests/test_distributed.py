@@ -60,6 +60,21 @@ def test_uneven_listing_is_padded_so_every_rank_takes_the_same_number_of_steps()
     assert set(i for share in shares for i in share) == set(range(10))
 
 
+def test_a_lone_last_training_image_is_left_out_of_its_epoch_and_a_different_one_each_epoch():
+    """17 images in batches of 8 would end on a batch of one, which BatchNorm cannot train on."""
+    order = EpochOrder(17, seed=2, batch_size=8)
+    left_out = []
+    for epoch in range(4):
+        order.set_epoch(epoch)
+        indices = list(order)
+        assert len(indices) == len(order) == 16 and len(set(indices)) == 16
+        left_out.append(next(iter(set(range(17)) - set(indices))))
+    assert len(set(left_out)) > 1
+    order.set_epoch(0, skip=8)  # a resumed epoch drops the same image
+    assert len(order) == 8 and list(order) == list(EpochOrder(17, seed=2, batch_size=8))[8:]
+    assert len(EpochOrder(18, seed=2, batch_size=8)) == 18 and len(EpochOrder(17, seed=2)) == 17
+
+
 def test_resuming_mid_epoch_continues_with_the_indices_not_yet_seen():
     order = EpochOrder(30, seed=5)
     order.set_epoch(2)

@@ -123,3 +123,16 @@ def test_finetune_leaves_the_callers_config_as_given_and_monitors_map_on_data_it
     result = finetune(config, tmp_path / "run")
     assert config == given
     assert result.summary["task"] == "multilabel" and result.summary["monitor"] == "val_map"
+
+
+def test_a_batchnorm_network_trains_when_the_last_batch_would_hold_one_image(tmp_path: Path) -> None:
+    """18 training images in batches of 17: the lone 18th image of each epoch is left out, so
+    ResNet-18's BatchNorm never sees a batch of one (which stopped training with a torch error)."""
+    config = FinetuneConfig(backbone="resnet18", weights="none", input_size=32,
+                            data=DataOptions("builtin:digits", classes=["0", "1"], train_per_class=9),
+                            train=TrainConfig(epochs=2, batch_size=17, workers=0, device="cpu", precision="fp32"))
+    result = finetune(config, tmp_path / "run")
+    assert result.summary["epochs_run"] == 2
+    steps = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+             if json.loads(line)["kind"] == "step"]
+    assert len(steps) == 2  # one batch of 17 per epoch

@@ -142,14 +142,19 @@ class EpochOrder(torch.utils.data.Sampler[int]):
     sample's random transforms in this epoch, drawn from (seed, epoch, index) alone, so an
     augmented image is the same whichever worker process or rank loads it, and after a
     resume (datasets that take them: ``ImageDataset``).
+
+    Given the training ``batch_size``, an epoch whose last batch would hold a single image
+    leaves that image out (a different one each epoch, the order being shuffled): BatchNorm
+    cannot normalise a batch of one, and training would stop on it half-way through.
     """
 
     _PURPOSE = 7  # mixed into the seed, apart from the split carves' purposes
     _AUGMENT_PURPOSE = 8
 
     def __init__(self, num_samples: int, *, seed: int, rank: int = 0, world_size: int = 1,
-                 sample_seeds: bool = False) -> None:
+                 sample_seeds: bool = False, batch_size: int | None = None) -> None:
         self.num_samples = num_samples
+        self.batch_size = batch_size
         self.seed = seed
         self.rank = rank
         self.world_size = world_size
@@ -173,15 +178,21 @@ class EpochOrder(torch.utils.data.Sampler[int]):
         rng = np.random.default_rng([self._AUGMENT_PURPOSE, self.epoch, int(self.seed) % 2**63])
         return rng.integers(0, 2**63 - 1, size=self.num_samples, dtype=np.int64)
 
+    def kept(self, share: int) -> int:
+        """How many of a rank's ``share`` of an epoch it trains on: all but a lone last image."""
+        lone = self.batch_size is not None and share > 1 and share % self.batch_size == 1
+        return share - 1 if lone else share
+
     def __iter__(self) -> Iterator[Any]:
-        share = self.global_order()[self.rank::self.world_size][self.skip:]
+        share = self.global_order()[self.rank::self.world_size]
+        share = share[:self.kept(len(share))][self.skip:]
         if not self.sample_seeds:
             return iter(share)
         seeds = self.transform_seeds()
         return iter([(index, int(seeds[index])) for index in share])
 
     def __len__(self) -> int:
-        return max(math.ceil(self.num_samples / self.world_size) - self.skip, 0)
+        return max(self.kept(math.ceil(self.num_samples / self.world_size)) - self.skip, 0)
 
 
 # What each backend's collectives accept. gloo has no bf16 or int16 ("Invalid scalar type");

@@ -11,8 +11,10 @@ from __future__ import annotations
 import json
 import os
 import platform
+import sys
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterator, TextIO
 
@@ -48,7 +50,8 @@ def prepare_out_dir(out: Path, overwrite: bool) -> None:
 
 
 def library_versions() -> dict[str, str]:
-    import timm
+    """The versions a run was made with. timm's is read from its installed metadata, so a
+    run that uses no timm backbone does not pay a second or more to import it."""
     import torchvision
 
     from tltk import __version__
@@ -57,9 +60,20 @@ def library_versions() -> dict[str, str]:
         "tltk": __version__,
         "torch": torch.__version__,
         "torchvision": torchvision.__version__,
-        "timm": timm.__version__,
+        "timm": _installed_version("timm"),
         "python": platform.python_version(),
     }
+
+
+def _installed_version(package: str) -> str:
+    """``package.__version__`` where it is imported already, else the version its metadata records."""
+    module = sys.modules.get(package)
+    if module is not None and isinstance(getattr(module, "__version__", None), str):
+        return module.__version__
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "not installed"
 
 
 def write_config(out: Path, config: dict[str, Any]) -> None:

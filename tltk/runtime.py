@@ -292,7 +292,7 @@ def make_loader(
         dataset,
         batch_size=batch_size,
         sampler=EpochOrder(len(dataset), seed=seed, rank=context.rank, world_size=context.world_size,  # type: ignore[arg-type]
-                           sample_seeds=_seeds_transforms(dataset)) if shuffle else None,
+                           sample_seeds=_seeds_transforms(dataset), batch_size=batch_size) if shuffle else None,
         num_workers=workers,
         pin_memory=device.type == "cuda",
         persistent_workers=workers > 0,

@@ -3,6 +3,7 @@ for demos and tests that must not download anything."""
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 from typing import Callable
 
@@ -15,11 +16,28 @@ from tltk.errors import DataError, printable
 
 def _load_digits() -> tuple[np.ndarray, np.ndarray]:
     """scikit-learn's bundled 8x8 digits (no download), scaled from 0..16 to 0..255."""
+    table = _digits_table()
+    images = np.rint(table[:, :-1].reshape(-1, 8, 8) * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)
+    return images[..., np.newaxis], table[:, -1].astype(np.int64)
+
+
+def _digits_table() -> np.ndarray:
+    """The digits as scikit-learn ships them: one row per image, 64 pixels (0..16) then the digit.
+
+    Read from the data file itself where it lies in the installed package: importing
+    scikit-learn to reach it takes seconds (it brings SciPy and pandas along), several
+    times what a small run spends training. ``load_digits`` is the fallback should the
+    file ever move.
+    """
+    spec = importlib.util.find_spec("sklearn")  # finds the package without importing it
+    for root in (spec.submodule_search_locations or []) if spec else []:
+        path = Path(root) / "datasets" / "data" / "digits.csv.gz"
+        if path.is_file():
+            return np.loadtxt(path, delimiter=",", ndmin=2)
     from sklearn.datasets import load_digits
 
     digits = load_digits()
-    images = np.rint(digits.images * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)
-    return images[..., np.newaxis], digits.target.astype(np.int64)
+    return np.column_stack([digits.data, digits.target])
 
 
 # name -> (loader returning (N x H x W x C uint8, labels), class names)

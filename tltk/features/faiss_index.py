@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
@@ -25,6 +26,9 @@ from tltk.errors import TltkError
 METRICS = ("cosine", "l2")
 INDEX_TYPES = ("auto", "flat", "ivf", "hnsw", "ivfpq")
 APPROXIMATE = ("ivf", "hnsw", "ivfpq")
+# Indexes that score the uncompressed vectors one dimension at a time, so their scores are
+# exact up to a rounding ``score_rounding`` bounds (a flat index's batched products are not).
+EXACT_SCORES = ("ivf", "hnsw")
 AUTO_THRESHOLD = 50_000  # rows; below it exact search answers in milliseconds anyway
 TARGET_RECALL = 0.95
 RECALL_K = 10
@@ -243,31 +247,105 @@ def rerank_extra(k: int) -> int:
 
 
 def rerank(features: np.ndarray, queries: np.ndarray, candidates: np.ndarray, k: int, metric: str,
-           block: int = 256) -> tuple[np.ndarray, np.ndarray]:
-    """(distances, rows) of the best ``k`` of each query's ``candidates``, by float64 distances."""
+           block: int = 32, scores: np.ndarray | None = None, threads: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """(distances, rows) of the best ``k`` of each query's ``candidates``, by float64 distances.
+
+    ``scores`` are the index's own float32 scores of the candidates, best first, from an
+    index of ``EXACT_SCORES``. With them, a candidate that scores worse than the k-th by
+    more than rounding can account for (``contenders``) cannot be among the k best, and
+    is not read back from the stored vectors: the answer is the one ranking all
+    candidates gives, for about half the reading and arithmetic. Blocks of queries are
+    ranked on ``threads`` threads (NumPy lets go of the GIL while it reads and multiplies),
+    as many as FAISS searched with, so that this step does not run on one core of several.
+    """
     queries = np.atleast_2d(np.asarray(queries, dtype=np.float32))
     distances = np.full((len(queries), k), np.inf, dtype=np.float32)
     rows = np.full((len(queries), k), -1, dtype=np.int64)
-    for begin in range(0, len(queries), block):
-        cand = candidates[begin:begin + block]
-        valid = cand >= 0
-        vectors = np.asarray(features[np.where(valid, cand, 0).ravel()], dtype=np.float32).reshape(*cand.shape, -1)
-        query = queries[begin:begin + block]
-        dots = np.einsum("qcd,qd->qc", vectors, query, dtype=np.float64)
-        vector_norms = np.einsum("qcd,qcd->qc", vectors, vectors, dtype=np.float64)
-        query_norms = np.einsum("qd,qd->q", query, query, dtype=np.float64)[:, None]
-        if metric == "cosine":
-            exact = 1.0 - dots / np.maximum(np.sqrt(vector_norms * query_norms), 1e-30)
-        else:  # in float64 the expansion of |v - q|^2 loses nothing that matters
-            exact = np.sqrt(np.maximum(vector_norms + query_norms - 2.0 * dots, 0.0))
-        exact[~valid] = np.inf
-        order = np.argsort(exact, axis=1, kind="stable")[:, :k]
-        best = np.take_along_axis(exact, order, axis=1)
-        found = np.take_along_axis(cand, order, axis=1)
-        found[~np.isfinite(best)] = -1
-        distances[begin:begin + block, :order.shape[1]] = best
-        rows[begin:begin + block, :order.shape[1]] = found
+    features = np.asarray(features)  # a memmap's plain view: fancy indexing skips the subclass's bookkeeping
+    widths = np.full(len(queries), candidates.shape[1])
+    if scores is not None:
+        widths = contenders(scores, candidates, k, metric, queries.shape[1])
+    by_width = np.argsort(widths, kind="stable")  # queries needing as many candidates share a block
+
+    def rank_block(part: np.ndarray) -> None:
+        width = int(widths[part].max())
+        chosen = np.where(np.arange(width)[None, :] < widths[part][:, None], candidates[part, :width], -1)
+        best, found = _rank_exactly(features, queries[part], chosen, k, metric)
+        distances[part, :best.shape[1]] = best
+        rows[part, :found.shape[1]] = found
+
+    parts = [by_width[begin:begin + block] for begin in range(0, len(by_width), block)]
+    if threads > 1 and len(parts) > 1:
+        with ThreadPoolExecutor(min(threads, len(parts))) as pool:
+            list(pool.map(rank_block, parts))
+    else:
+        for part in parts:
+            rank_block(part)
     return distances, rows
+
+
+def contenders(scores: np.ndarray, candidates: np.ndarray, k: int, metric: str, dim: int) -> np.ndarray:
+    """How many of each query's candidates, from the first, could still be among its ``k`` best.
+
+    IVF-Flat and HNSW-Flat score a stored vector as a sum over its d dimensions (of squared
+    differences for L2, of products of unit vectors for cosine), so float32 rounding moves
+    a score by at most ``score_rounding(d)`` times the score (L2) or in all (cosine).
+    A candidate scoring worse than the k-th by more than both their roundings together is
+    truly worse than k candidates. A query whose first k candidates are not all found
+    keeps every candidate.
+    """
+    total = candidates.shape[1]
+    if total <= k or k < 1:
+        return np.full(len(candidates), total)
+    ordered = np.asarray(scores, dtype=np.float64) * (-1.0 if metric == "cosine" else 1.0)  # smaller is closer
+    rounding = score_rounding(dim)
+    slack = 2.0 * rounding * np.ones_like(ordered) if metric == "cosine" else rounding * np.abs(ordered)
+    with np.errstate(invalid="ignore"):
+        within = ordered - slack <= (ordered[:, k - 1] + slack[:, k - 1])[:, None]
+    within[:, :k] = True
+    width = total - np.argmax(within[:, ::-1], axis=1)  # through the last candidate within reach
+    complete = (candidates[:, :k] >= 0).all(axis=1) & np.isfinite(ordered[:, :k]).all(axis=1)
+    return np.where(complete, width, total)
+
+
+def score_rounding(dim: int) -> float:
+    """The most float32 rounding moves an IVF-Flat or HNSW-Flat score of ``dim``-dimensional
+    vectors, relative to the score: (d + 4) units of rounding, doubled to spare. (A flat
+    index scores many queries at once as |x|^2 + |y|^2 - 2x.y, whose rounding scales with
+    the vectors' lengths instead; it is not in ``EXACT_SCORES``.)"""
+    return 2.0 * (dim + 4) * float(np.finfo(np.float32).eps) / 2.0
+
+
+def _rank_exactly(features: np.ndarray, queries: np.ndarray, candidates: np.ndarray, k: int,
+                  metric: str) -> tuple[np.ndarray, np.ndarray]:
+    """The best ``k`` of a few queries' candidates by distances computed in float64.
+
+    The products of float32 numbers are exact in float64 and 512 of them add up with an
+    error far below float32's rounding, so the order is the true one."""
+    valid = candidates >= 0
+    gathered = np.take(features, np.where(valid, candidates, 0).ravel(), axis=0)
+    vectors = gathered.astype(np.float64).reshape(*candidates.shape, -1)
+    query = queries.astype(np.float64)
+    dots = np.matmul(vectors, query[:, :, None])[..., 0]
+    vector_norms = _row_dots(vectors)
+    query_norms = _row_dots(query)[:, None]
+    if metric == "cosine":
+        exact = 1.0 - dots / np.maximum(np.sqrt(vector_norms * query_norms), 1e-30)
+    else:  # in float64 the expansion of |v - q|^2 loses nothing that matters
+        exact = np.sqrt(np.maximum(vector_norms + query_norms - 2.0 * dots, 0.0))
+    exact[~valid] = np.inf
+    order = np.argsort(exact, axis=1, kind="stable")[:, :k]
+    best = np.take_along_axis(exact, order, axis=1)
+    found = np.take_along_axis(candidates, order, axis=1)
+    found[~np.isfinite(best)] = -1
+    return best.astype(np.float32), found
+
+
+def _row_dots(vectors: np.ndarray) -> np.ndarray:
+    """Each vector's dot product with itself (NumPy 2's vecdot is several times faster than einsum here)."""
+    if hasattr(np, "vecdot"):
+        return np.vecdot(vectors, vectors)
+    return np.einsum("...d,...d->...", vectors, vectors)
 
 
 def drop_self(distances: np.ndarray, rows: np.ndarray, own: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

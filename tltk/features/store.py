@@ -27,6 +27,7 @@ import numpy as np
 from tltk.errors import TltkError
 from tltk.features.faiss_index import (
     APPROXIMATE,
+    EXACT_SCORES,
     RECALL_K,
     RECALL_QUERIES,
     TARGET_RECALL,
@@ -287,12 +288,19 @@ class FeatureStore(ManifestFields):
         The index proposes twice as many candidates as asked for, and they are ranked by
         distances computed again in float64 from the stored vectors: FAISS's float32
         arithmetic (|x|^2 - 2x.y + |y|^2) can swap two neighbours whose distances differ by
-        less than its rounding, so an exact index is exact only after this step.
+        less than its rounding, so an exact index is exact only after this step. Where the
+        index's scores are exact up to a known rounding (IVF-Flat, HNSW-Flat), candidates
+        too far behind the k-th for rounding to matter are left unread (``rerank``).
         """
         queries = self._queries(vectors)
         k = min(k, self.count)
-        _, candidates = self.index.search(queries, min(self.count, k + rerank_extra(k)))
-        return rerank(self.features(), vectors, candidates, k, self.metric)
+        scores, candidates = self._candidates(queries, min(self.count, k + rerank_extra(k)))
+        exact_scores = scores if self.index_type in EXACT_SCORES else None
+        return rerank(self.features(), vectors, candidates, k, self.metric, scores=exact_scores, threads=search_threads())
+
+    def _candidates(self, queries: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
+        """The index's scores and rows of the ``count`` stored vectors nearest to each prepared query, best first."""
+        return self.index.search(queries, count)
 
     def exact_search(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Like ``search`` but by brute force over the stored vectors, whatever the index."""
@@ -534,6 +542,14 @@ def read_manifest(path: Path, data: bytes | None = None) -> dict[str, Any]:
                         f"merge all its parts first with `tltk index merge PART... --out STORE`.")
     check_manifest_fields(manifest, path)
     return manifest
+
+
+def search_threads() -> int:
+    """The threads FAISS searches with (OpenMP's, which ``OMP_NUM_THREADS`` and
+    ``faiss.omp_set_num_threads`` set): the re-ranking after it takes as many."""
+    import faiss
+
+    return max(1, int(faiss.omp_get_max_threads()))
 
 
 def read_index(path: Path, manifest: dict[str, Any], opener: Callable[[str, int], int] | None = None) -> Any:

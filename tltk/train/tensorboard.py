@@ -248,9 +248,10 @@ def watch_callbacks(
     an error now, not after the run's config has been written.
     """
     from tltk.errors import TltkError
-    from tltk.viz.filters import find_conv
 
     if filters_every is not None:
+        from tltk.viz.filters import find_conv  # matplotlib comes with it: only when snapshots are asked for
+
         if filters_every < 1:
             raise TltkError(f"--every must be at least 1 epoch, not {filters_every}.")
         try:

@@ -174,7 +174,7 @@ def image_feed(
         augment = image_cache.batch_form(train_set.transform)  # type: ignore[attr-defined]
         assert augment is not None, "decoded images come only with a transform that has a batched form"
         order = EpochOrder(len(train_set), seed=config.seed, rank=context.rank,  # type: ignore[arg-type]
-                           world_size=context.world_size, sample_seeds=augment.random)
+                           world_size=context.world_size, sample_seeds=augment.random, batch_size=config.batch_size)
         batches = image_cache.DecodedBatches(decoded, augment, config.batch_size, order)
         return Feed(model, batches, val, order, feature_cache=None, generator=generator)  # type: ignore[arg-type]
     train = make_loader(train_set, batch_size=config.batch_size, shuffle=True, workers=workers, device=device,
@@ -226,7 +226,8 @@ def cached_feed(
     val = features_of(evaluation_part(val_set, context)) if val_set is not None else None
     sizes = {"training": len(train), "validation": len(val_set) if val_set is not None else 0}  # type: ignore[arg-type]
     reporter.message(store.describe(sizes))
-    order = EpochOrder(len(train), seed=config.seed, rank=context.rank, world_size=context.world_size)
+    order = EpochOrder(len(train), seed=config.seed, rank=context.rank, world_size=context.world_size,
+                       batch_size=config.batch_size)
     return Feed(
         cache.HeadOnFeatures(model),
         cache.FeatureBatches(train, config.batch_size, order),

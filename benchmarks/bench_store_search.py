@@ -1,0 +1,131 @@
+"""Feature-store search against raw FAISS searching the very same index, in one run.
+
+For each index type (flat, ivf, hnsw, ivfpq) one store is built over the same random
+float32 vectors (default 100,000 x 512, metric l2), drawn around 100 cluster centres as
+``bench_neighbors.py`` draws them (``--data random``: no clusters; there the approximate
+indexes tune themselves to scan a large share of the store, which hides the store's own
+work behind FAISS's). The store's ``search(queries, k)`` is
+timed against ``store.index.search(queries, k)``: the same FAISS index object with the
+same search setting (nprobe, efSearch) the store tuned and recorded, the same queries,
+the same FAISS threads. The two take turns (interleaved repeats, the first one rotating);
+printed are the median seconds of each, queries per second, and the median of the
+per-repeat ratios raw time / store time (1.00x: the store is as fast as raw FAISS;
+goal: at least 0.95x for every type).
+
+What the store does on top of raw FAISS is what the ratio prices: preparing the queries
+(a float32 copy; unit length for cosine) and ranking the index's candidates again by
+float64 distances from the stored vectors (``FeatureStore.search``'s docstring says why).
+``--profile`` adds a breakdown of the store's time by step.
+
+Run: ``python benchmarks/bench_store_search.py`` (building the HNSW store takes the
+longest: a few minutes on two busy cores; ``--kinds flat ivf`` skips it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import interleave, median_ratio, ratio_range, time_spent_in  # noqa: E402
+from bench_neighbors import clustered_vectors  # noqa: E402
+
+from tltk.features.faiss_index import IndexOptions  # noqa: E402
+from tltk.features.store import FeatureStore, create_store  # noqa: E402
+from tltk.features.writing import iter_chunks  # noqa: E402
+
+HEADER = {"source": {"fingerprint": "benchmark", "description": "random vectors"}, "layer": "synthetic",
+          "pool": "none", "class_names": [], "task": "multiclass", "data": []}
+KINDS = ("flat", "ivf", "hnsw", "ivfpq")
+STEPS = {  # the store's own steps, timed by --profile
+    "prepare queries": "tltk.features.store:FeatureStore._queries",
+    "faiss search (2k candidates)": "tltk.features.store:FeatureStore._candidates",
+    "float64 re-rank": "tltk.features.store:rerank",
+}
+
+
+def build(path: Path, vectors: np.ndarray, kind: str, metric: str, nprobe: int | None = None) -> tuple[FeatureStore, float]:
+    rows = [{"id": str(i)} for i in range(len(vectors))]
+    started = time.perf_counter()
+    options = IndexOptions(kind=kind, nprobe=nprobe)
+    store = create_store(path, iter_chunks(vectors, rows, 8192), HEADER, metric=metric, index=options)
+    return FeatureStore.open(path), time.perf_counter() - started
+
+
+def faiss_threads() -> str:
+    import faiss
+
+    return str(faiss.omp_get_max_threads())
+
+
+def compare(store: FeatureStore, queries: np.ndarray, k: int, repeats: int, profile: bool) -> float:
+    """Interleaved store and raw searches; prints their medians and returns the median ratio."""
+    index = store.index
+    raw_queries = np.ascontiguousarray(queries, dtype=np.float32)
+    if store.metric == "cosine":
+        import faiss
+
+        faiss.normalize_L2(raw_queries)
+    cases = {"raw faiss": lambda: index.search(raw_queries, k), "store": lambda: store.search(queries, k)}
+    seconds = interleave(cases, repeats)
+    for name, values in seconds.items():
+        middle = statistics.median(values)
+        print(f"  {name:<10} median {middle * 1000:8.1f} ms  ({len(queries) / middle:9.0f} queries/s)")
+    ratio = median_ratio(seconds["raw faiss"], seconds["store"])
+    print(f"  store speed / raw faiss speed: {ratio:.3f}x ({ratio_range(seconds['raw faiss'], seconds['store'])})")
+    if profile:
+        with time_spent_in(STEPS) as totals:
+            for _ in range(repeats):
+                store.search(queries, k)
+        print("  store time by step (mean ms): " + ", ".join(f"{n} {t / repeats * 1000:.1f}" for n, t in totals.items()))
+    return ratio
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=100_000)
+    parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--queries", type=int, default=1000)
+    parser.add_argument("--k", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--metric", default="l2", choices=["l2", "cosine"])
+    parser.add_argument("--data", default="clustered", choices=["clustered", "random"])
+    parser.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)
+    parser.add_argument("--ivfpq-nprobe", type=int, default=16,
+                        help="IVF-PQ's nprobe, fixed [%(default)s]: PQ codes cannot tell these vectors' neighbours apart "
+                             "well, so tuning raises nprobe to every list and the search becomes a full scan")
+    parser.add_argument("--profile", action="store_true", help="also time the store's steps")
+    args = parser.parse_args()
+
+    import os
+
+    if args.data == "clustered":
+        data = clustered_vectors(args.n + args.queries, args.dim, 100, seed=0)
+    else:
+        data = np.random.default_rng(0).standard_normal((args.n + args.queries, args.dim), dtype=np.float32)
+    vectors, queries = data[:args.n], data[args.n:]
+    load = os.getloadavg()[0]
+    print(f"{args.n} x {args.dim} {args.data} float32 vectors, metric {args.metric}, {args.queries} queries, k={args.k}, "
+          f"{os.cpu_count()} cores, load {load:.1f}, FAISS threads {faiss_threads()}")
+    ratios: dict[str, float] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for kind in args.kinds:
+            store, seconds = build(Path(tmp) / kind, vectors, kind, args.metric,
+                                   args.ivfpq_nprobe if kind == "ivfpq" else None)
+            record = store.manifest["index"]
+            recall = (record.get("recall") or {}).get("recall")
+            print(f"\n{kind}: {record['factory']}, params {record['params']}, built in {seconds:.1f}s"
+                  + (f", recall@10 {recall:.3f}" if recall is not None else ""))
+            ratios[kind] = compare(store, queries, args.k, args.repeats, args.profile)
+            del store
+    print("\nstore / raw faiss (goal >= 0.95x): " + ", ".join(f"{k} {r:.3f}x" for k, r in ratios.items()))
+
+
+if __name__ == "__main__":
+    main()
