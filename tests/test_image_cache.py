@@ -76,7 +76,7 @@ def test_cached_batches_are_the_loaders_batches_pixel_for_pixel(tmp_path: Path, 
     batch_form = image_cache.batch_form(dataset.transform)
     decoded = image_cache.open_images(dataset, batch_form, budget_bytes=2**30, root=tmp_path / "cache")
     assert isinstance(decoded, image_cache.DecodedImages)
-    order = EpochOrder(len(dataset), seed=3, sample_seeds=batch_form.random)
+    order = EpochOrder(len(dataset), seed=3, sample_seeds=batch_form.random, batch_size=5)  # as the trainer makes it
     cached = image_cache.DecodedBatches(decoded, batch_form, 5, order)
     for epoch in (0, 1):
         loader.sampler.set_epoch(epoch)
@@ -99,7 +99,7 @@ def test_multilabel_targets_come_as_the_loaders_float_rows(tmp_path: Path) -> No
     dataset.samples = [Sample(s.source, (1, 0, -1) if i % 2 else (0, 1, 1), s.id) for i, s in enumerate(dataset.samples)]
     batch_form = image_cache.batch_form(dataset.transform)
     decoded = image_cache.open_images(dataset, batch_form, 2**30, root=tmp_path / "cache")
-    order = EpochOrder(len(dataset), seed=0, sample_seeds=True)
+    order = EpochOrder(len(dataset), seed=0, sample_seeds=True, batch_size=3)  # as the trainer makes it
     loader = make_loader(dataset, batch_size=3, shuffle=True, workers=0, device=torch.device("cpu"), seed=0)
     for (_, labels), (_, cached) in zip(loader, image_cache.DecodedBatches(decoded, batch_form, 3, order), strict=True):
         assert cached.dtype == labels.dtype == torch.float32 and torch.equal(cached, labels)
