@@ -217,19 +217,23 @@ def test_a_hostile_class_name_is_shown_as_text_and_runs_nothing(which, name, req
 
 
 @pytest.mark.parametrize("which", ["comparison", "voc"])
-def test_the_pdf_has_a_page_per_section_each_starting_with_its_heading(which, request) -> None:
-    """Chromium's PDF: one page per section of the page (each section starts a new page and fits on
-    it), pages counted in the page tree and as /Type /Page objects, each page's text starting with
-    its section's heading; the figures the page shows are in the text."""
+def test_the_pdf_starts_each_section_on_a_new_page_with_its_heading(which, request) -> None:
+    """Chromium's PDF: each section of the page starts a page of its own with its heading (a long
+    section, such as every setting of a run, continues on the next pages, which start no other
+    section), pages counted in the page tree and as /Type /Page objects; the figures the page
+    shows are in the text."""
     built = request.getfixturevalue(which)
     page = request.getfixturevalue(f"{which}_page").page
-    headings = page.eval_on_selector_all("section.sheet h2", "hs => hs.map(h => h.textContent)")
+    headings = [_squeezed(h) for h in page.eval_on_selector_all("section.sheet h2", "hs => hs.map(h => h.textContent)")]
     pages = pdf_pages(built["pdf"])
-    assert len(pages) == page_objects(built["pdf"]) == len(headings)
+    assert len(pages) == page_objects(built["pdf"]) >= len(headings)
     title = page.eval_on_selector("h1", "h => h.textContent")
     assert pages[0].startswith(title) and headings[0] in pages[0]
-    for text, heading in zip(pages[1:], headings[1:]):
-        assert text.startswith(_squeezed(heading)), (text[:80], heading)
+    opening = [next((h for h in headings[1:] if text.startswith(h)), None) for text in pages[1:]]
+    assert [h for h in opening if h is not None] == headings[1:], opening
+    for text, heading in zip(pages, [headings[0], *opening]):
+        others = [h for h in headings if h != heading and h in text]
+        assert not others, (text[:80], others)  # no section begins in the middle of a page
     figures = page.eval_on_selector_all('table[data-table="figures"] td.num .text', "ts => ts.map(t => t.textContent)")
     whole = " ".join(pages)
     assert figures and all(figure in whole for figure in figures)

@@ -33,11 +33,15 @@ class Tolerance:
     loss: float  # relative, on every logged loss
     accuracy: float  # absolute, on every accuracy (a fraction of images whose prediction may flip)
     weights: float  # per tensor: |a - b| / |b| in Frobenius norms
+    # Training moves each tensor this many times further from its start than the two runs are apart
+    # (measured: 40x and more in fp32; in bf16 3.9x, then 2.3x for lenet5's last bias once the
+    # light augmentation drew its numbers per image, the runs otherwise within `weights`).
+    moved: float = 3.0
 
 
 TOLERANCES = {
     "fp32": Tolerance(loss=1e-4, accuracy=1e-6, weights=5e-3),
-    "bf16": Tolerance(loss=2 ** -8, accuracy=0.03, weights=0.15),
+    "bf16": Tolerance(loss=2 ** -8, accuracy=0.03, weights=0.15, moved=2.0),
 }
 
 
