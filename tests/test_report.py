@@ -232,3 +232,27 @@ def test_without_chromium_the_browser_tests_skip_on_a_laptop_and_fail_in_ci(tmp_
     monkeypatch.setenv("CI", "1")
     with pytest.raises(pytest.fail.Exception, match="CI is set and the report's browser tests cannot run"):
         report_fixtures.skip_or_fail_without_browser()
+
+
+def test_a_full_disk_while_writing_the_report_keeps_the_previous_page(many_test_images, tmp_path, monkeypatch) -> None:
+    """The disk refusing the finished page: the earlier report.html is there as it was, no partial
+    file is left beside it, and the sentence names the page."""
+    import errno
+    import os
+
+    from tltk.errors import DiskError
+
+    out = tmp_path / "report.html"
+    out.write_text("the earlier report")
+    move = os.replace
+
+    def full_at_the_page(source, target, *args, **kwargs):
+        if Path(target) == out:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return move(source, target, *args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", full_at_the_page)
+    with pytest.raises(DiskError, match=re.escape(str(out))):
+        report(many_test_images, out)
+    assert out.read_text() == "the earlier report"
+    assert [p.name for p in tmp_path.iterdir()] == ["report.html"]
