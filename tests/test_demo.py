@@ -78,6 +78,7 @@ def test_another_seed_rewrites_the_folders_instead_of_mixing_halves(demo, tmp_pa
     assert len(_written(source)) + len(_written(target)) == 1797
 
 
+@pytest.mark.slow  # the three demo runs and their report
 def test_the_demo_runs_end_to_end_and_reports_three_test_accuracies(demo, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", ["transfer_demo", "--out", str(tmp_path / "demo"), "--epochs", "1",
                                       "--per-class", "2"])

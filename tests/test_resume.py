@@ -160,6 +160,7 @@ def augmented_config(workers: int) -> FinetuneConfig:
     return config
 
 
+@pytest.mark.slow  # worker processes start torch again: about 30 s
 def test_augmented_runs_with_worker_processes_resume_bit_identical_and_match_in_process_loading(tmp_path: Path) -> None:
     """Each sample's augmentation is seeded from (seed, epoch, index): neither the worker
     that loads it nor an interruption changes the images a run trains on."""
