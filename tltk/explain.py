@@ -36,6 +36,7 @@ from tltk.data import load_image
 from tltk.errors import DataError, SettingError, TltkError, require
 from tltk.layers import available_layers, backbone_of, layer_shapes, resolve_layer
 from tltk.runtime import resolve_device
+from tltk.tta import probabilities
 
 METHODS = ("gradcam", "gradcam++", "scorecam", "eigencam")
 DEFAULT_THRESHOLD = 0.5
@@ -176,8 +177,7 @@ def check_spatial(model: nn.Module, layer: str, preprocessing: Preprocessing) ->
 
 def predict_probabilities(model: nn.Module, batch: torch.Tensor, task: str) -> np.ndarray:
     with torch.inference_mode():
-        logits = model(batch).float()
-    return (torch.sigmoid(logits) if task == "multilabel" else torch.softmax(logits, dim=1)).cpu().numpy()
+        return probabilities(model(batch), task).cpu().numpy()
 
 
 def explained_classes(probabilities: np.ndarray, task: str, threshold: float) -> list[int]:

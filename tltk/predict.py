@@ -20,7 +20,7 @@ from tltk.data import ImageDataset, Sample, scan_image_files, validate_images
 from tltk.data.images import is_image_file
 from tltk.errors import DataError
 from tltk.runtime import Inference, stream_outputs
-from tltk.tta import averaged_probabilities, check_tta, tta_inference
+from tltk.tta import averaged_probabilities, check_tta, probabilities, tta_inference
 
 
 @dataclass
@@ -55,7 +55,7 @@ def probability_batches(model: torch.nn.Module, dataset: ImageDataset, settings:
             yield averaged.numpy()
         return
     for logits, _ in stream_outputs(model, dataset, settings):
-        yield _probabilities(logits, task)
+        yield probabilities(logits, task).numpy()
 
 
 def as_predictions(samples: list[Sample], probabilities: np.ndarray, class_names: list[str], task: str,
@@ -64,8 +64,6 @@ def as_predictions(samples: list[Sample], probabilities: np.ndarray, class_names
     return Predictions([s.id for s in samples], paths, probabilities, list(class_names), task, tta)
 
 
-def _probabilities(logits: torch.Tensor, task: str) -> np.ndarray:
-    return (torch.sigmoid(logits) if task == "multilabel" else torch.softmax(logits, dim=1)).numpy()
 
 
 def is_unlabelled_folder(path: Path) -> bool:
