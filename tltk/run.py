@@ -14,7 +14,7 @@ from __future__ import annotations
 import html
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -214,10 +214,8 @@ class Run:
     def _prediction_input(self, data: str | None, split: str, batch_size: int,
                           overrides: dict[str, Any]) -> ImageDataset:
         check_batch_size(batch_size)
-        if data is not None and is_unlabelled_folder(Path(data).expanduser()):
-            return ImageDataset(unlabelled_samples(Path(data).expanduser()), self.preprocessing.eval_transform())
-        splits = self.data(data, **overrides)
-        return ImageDataset(splits.split(split), self.preprocessing.eval_transform(), splits.arrays)
+        return prediction_images(data, split, self.preprocessing.eval_transform(),
+                                 lambda: self.data(data, **overrides))
 
     def _repr_html_(self) -> str:
         """A notebook shows a run as a small table: what it is and its test figures."""
@@ -261,6 +259,16 @@ def iter_predictions(run: str | Path | Run, data: str | None = None, split: str 
                      **options: Any) -> Iterator[Predictions]:
     """``Run.iter_predictions`` for a run directory or a loaded run."""
     return as_run(run).iter_predictions(data, split, **options)
+
+
+def prediction_images(data: str | None, split: str, transform: Callable[..., Any],
+                      splits: Callable[[], DataSplits]) -> ImageDataset:
+    """What a prediction reads: a folder of unlabelled images in path order, or ``split`` of the
+    data ``splits()`` loads (a run's recorded settings, or those an exported model carries)."""
+    if data is not None and is_unlabelled_folder(Path(data).expanduser()):
+        return ImageDataset(unlabelled_samples(Path(data).expanduser()), transform)
+    loaded = splits()
+    return ImageDataset(loaded.split(split), transform, loaded.arrays)
 
 
 def load_run(path: str | Path) -> Run:

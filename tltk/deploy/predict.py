@@ -14,15 +14,15 @@ from typing import Any
 
 import numpy as np
 
-from tltk.data import ImageDataset, load_data
+from tltk.data import DataSplits, ImageDataset, load_data
 from tltk.deploy.card import ModelCard
 from tltk.deploy.files import open_onnx
-from tltk.predict import Predictions, as_predictions, is_unlabelled_folder, unlabelled_samples
+from tltk.predict import Predictions, as_predictions
 from tltk.export import export
 from tltk.run import WrittenPredictions
 from tltk.run import export_predictions as run_export_predictions
 from tltk.run import predict as run_predict
-from tltk.run import recorded_data_options
+from tltk.run import prediction_images, recorded_data_options
 from tltk.runtime import check_batch_size, default_workers, make_loader, resolve_device
 from tltk.tta import view_count, views
 
@@ -74,10 +74,10 @@ def prediction_input(model_file: Path, card: ModelCard, data: str | None, split:
                      overrides: dict[str, Any]) -> ImageDataset:
     """The images ``Run.predict`` would read for the same ``data`` and ``split``: the recorded
     data and split settings come from the card instead of config.json."""
-    transform = card.preprocessing.eval_transform()
-    if data is not None and is_unlabelled_folder(Path(data).expanduser()):
-        return ImageDataset(unlabelled_samples(Path(data).expanduser()), transform)
-    options = recorded_data_options(model_file, card.data, data, overrides)
-    splits = load_data(options.pop("spec"), **options)
-    splits = splits.as_multilabel() if card.task == "multilabel" else splits
-    return ImageDataset(splits.split(split), transform, splits.arrays)
+
+    def recorded_splits() -> DataSplits:
+        options = recorded_data_options(model_file, card.data, data, overrides)
+        splits = load_data(options.pop("spec"), **options)
+        return splits.as_multilabel() if card.task == "multilabel" else splits
+
+    return prediction_images(data, split, card.preprocessing.eval_transform(), recorded_splits)
