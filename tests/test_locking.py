@@ -142,6 +142,22 @@ def test_a_lock_left_by_a_killed_process_does_not_block(tmp_path: Path, holders)
     assert lock_path(store).exists() and not info_path(store).exists()  # the label went with the hold
 
 
+def test_a_label_half_written_by_a_killed_holder_is_removed_by_the_next_writer(tmp_path: Path) -> None:
+    """A holder killed while writing its label leaves the label's temporary file; the next
+    holder removes it, so killed commands leave nothing beside the target but the lock file."""
+    target = tmp_path / "store"
+    target.mkdir()
+    label = info_path(target)
+    leftover = label.parent / f".{label.name}.k3x9q.tmp"
+    leftover.write_text('{"pid": 1', encoding="utf-8")  # as the atomic write leaves it when killed
+    unrelated = tmp_path / ".other.lock.json.abc.tmp"
+    unrelated.write_text("{}", encoding="utf-8")
+    with hold(target):
+        assert not leftover.exists()
+    assert unrelated.exists()  # another target's label is not this holder's to remove
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([".other.lock.json.abc.tmp", lock_path(target).name, "store"])
+
+
 def test_wait_waits_for_the_holder_then_writes(tmp_path: Path, holders) -> None:
     """With wait=True the second writer blocks while the first holds the lock, and writes once it lets go."""
     store = tmp_path / "store"

@@ -88,6 +88,7 @@ def hold(target: str | Path, *, wait: bool = False, what: str = "directory") -> 
     with _registry_guard:
         _held[key] = held
     try:
+        _remove_stale_labels(target)
         _write_info(target)
         yield True
     finally:
@@ -153,6 +154,17 @@ def _write_info(target: Path) -> None:
         write_json(info_path(target), record)
     except (OSError, TltkError):
         pass  # the label is a courtesy; the lock holds without it
+
+
+def _remove_stale_labels(target: Path) -> None:
+    """Remove half-written labels left by a holder killed while writing its own.
+
+    Only the lock's holder writes the label, so once this process holds the lock, every
+    temporary label file beside it belongs to a dead writer and would otherwise stay forever.
+    """
+    label = info_path(target)
+    for leftover in label.parent.glob(f".{label.name}.*.tmp"):
+        leftover.unlink(missing_ok=True)
 
 
 def _command_line() -> str:
