@@ -10,6 +10,10 @@ start faster than. Both are fresh processes; they take turns (interleaved repeat
 first one rotating), and the difference is the median over the repeats of each repeat's
 difference. Goal: at most 1 s more than the baseline.
 
+The same run with ``--no-curves`` is timed in the same rounds: the three curve PNGs drawn at
+the end of every run (matplotlib's import and three figures) are the largest single fixed
+cost, and the difference between the two rows is what drawing them costs.
+
 Run: ``python benchmarks/bench_startup.py`` (about a minute on two quiet cores at the
 default 7 repeats). ``--data`` and ``--backbone`` time other runs.
 """
@@ -36,10 +40,10 @@ def wall_seconds(command: list[str]) -> float:
     return time.perf_counter() - started
 
 
-def one_run(args: argparse.Namespace, out: Path) -> tuple[float, float]:
+def one_run(args: argparse.Namespace, out: Path, *extra: str) -> tuple[float, float]:
     """(wall seconds, training seconds) of one ``tltk finetune``."""
     command = [sys.executable, "-m", "tltk.cli", "finetune", "--backbone", args.backbone, "--data", args.data,
-               "--epochs", "1", "--device", "cpu", "--quiet", "--overwrite", "--out", str(out)]
+               "--epochs", "1", "--device", "cpu", "--quiet", "--overwrite", "--out", str(out), *extra]
     wall = wall_seconds(command)
     training = float(json.loads((out / "summary.json").read_text())["seconds"])
     return wall, training
@@ -52,28 +56,26 @@ def main() -> None:
     parser.add_argument("--backbone", default="simplecnn")
     args = parser.parse_args()
     print(f"{os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}; tltk from {REPO}")
-    baseline, walls, trainings = [], [], []
+    baseline, walls, trainings, bare = [], [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         one_run(args, Path(tmp) / "run")  # untimed: file caches warm for both sides
         wall_seconds(BASELINE)
         for repeat in range(args.repeats):
-            if repeat % 2 == 0:
-                baseline.append(wall_seconds(BASELINE))
-                wall, training = one_run(args, Path(tmp) / "run")
-            else:
-                wall, training = one_run(args, Path(tmp) / "run")
-                baseline.append(wall_seconds(BASELINE))
-            walls.append(wall)
-            trainings.append(training)
+            turns = [lambda: baseline.append(wall_seconds(BASELINE)),
+                     lambda: walls.append(one_run(args, Path(tmp) / "run")),
+                     lambda: bare.append(one_run(args, Path(tmp) / "bare", "--no-curves"))]
+            for turn in turns[repeat % 3:] + turns[:repeat % 3]:  # the first one rotates
+                turn()
             print(f"  repeat {repeat + 1}/{args.repeats}: import torch, torchvision {baseline[-1]:.2f}s; "
-                  f"finetune {wall:.2f}s of which training {training:.2f}s, fixed {wall - training:.2f}s", flush=True)
-    fixed = [w - t for w, t in zip(walls, trainings)]
-    difference = statistics.median(f - b for f, b in zip(fixed, baseline))
+                  f"finetune {walls[-1][0]:.2f}s, fixed {walls[-1][0] - walls[-1][1]:.2f}s; "
+                  f"--no-curves {bare[-1][0]:.2f}s, fixed {bare[-1][0] - bare[-1][1]:.2f}s", flush=True)
     print(f"\nimport torch, torchvision  median {statistics.median(baseline):6.2f} s")
-    print(f"tltk finetune (1 epoch)    median {statistics.median(walls):6.2f} s, training {statistics.median(trainings):.2f} s")
-    print(f"fixed cost of the command  median {statistics.median(fixed):6.2f} s")
-    print(f"fixed cost - baseline      median {difference:+6.2f} s  (goal: at most +1.00 s; "
-          f"per-repeat range {min(f - b for f, b in zip(fixed, baseline)):+.2f} to {max(f - b for f, b in zip(fixed, baseline)):+.2f})")
+    for name, runs in (("tltk finetune (1 epoch)", walls), ("  the same, --no-curves", bare)):
+        fixed = [wall - training for wall, training in runs]
+        extra = [f - b for f, b in zip(fixed, baseline)]
+        print(f"{name:<26} median {statistics.median(w for w, _ in runs):6.2f} s, training "
+              f"{statistics.median(t for _, t in runs):.2f} s, fixed {statistics.median(fixed):.2f} s, fixed - baseline "
+              f"{statistics.median(extra):+.2f} s (goal: at most +1.00 s; range {min(extra):+.2f} to {max(extra):+.2f})")
 
 
 if __name__ == "__main__":

@@ -68,6 +68,20 @@ def test_a_small_finetune_imports_no_heavy_package_it_does_not_use(tmp_path: Pat
     assert any(frame.endswith("curves.py:write_curves") for frame in imports["matplotlib"]), imports["matplotlib"]
 
 
+def test_a_finetune_without_curves_imports_no_heavy_package_and_draws_nothing(tmp_path: Path) -> None:
+    """--no-curves leaves the drawing (and matplotlib's import) out: the run is complete, its
+    metrics.jsonl holds the curves' data, config.json records the choice, and no PNG is written."""
+    folder = write_image_folder(tmp_path / "shapes", {"circle": 6, "square": 6, "star": 6})
+    run = tmp_path / "run"
+    imports = imported_by(["finetune", "--backbone", "simplecnn", "--data", f"folder:{folder}", "--epochs", "1",
+                           "--batch-size", "8", "--workers", "0", "--device", "cpu", "--quiet", "--no-curves",
+                           "--out", str(run)], tmp_path)
+    assert imports == {}, imports
+    assert (run / "summary.json").is_file() and (run / "metrics.jsonl").stat().st_size > 0
+    assert json.loads((run / "config.json").read_text())["finetune"]["curves"] is False
+    assert not list(run.rglob("*.png"))
+
+
 def test_listing_components_imports_no_heavy_package(tmp_path: Path) -> None:
     """``tltk list`` reads names from package metadata: no backbone library is imported to list backbones."""
     assert imported_by(["list", "backbones"], tmp_path) == {}

@@ -167,6 +167,9 @@ def summary(backbone: str, head: str, num_classes: int, strategy: str, freeze: b
               help="With --tensorboard: steps between weight and gradient histograms.")
 @click.option("--every", "filters_every", type=int, default=None, metavar="N",
               help="Save the conv1 filter grid every N epochs into RUN/plots/filters/.")
+@click.option("--curves/--no-curves", default=True, show_default=True,
+              help="Draw the loss, metric and learning-rate curves into RUN/plots when training ends "
+                   "(--no-curves saves about a second; `tltk visualize curves RUN` draws them later).")
 @click.option("--callback", "callback_names", multiple=True, metavar="NAME",
               help="Train with this callback (tltk list callbacks), repeatable; it runs on every process.")
 @click.option("--callback-opt", multiple=True, metavar="NAME.KEY=VALUE",
@@ -241,7 +244,7 @@ def finetune_config(opts: dict[str, Any]) -> Any:
         pos_weight=opts["pos_weight"],
         train=TrainConfig(**{k: opts[k] for k in train_fields if k in opts and k != "task"}),
         tensorboard=opts["tensorboard"], histogram_every=opts["histogram_every"], filters_every=opts["filters_every"],
-        callbacks=callback_specs(opts.get("callback_names", ()), opts.get("callback_opt", ())),
+        curves=opts["curves"], callbacks=callback_specs(opts.get("callback_names", ()), opts.get("callback_opt", ())),
     )
     return config
 
@@ -308,7 +311,7 @@ def _fmt(value: Any) -> str:
 # learning-rate ramp of --steps does not use; every other option of finetune is lr-find's too.
 NOT_FOR_LR_FIND = {"out", "overwrite", "resume", "checkpoint_every", "checkpoint_interval", "epochs", "max_steps", "lr",
                    "schedule", "warmup_steps", "step_epochs", "gamma", "patience", "monitor", "cache", "cache_mem",
-                   "compile", "tensorboard", "histogram_every", "filters_every", "callback_names", "callback_opt"}
+                   "compile", "tensorboard", "histogram_every", "filters_every", "curves", "callback_names", "callback_opt"}
 
 
 @main.command("lr-find")

@@ -64,6 +64,10 @@ class FinetuneConfig:
     tensorboard: bool = False  # event files in RUN/tensorboard
     histogram_every: int = 100  # steps between weight/gradient histograms
     filters_every: int | None = None  # epochs between conv1 filter snapshots in RUN/plots/filters
+    # Draw RUN/plots/{loss,metrics,lr}.png when training ends. Drawing costs about a second
+    # (matplotlib's import and three figures): a sweep of many small runs, or a script that reads
+    # metrics.jsonl itself, turns it off; `tltk visualize curves` and `tltk report` draw them later.
+    curves: bool = True
     # Named callbacks (entry-point group tltk.callbacks): [{"name": ..., "options": {...}}], run on every process.
     callbacks: list[dict[str, Any]] = field(default_factory=list)
 
@@ -184,7 +188,8 @@ def _finetune(
         rundir.write_config(out, rundir.read_config(out) | {"frozen": model.frozen_modules()})
         rundir.save_weights(out, model)
         rundir.write_summary(out, summary)
-        write_curves(out)
+        if config.curves:
+            write_curves(out)
         checkpoint.remove_checkpoint(out)  # the run is complete; a checkpoint can be as large as the model twice over
     distributed.barrier(context)
     return RunResult(out, summary, data.skipped, model, main)
