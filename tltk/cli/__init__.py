@@ -12,5 +12,6 @@ from tltk.cli import plugins  # noqa: F401
 from tltk.cli import viz  # noqa: F401
 from tltk.cli import features  # noqa: F401
 from tltk.cli import report  # noqa: F401
+from tltk.cli import cache  # noqa: F401
 
 __all__ = ["main"]

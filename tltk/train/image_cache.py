@@ -21,10 +21,16 @@ import math
 import os
 import shutil
 import tempfile
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: decodings in progress cannot be told from abandoned ones
+    fcntl = None  # type: ignore[assignment]
 
 import numpy as np
 import torch
@@ -34,9 +40,11 @@ from torch.utils.data import Dataset
 from tltk.data.augment import BatchAugment, SeededAugment
 from tltk.data.transforms import FixedPreprocess, ImageDataset
 from tltk.distributed import EpochOrder
+from tltk.errors import SettingError
 from tltk.train.cache import human_bytes
 
 FORMAT_VERSION = 1
+_DECODING = ".decoding-"  # the prefix of a file being decoded into, renamed when complete
 _REFUSAL = "not caching the decoded training images: "
 # The cache takes at most this share of the free space on its disk: it is a convenience,
 # and must not fill the disk that run directories and checkpoints are written to.
@@ -153,6 +161,7 @@ def open_images(dataset: ImageDataset, augment: BatchAugment, budget_bytes: int,
     targets = _targets(dataset)
     path = root / f"{cache_key(dataset, augment)}.npy"
     if _readable(path, shape):
+        _mark_used(path)
         return _opened(path, needed, budget_bytes, targets, reused=True)
     if needed <= _disk_room(root) * DISK_SHARE:
         _decode_to_file(dataset, augment, path, shape, threads)
@@ -203,15 +212,17 @@ def _decode_to_file(dataset: ImageDataset, augment: BatchAugment, path: Path, sh
     """Decode into a temporary file beside ``path`` and rename it into place when complete:
     an interrupted run, or two runs at once, never leave a half-written cache behind."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=".decoding-", suffix=".npy", dir=path.parent)
-    os.close(handle)
+    remove_abandoned(path.parent)
+    handle, temporary = tempfile.mkstemp(prefix=_DECODING, suffix=".npy", dir=path.parent)
     try:
+        _claim(handle)  # held until the file is complete: a killed run's file is then known abandoned
         pixels = np.lib.format.open_memmap(temporary, mode="w+", dtype=np.uint8, shape=shape)
         _decode_into(pixels, dataset, augment, threads)
         pixels.flush()
         del pixels
         os.replace(temporary, path)
     finally:
+        os.close(handle)
         if os.path.exists(temporary):
             os.unlink(temporary)
 
@@ -260,3 +271,115 @@ class DecodedBatches:
             index = np.asarray(indices, dtype=np.int64)
             stored = torch.from_numpy(np.take(self.images.pixels, index, axis=0))
             yield self.augment(stored, seeds), self.images.targets[torch.from_numpy(index)]
+
+
+# --- the cache folder ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CacheEntry:
+    """One data set's decoded images in the cache folder. ``last_used``: when a run last
+    decoded or read them (the file's modification time, which each reuse renews)."""
+
+    path: Path
+    bytes: int
+    images: int
+    height: int
+    width: int
+    last_used: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"path": str(self.path), "bytes": self.bytes, "images": self.images, "height": self.height,
+                "width": self.width, "last_used": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(self.last_used))}
+
+
+@dataclass(frozen=True)
+class Cleared:
+    """What ``clear_cache`` removed and what it left."""
+
+    removed: int
+    removed_bytes: int
+    kept: int
+
+    def to_dict(self) -> dict[str, int]:
+        return {"removed": self.removed, "removed_bytes": self.removed_bytes, "kept": self.kept}
+
+
+def cache_entries(root: Path | None = None) -> list[CacheEntry]:
+    """The decoded image sets kept in ``root`` (default ``cache_root()``), most recently used first.
+
+    The cache never empties itself (a later run on the same data is what it is for), so
+    this is how a user sees what it holds before clearing it."""
+    root = root if root is not None else cache_root()
+    entries = []
+    for path in root.glob("*.npy") if root.is_dir() else ():
+        try:
+            stored = np.load(path, mmap_mode="r")
+            stat = path.stat()
+        except (OSError, ValueError):
+            continue  # not one of ours, or removed meanwhile
+        if stored.ndim != 4:
+            continue
+        entries.append(CacheEntry(path, stat.st_size, stored.shape[0], stored.shape[2], stored.shape[3], stat.st_mtime))
+    return sorted(entries, key=lambda entry: entry.last_used, reverse=True)
+
+
+def clear_cache(root: Path | None = None, *, older_than_days: float | None = None) -> Cleared:
+    """Remove the decoded image sets not used for ``older_than_days`` (all of them when None),
+    and the files of decodings whose run was killed. A run reading a removed set keeps
+    reading it (the disk frees it when that run lets go); the next run decodes again."""
+    if older_than_days is not None and older_than_days < 0:
+        raise SettingError(f"older_than_days must be 0 or more, not {older_than_days}.", ["older_than_days"])
+    root = root if root is not None else cache_root()
+    cutoff = None if older_than_days is None else time.time() - older_than_days * 86400
+    removed = removed_bytes = kept = 0
+    for entry in cache_entries(root):
+        if cutoff is not None and entry.last_used >= cutoff:
+            kept += 1
+            continue
+        entry.path.unlink(missing_ok=True)
+        removed += 1
+        removed_bytes += entry.bytes
+    abandoned, abandoned_bytes = remove_abandoned(root)
+    return Cleared(removed + abandoned, removed_bytes + abandoned_bytes, kept)
+
+
+def remove_abandoned(root: Path) -> tuple[int, int]:
+    """Remove the half-decoded files of runs killed while decoding: (files, bytes).
+
+    A decoding run holds a lock on its file until the file is complete and renamed; a file
+    whose lock can be taken has no live writer. Without file locks nothing is removed."""
+    if fcntl is None or not root.is_dir():
+        return 0, 0
+    count = size = 0
+    for path in root.glob(f"{_DECODING}*.npy"):
+        try:
+            handle = os.open(path, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            continue  # a live run is decoding into it
+        finally:
+            os.close(handle)
+        try:
+            size += path.stat().st_size
+            path.unlink()
+            count += 1
+        except OSError:
+            continue
+    return count, size
+
+
+def _claim(handle: int) -> None:
+    if fcntl is not None:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+
+
+def _mark_used(path: Path) -> None:
+    """Renew ``path``'s modification time: ``clear_cache(older_than_days=...)`` keeps what runs still read."""
+    try:
+        os.utime(path)
+    except OSError:
+        pass  # a read-only cache folder is still a cache
