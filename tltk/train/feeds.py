@@ -21,7 +21,7 @@ from tltk import distributed
 from tltk.distributed import SINGLE, DistContext, EpochOrder
 from tltk.errors import TltkError
 from tltk.model import TransferModel
-from tltk.runtime import autocast, batch_to, make_loader
+from tltk.runtime import autocast, batch_to, make_loader, resolve_device, resolve_precision, use_channels_last
 from tltk.train import cache, image_cache
 from tltk.train.callbacks import Reporter
 from tltk.train.config import TrainConfig
@@ -41,26 +41,52 @@ class Feed:
     broadcast_buffers: bool = True  # data-parallel: rank 0's buffers (BatchNorm statistics) sent out every step
 
 
+@dataclass(frozen=True)
+class Placement:
+    """Where this process trains, resolved once from the settings for this machine and
+    model: its place in a data-parallel job, its device (the rank's own GPU), the autocast
+    dtype (None: fp32) and whether images go channels-last."""
+
+    context: DistContext
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    channels_last: bool
+
+    @classmethod
+    def resolve(cls, config: TrainConfig, model: nn.Module, context: DistContext = SINGLE) -> "Placement":
+        device = distributed.device_for(context, resolve_device(config.device))
+        return cls(context, device, resolve_precision(config.precision, device),
+                   use_channels_last(config.channels_last, model))
+
+
+@dataclass(frozen=True)
+class LoaderWorkers:
+    """Worker processes of the training and the validation loader, each planned for its
+    split (``runtime.plan_cpus``)."""
+
+    train: int
+    val: int
+
+
 def image_feed(
     model: TransferModel,
     train_set: torch.utils.data.Dataset,
     val_set: torch.utils.data.Dataset | None,
     config: TrainConfig,
-    workers: int,
-    device: torch.device,
+    placement: Placement,
+    workers: LoaderWorkers,
     generator: torch.Generator,
-    context: DistContext = SINGLE,
     decoded: image_cache.DecodedImages | None = None,
-    val_workers: int | None = None,
 ) -> Feed:
     """Images through the whole model; under data-parallel training each rank loads its share
     of every epoch's order and its shard of the validation images. With ``decoded`` the
     training batches come from the decoded-image cache, in the order and with the pixels
     the loader would give."""
+    context, device = placement.context, placement.device
     val = None
     if val_set is not None:
         val = make_loader(evaluation_part(val_set, context), batch_size=config.batch_size, shuffle=False,
-                          workers=workers if val_workers is None else val_workers, device=device)
+                          workers=workers.val, device=device)
     if decoded is not None:
         augment = image_cache.batch_form(train_set.transform)  # type: ignore[attr-defined]
         assert augment is not None, "decoded images come only with a transform that has a batched form"
@@ -68,7 +94,7 @@ def image_feed(
                            world_size=context.world_size, sample_seeds=augment.random, batch_size=config.batch_size)
         batches = image_cache.DecodedBatches(decoded, augment, config.batch_size, order)
         return Feed(model, batches, val, order, feature_cache=None, generator=generator)  # type: ignore[arg-type]
-    train = make_loader(train_set, batch_size=config.batch_size, shuffle=True, workers=workers, device=device,
+    train = make_loader(train_set, batch_size=config.batch_size, shuffle=True, workers=workers.train, device=device,
                         generator=generator, seed=config.seed, context=context)
     return Feed(model, train, val, train.sampler, generator=generator)  # type: ignore[arg-type]
 
@@ -89,13 +115,10 @@ def cached_feed(
     train_set: torch.utils.data.Dataset,
     val_set: torch.utils.data.Dataset | None,
     config: TrainConfig,
+    placement: Placement,
     workers: int,
-    device: torch.device,
-    amp_dtype: torch.dtype | None,
-    channels_last: bool,
     store: cache.FeatureCache,
     reporter: Reporter,
-    context: DistContext = SINGLE,
 ) -> Feed:
     """Run the frozen backbone once over the training and validation images.
 
@@ -103,13 +126,14 @@ def cached_feed(
     training features are then gathered so that every rank holds all of them (each epoch's
     order hands a rank different images), while validation stays sharded like the images.
     """
+    context, device = placement.context, placement.device
 
     def to_device(images: torch.Tensor) -> torch.Tensor:
-        return batch_to(images, device, channels_last)
+        return batch_to(images, device, placement.channels_last)
 
     def features_of(dataset: torch.utils.data.Dataset) -> cache.CachedSplit:
         loader = make_loader(dataset, batch_size=config.batch_size, shuffle=False, workers=workers, device=device)
-        return store.extract(model, loader, len(dataset), to_device, lambda: autocast(device, amp_dtype))  # type: ignore[arg-type]
+        return store.extract(model, loader, len(dataset), to_device, lambda: autocast(device, placement.amp_dtype))  # type: ignore[arg-type]
 
     train = features_of(evaluation_part(train_set, context))
     if context.active:

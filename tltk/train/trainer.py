@@ -29,7 +29,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from tltk import distributed
-from tltk.distributed import SINGLE, DistContext
+from tltk.distributed import DistContext
 from tltk.errors import SettingError, TltkError
 from tltk.metrics import multilabel_report
 from tltk.model import TransferModel
@@ -45,16 +45,13 @@ from tltk.runtime import (
     plan_cpus,
     precision_name,
     predict_logits,
-    resolve_device,
-    resolve_precision,
-    use_channels_last,
 )
 from tltk.strategies import Strategy
 from tltk.train import cache
 from tltk.train import checkpoint as ckpt
 from tltk.train.callbacks import Callback, EarlyStopping, Progress, Reporter, SilentReporter, StrategyHooks
 from tltk.train.config import FIND_LR, TrainConfig
-from tltk.train.feeds import Feed, cached_feed, decoded_images, image_feed
+from tltk.train.feeds import Feed, LoaderWorkers, Placement, cached_feed, decoded_images, image_feed
 from tltk.train.losses import build_loss
 from tltk.train.optimization import build_optimizer, lr_factor
 
@@ -142,9 +139,8 @@ def fit(
     context = context or distributed.current_context()
     reporter = reporter or SilentReporter()
     generator = seed_everything(config.seed + context.rank)  # ranks draw different dropout masks
-    device = distributed.device_for(context, resolve_device(config.device))
-    amp_dtype = resolve_precision(config.precision, device)
-    channels_last = use_channels_last(config.channels_last, model)
+    placement = Placement.resolve(config, model, context)
+    device = placement.device
     val_set = val_set if val_set is not None and len(val_set) > 0 else None
     started = time.perf_counter()
 
@@ -165,25 +161,24 @@ def fit(
             stack.callback(callback.close)
         stack.enter_context(intra_op_threads(cpus.threads))
         stack.enter_context(deterministic_algorithms())
-        stack.enter_context(memory_format(model, channels_last))
+        stack.enter_context(memory_format(model, placement.channels_last))
         if use_cache:
             total = len(train_set) + (len(val_set) if val_set is not None else 0)
             store = stack.enter_context(cache.FeatureCache(total, cache.memory_budget(config.cache_mem), cache_dir))
-            feed = cached_feed(model, train_set, val_set, config, cpus.workers, device, amp_dtype, channels_last, store,
-                               reporter, context)
+            feed = cached_feed(model, train_set, val_set, config, placement, cpus.workers, store, reporter)
         else:
-            feed = image_feed(model, train_set, val_set, config, cpus.workers, device, generator, context, decoded,
-                              val_workers)
+            feed = image_feed(model, train_set, val_set, config, placement, LoaderWorkers(cpus.workers, val_workers),
+                              generator, decoded)
         stack.enter_context(checkpoints.signals() if checkpoints is not None else nullcontext())
-        loop = Loop(model, strategy, feed, config, watchers, log=log, loss_fn=loss_fn, checkpoints=checkpoints,
-                    context=context)
+        loop = Loop(model, strategy, feed, config, watchers, placement, log=log, loss_fn=loss_fn,
+                    checkpoints=checkpoints)
         result = loop.run()
     stopper = loop.early_stopping
     if stopper.best_state is not None:
         model.load_state_dict(stopper.best_state)
         result.best_epoch, result.best_metric = stopper.best_epoch, stopper.best_value
     result.seconds = round(time.perf_counter() - started, 3)
-    result.precision = precision_name(amp_dtype)
+    result.precision = precision_name(placement.amp_dtype)
     result.feature_cache = feed.feature_cache
     result.image_cache = decoded.where if decoded is not None else None
     result.threads = cpus.threads
@@ -214,12 +209,11 @@ class Loop:
     """
 
     def __init__(self, model: TransferModel, strategy: Strategy, feed: Feed, config: TrainConfig,
-                 callbacks: Sequence[Callback], *, log: MetricsLog | None = None, loss_fn: nn.Module | None = None,
-                 checkpoints: Checkpointing | None = None, context: DistContext = SINGLE) -> None:
-        self.model, self.feed, self.config, self.log, self.context = model, feed, config, log, context
-        self.device = distributed.device_for(context, resolve_device(config.device))
-        self.amp_dtype = resolve_precision(config.precision, self.device)
-        self.channels_last = use_channels_last(config.channels_last, model)
+                 callbacks: Sequence[Callback], placement: Placement, *, log: MetricsLog | None = None,
+                 loss_fn: nn.Module | None = None, checkpoints: Checkpointing | None = None) -> None:
+        self.model, self.feed, self.config, self.log, self.placement = model, feed, config, log, placement
+        self.context, self.device = placement.context, placement.device
+        self.amp_dtype, self.channels_last = placement.amp_dtype, placement.channels_last
         groups = [g for g in strategy.param_groups(model, config.lr) if g["params"]]
         self.optimizer = build_optimizer(groups, config)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
@@ -336,8 +330,7 @@ class Loop:
             row["train_accuracy"] = train_acc
         row["lr"] = self.optimizer.param_groups[-1]["lr"]
         if self.feed.val is not None:
-            row.update(validation_metrics(self.module, self.feed.val, self.device, self.amp_dtype, self.loss_fn,
-                                          self.config.task, self.channels_last, self.context))
+            row.update(validation_metrics(self.module, self.feed.val, self.placement, self.loss_fn, self.config.task))
         row["seconds"] = round(time.perf_counter() - epoch_started, 3)
         self.result.history.append(row)
         if self.log is not None:
@@ -445,22 +438,15 @@ _BUFFER_SYNC_OPTION = ("forward_sync_buffers" if "forward_sync_buffers" in inspe
                        else "broadcast_buffers")
 
 
-def validation_metrics(
-    model: nn.Module,
-    loader: Batches,
-    device: torch.device,
-    amp_dtype: torch.dtype | None,
-    loss_fn: nn.Module,
-    task: str,
-    channels_last: bool = False,
-    context: DistContext = SINGLE,
-) -> dict[str, float]:
+def validation_metrics(model: nn.Module, loader: Batches, placement: Placement, loss_fn: nn.Module,
+                       task: str) -> dict[str, float]:
     """val_loss plus val_accuracy (multi-class) or val_map and val_map_voc07 (multi-label).
 
     Under data-parallel training ``loader`` holds this rank's shard; the ranks' logits are
     gathered first, so every rank computes the figures of the whole split."""
-    logits, targets = distributed.gather_outputs(*predict_logits(model, loader, device, amp_dtype, channels_last),
-                                                 context, device)
+    device = placement.device
+    logits, targets = distributed.gather_outputs(
+        *predict_logits(model, loader, device, placement.amp_dtype, placement.channels_last), placement.context, device)
     loss = float(loss_fn.cpu()(logits, targets))
     loss_fn.to(device)
     if task == "multilabel":
