@@ -109,6 +109,7 @@ def deterministic_algorithms() -> Iterator[None]:
     finally:
         torch.use_deterministic_algorithms(False)
 
+
 # --- the loop -------------------------------------------------------------------------
 
 
