@@ -27,7 +27,7 @@ PYTHON_API = {
                  " / gradcam.visualize_gradcam (maps alone: tltk.load_run(run).explain(images))",
     "compare": "tltk.viz.compare.write_comparison(runs, out)",
     "sweep": "tltk.sweep.sweep(base_config, param, values, out_root)",
-    "tensorboard": "tltk.train.tensorboard.launch_tensorboard(argv)",
+    "tensorboard": "tltk.viz.tensorboard.launch_tensorboard(argv)",
     "layers": "tltk.layers.list_layers(backbone)",
     "extract": "tltk.features.extract.extract(load_source(...), layer, out, data, shard=(i, n))",
     "index": "tltk.features.store.FeatureStore(path); tltk.features.extract.add_images(...); "

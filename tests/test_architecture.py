@@ -57,9 +57,8 @@ EXCEPTIONS: dict[tuple[str, str], str] = {
     ("tltk.train.finetune", "tltk.viz.curves"):
         "finetune writes the curve PNGs itself; it should hand that to a callback or its caller",
     ("tltk.train.tensorboard", "tltk.viz.filters"):
-        "the TensorBoard writer draws filter snapshots; a callback should own them",
-    ("tltk.train.tensorboard", "tltk.viz.compare"):
-        "TensorBoard names runs the way the comparison figures do (run_labels)",
+        "the TensorBoard and snapshot callbacks draw filters with viz; finetune builds them (watch_callbacks) "
+        "where its caller should pass them in",
     ("tltk.export", "tltk.predict"):
         "an exporter writes predict's Predictions, which live in predict.py rather than below the components",
     ("tltk.export.kaggle", "tltk.predict"):

@@ -20,7 +20,8 @@ from tltk.cli import main
 from tltk.errors import RunDirError
 from tltk.train.callbacks import Callback
 from tltk.train.finetune import DataOptions, FinetuneConfig, RunResult, finetune
-from tltk.train.tensorboard import TensorBoardCallback, tensorboard_argv
+from tltk.train.tensorboard import TensorBoardCallback
+from tltk.viz.tensorboard import tensorboard_argv
 from tltk.train.trainer import TrainConfig
 
 # 3 classes x 12 training images, batches of 8: 5 steps an epoch, 10 in all.

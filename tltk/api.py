@@ -19,7 +19,8 @@ from tltk.run import Run, load_run
 from tltk.train.callbacks import Callback, Reporter
 from tltk.train.finetune import DataOptions, FinetuneConfig
 from tltk.train.finetune import finetune as train_run
-from tltk.train.trainer import DEFAULT_CHECKPOINT_INTERVAL, TrainConfig
+from tltk.train.resume import DEFAULT_CHECKPOINT_INTERVAL
+from tltk.train.trainer import TrainConfig
 
 
 def finetune(

@@ -65,6 +65,18 @@ class Explanation:
                 "layer": self.layer, "method": self.method, "size": list(self.heatmap.shape)}
 
 
+@dataclass(frozen=True)
+class MapSettings:
+    """Which maps to make: at ``layer`` (None: the default one, see ``default_layer``), for
+    ``class_name`` (None: each predicted class, a multi-label model's at ``threshold``), by
+    ``method`` (one of ``METHODS``)."""
+
+    layer: str | None = None
+    class_name: str | None = None
+    method: str = "gradcam"
+    threshold: float = DEFAULT_THRESHOLD
+
+
 def explain_images(
     model: nn.Module,
     images: Sequence[ImageInput],
@@ -72,19 +84,17 @@ def explain_images(
     preprocessing: Preprocessing,
     task: str = "multiclass",
     *,
-    layer: str | None = None,
-    class_name: str | None = None,
-    method: str = "gradcam",
+    maps: MapSettings = MapSettings(),
     device: str = "auto",
-    threshold: float = DEFAULT_THRESHOLD,
 ) -> list[Explanation]:
-    """Maps for each image: for ``class_name`` if given, else for the predicted class (each
-    predicted label at ``threshold`` for a multi-label model, the most probable one where
-    none reaches it). In image order, then class order."""
+    """Maps for each image: for ``maps.class_name`` if given, else for the predicted class
+    (each predicted label at ``maps.threshold`` for a multi-label model, the most probable
+    one where none reaches it). In image order, then class order."""
+    method, threshold = maps.method, maps.threshold
     check_method(method)
-    layer_name = layer if layer is not None else default_layer(model, preprocessing)
+    layer_name = maps.layer if maps.layer is not None else default_layer(model, preprocessing)
     check_spatial(model, layer_name, preprocessing)
-    asked = class_index(class_name, class_names) if class_name is not None else None
+    asked = class_index(maps.class_name, class_names) if maps.class_name is not None else None
     pictures = [(name_of(image), as_rgb(image)) for image in images]
     if not pictures:
         raise DataError("there are no images to explain; pass at least one image file.")
@@ -95,10 +105,10 @@ def explain_images(
     chosen = [[asked] if asked is not None else explained_classes(row, task, threshold) for row in probabilities]
     rows = [(i, c) for i, classes in enumerate(chosen) for c in classes]
     module = resolve_layer(model, layer_name).module
-    maps = np.concatenate([class_activation_maps(model, module, batch[[i for i, _ in part]], [c for _, c in part], method)
+    heatmaps = np.concatenate([class_activation_maps(model, module, batch[[i for i, _ in part]], [c for _, c in part], method)
                            for part in chunks(rows, CAM_BATCH)])
     explanations = []
-    for (i, c), heatmap in zip(rows, maps):
+    for (i, c), heatmap in zip(rows, heatmaps):
         source, picture = pictures[i]
         explanations.append(Explanation(i, source, np.asarray(picture), class_names[c], c,
                                         float(probabilities[i, c]), resize_map(heatmap, picture.size[::-1]),

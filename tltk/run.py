@@ -25,7 +25,7 @@ from tltk.data.options import DATA_SETTINGS
 from tltk.data.specs import parse_spec, same_data, spec_location
 from tltk.errors import DataError, RunDirError
 from tltk.evaluation import evaluate_model
-from tltk.explain import Explanation, explain_images
+from tltk.explain import Explanation, MapSettings, explain_images
 from tltk.export import PredictionStream, export
 from tltk.fileio import user_path
 from tltk.layers import check_pool, resolve_layer, tap
@@ -208,8 +208,8 @@ class Run:
         """Class activation maps of image files (or PIL images): where in each image the model
         found the evidence for its predicted class (each predicted label of a multi-label run,
         or ``class_name``), at the last convolutional layer or ``layer``; see ``tltk.explain``."""
-        return explain_images(self.model, images, self.class_names, self.preprocessing, self.task, layer=layer,
-                              class_name=class_name, method=method, device=device, threshold=threshold)
+        return explain_images(self.model, images, self.class_names, self.preprocessing, self.task,
+                              maps=MapSettings(layer, class_name, method, threshold), device=device)
 
     def _prediction_input(self, data: str | None, split: str, batch_size: int,
                           overrides: dict[str, Any]) -> ImageDataset:

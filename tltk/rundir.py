@@ -27,6 +27,7 @@ CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
 METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
+TENSORBOARD_DIR = "tensorboard"  # the event files of `tltk finetune --tensorboard`
 
 
 def is_run(path: Path) -> bool:

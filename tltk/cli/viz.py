@@ -280,6 +280,6 @@ sweep.add_command(sweep_command(
 @click.option("--host", default=None, help="Address to listen on [localhost].")
 def tensorboard(runs: tuple[str, ...], port: int | None, host: str | None) -> None:
     """Serve the TensorBoard logs of RUNS (trained with `tltk finetune --tensorboard`)."""
-    from tltk.train.tensorboard import launch_tensorboard, tensorboard_argv
+    from tltk.viz.tensorboard import launch_tensorboard, tensorboard_argv
 
     launch_tensorboard(tensorboard_argv(list(runs), port, host))

@@ -14,6 +14,7 @@ for the epoch a run is resumed in the middle of (the callbacks' state is restore
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Mapping, Protocol, Sequence
 
 from tltk.errors import TltkError
@@ -133,6 +134,42 @@ class StrategyHooks(Callback):
         for epoch in range(started):
             self.strategy.on_epoch_start(self.loop.model, epoch)
         self.epochs_started = started
+
+
+@dataclass
+class EarlyStopping(Callback):
+    """Tracks the best validation epoch, keeps its weights, and stops the loop when the
+    monitored figure has not improved for ``patience`` epochs. Its state travels in the
+    checkpoint's own fields (best value and epoch, epochs without improvement) and its
+    best weights beside the model's."""
+
+    monitor: str
+    patience: int | None
+    best_value: float | None = None
+    best_epoch: int | None = None
+    best_state: dict[str, torch.Tensor] | None = None
+    bad_epochs: int = 0
+
+    def update(self, row: dict[str, Any], model: nn.Module) -> bool:
+        value = row[self.monitor]
+        better = self.best_value is None or (
+            value < self.best_value if self.monitor == "val_loss" else value > self.best_value
+        )
+        if better:
+            self.best_value, self.best_epoch, self.bad_epochs = value, row["epoch"], 0
+            self.best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        else:
+            self.bad_epochs += 1
+        return self.patience is not None and self.bad_epochs >= self.patience
+
+    def on_epoch_end(self, model: nn.Module, row: dict[str, Any]) -> None:
+        loop = self.loop
+        if loop is None or loop.feed.val is None:
+            return
+        if self.update(row, model):
+            loop.result.stopped_early = True
+            loop.stop(f"early stopping after epoch {row['epoch']}: {self.monitor} did not improve for "
+                      f"{self.patience} epochs")
 
 
 def build_callbacks(specs: Sequence[Mapping[str, Any]]) -> list[Callback]:

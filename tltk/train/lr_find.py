@@ -52,7 +52,8 @@ from tltk.runtime import (
 from tltk.strategies import Strategy
 from tltk.train.config import LrFinderSettings, TrainConfig
 from tltk.train.losses import build_loss
-from tltk.train.trainer import build_optimizer, deterministic_algorithms
+from tltk.train.optimization import build_optimizer
+from tltk.train.trainer import deterministic_algorithms
 
 SUGGESTION_DIVISOR = 10.0
 RULE = "a tenth of the learning rate at the lowest smoothed loss (minimum / 10)"

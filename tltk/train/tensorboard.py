@@ -22,9 +22,9 @@ import torch
 from torch import nn
 
 from tltk.backbones.base import Preprocessing
+from tltk.rundir import TENSORBOARD_DIR
 from tltk.train.callbacks import Callback
 
-TENSORBOARD_DIR = "tensorboard"
 MAX_IMAGES = 64  # training images shown in the grid
 # Epoch-row keys that are bookkeeping, not figures worth a chart.
 _NOT_SCALARS = {"kind", "epoch", "step", "lr"}
@@ -268,45 +268,3 @@ def watch_callbacks(
     if filters_every is not None:
         callbacks.append(FilterSnapshotCallback(out / "plots" / "filters", filters_every, title=out.name))
     return callbacks
-
-
-def tensorboard_argv(runs: Sequence[str | Path], port: int | None = None, host: str | None = None) -> list[str]:
-    """The ``tensorboard`` command line that shows the logs of ``runs``.
-
-    Several runs are named as ``tltk compare`` names them (the shortest path endings that
-    tell them apart), so each gets its own colour and a readable name.
-    """
-    from tltk import rundir
-    from tltk.errors import RunDirError
-
-    if not runs:
-        raise RunDirError("tensorboard needs a run directory; pass the --out of a `tltk finetune --tensorboard` run.")
-    dirs = []
-    for run in runs:
-        path = Path(run).expanduser()
-        rundir.read_config(path)  # one sentence when it is not a run
-        logs = path / TENSORBOARD_DIR
-        if not logs.is_dir():
-            raise RunDirError(f"{path} has no {TENSORBOARD_DIR}/ logs; train it with `tltk finetune --tensorboard`.")
-        dirs.append((path, logs))
-    if len(dirs) == 1:
-        argv = ["tensorboard", "--logdir", str(dirs[0][1])]
-    else:
-        from tltk.viz.compare import run_labels
-
-        names = run_labels([path for path, _ in dirs])
-        argv = ["tensorboard", "--logdir_spec", ",".join(f"{name}:{logs}" for name, (_, logs) in zip(names, dirs))]
-    if port is not None:
-        argv += ["--port", str(port)]
-    if host is not None:
-        argv += ["--host", host]
-    return argv
-
-
-def launch_tensorboard(argv: Sequence[str]) -> None:
-    """Run TensorBoard's own program with ``argv`` until it is stopped (Ctrl-C)."""
-    from tensorboard import default, program
-
-    board = program.TensorBoard(plugins=default.get_plugins())
-    board.configure(argv=list(argv))
-    board.main()
