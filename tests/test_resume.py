@@ -249,7 +249,7 @@ def test_cached_unfrozen_and_early_stopped_runs_resume_to_the_uninterrupted_resu
 def test_a_signal_is_acted_on_only_where_the_ranks_agree_on_it() -> None:
     """A signal landing between two agreement points must not make this rank save or stop
     alone: in a data-parallel job the other ranks would wait in the next collective for ever."""
-    from tltk.train.trainer import BoundCheckpointing, Checkpointing, Interrupted, SavePolicy
+    from tltk.train.resume import BoundCheckpointing, Checkpointing, Interrupted, SavePolicy
 
     plan = Checkpointing(Path("unused"), {}, SavePolicy(every_steps=None, interval_seconds=0))
     saver = BoundCheckpointing(plan, None, None, None, None, None, None, None)

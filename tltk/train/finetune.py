@@ -33,16 +33,8 @@ from tltk.train.config import FIND_LR, LrFinderSettings
 from tltk.train.losses import TASKS, auto_pos_weight, build_loss
 from tltk.train.lr_find import LrFinding, check_single_process, find_lr, save_finding
 from tltk.train.tensorboard import warn, watch_callbacks
-from tltk.train.trainer import (
-    DEFAULT_CHECKPOINT_INTERVAL,
-    Checkpointing,
-    FitResult,
-    Reporter,
-    SavePolicy,
-    TrainConfig,
-    fit,
-    seed_everything,
-)
+from tltk.train.resume import DEFAULT_CHECKPOINT_INTERVAL, Checkpointing, SavePolicy
+from tltk.train.trainer import FitResult, Reporter, TrainConfig, fit, seed_everything
 from tltk.viz.curves import PLOTS, write_curves
 
 

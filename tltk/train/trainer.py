@@ -54,16 +54,7 @@ from tltk.train.config import FIND_LR, TrainConfig
 from tltk.train.feeds import Feed, LoaderWorkers, Placement, cached_feed, decoded_images, image_feed
 from tltk.train.losses import build_loss
 from tltk.train.optimization import build_optimizer, lr_factor
-
-# Imported from here by finetune and by callers of ``fit`` that save checkpoints, as
-# ``TrainConfig`` and ``Reporter`` are: the resume machinery itself lives in ``resume``.
-from tltk.train.resume import (  # noqa: F401
-    DEFAULT_CHECKPOINT_INTERVAL,
-    BoundCheckpointing,
-    Checkpointing,
-    Interrupted,
-    SavePolicy,
-)
+from tltk.train.resume import Checkpointing
 
 
 @dataclass
