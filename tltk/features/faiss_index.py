@@ -3,9 +3,14 @@ search it, and how well an approximate one finds the true neighbours.
 
 Approximate indexes (IVF, HNSW, IVF-PQ) trade recall for speed, and a badly set one can
 return mostly wrong neighbours while looking fine. So whenever one is built or grown, its
-recall@k against exact search is measured on a sample of stored vectors held out of a copy
-of the index (so that the queries are new to it, as real ones are), and unless the user
-fixed them, ``nprobe`` / ``efSearch`` are raised until the recall reaches a target.
+recall@k against exact search is measured on a sample of stored vectors held out of the
+index (so that the queries are new to it, as real ones are; see ``RecallProbe``), and
+unless the user fixed them, ``nprobe`` / ``efSearch`` are raised until the recall reaches
+a target.
+
+Building and measuring an index read the stored vectors in passes made once, so they read
+a small block at a time and let go of each block's pages of the memory-mapped file once
+used: what they hold does not grow with the store, only the index itself does.
 
 Nothing here knows the store's files; ``tltk.features.store`` keeps them. FAISS is
 imported inside the functions that need it, so opening this module stays cheap.
@@ -14,10 +19,12 @@ imported inside the functions that need it, so opening this module stays cheap.
 from __future__ import annotations
 
 import math
+import mmap
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -33,7 +40,13 @@ AUTO_THRESHOLD = 50_000  # rows; below it exact search answers in milliseconds a
 TARGET_RECALL = 0.95
 RECALL_K = 10
 RECALL_QUERIES = 200
-CHUNK_BYTES = 32 << 20  # rows read back from disk per step when indexing or searching exactly
+CHUNK_BYTES = 32 << 20  # rows read back from disk per step when searching exactly
+# Rows read back per step by a pass made once (building, measuring): small, so that what the
+# pass holds besides the index stays the same for a store of any size.
+LEAN_CHUNK_BYTES = 1 << 20
+# Rows per block of FAISS's matrix products of distances while an IVF index trains and is
+# filled (FAISS's own 4,096 by 1,024 centroids is a 16 MB table); see ``small_distance_blocks``.
+DISTANCE_BLOCK_ROWS = 512
 HNSW_NEIGHBOURS = 32
 HNSW_EF_CONSTRUCTION = 80
 MAX_EF_SEARCH = 1024
@@ -101,34 +114,64 @@ def check_metric(metric: str) -> str:
 
 @dataclass
 class RecallProbe:
-    """A copy of the store's index without a sample of its rows, and those rows' exact
-    neighbours among the rest: recall measured on queries the index has not seen.
+    """A sample of stored rows held out of the index, and their exact neighbours among the
+    other rows: recall measured on queries the index has not seen.
 
     Stored vectors searched in their own index are flattering queries (a graph index
     walks straight to the query's own node, whose links are its nearest neighbours): on
     100,000 clustered vectors, an HNSW setting scoring 0.979 that way scored 0.938 on new
-    queries. Holding the sample out costs one more pass of adding vectors.
+    queries.
+
+    An IVF index (``FILTERED_PROBE``) is searched as it is, told to pass over the sample's
+    rows: the lists a query visits and each other row's code and place in them are the
+    same as in an index built without the sample, so the answers are that index's, and no
+    copy of the vectors is made. A graph index is searched through the links its rows make,
+    so there ``index`` is a copy holding the other rows only, and ``kept`` says which row
+    each of its positions is.
     """
 
     index: Any
-    kept: np.ndarray
     sample: np.ndarray
     queries: np.ndarray
     truth: np.ndarray
     features: np.ndarray
     metric: str
+    count: int
+    kept: np.ndarray | None = None
 
     @property
     def k(self) -> int:
         return int(self.truth.shape[1])
 
     def recall(self, params: dict[str, int]) -> float:
-        """Recall@k of the index copy at search setting ``params``, candidates re-ranked as in ``search``."""
-        apply_search_params(self.index, params)
-        _, ids = self.index.search(prepare_vectors(self.queries, self.metric), min(len(self.kept), self.k + rerank_extra(self.k)))
-        candidates = np.where(ids >= 0, self.kept[np.maximum(ids, 0)], -1)
-        found = rerank(self.features, self.queries, candidates, self.k, self.metric)[1]
+        """Recall@k of the index at search setting ``params``, candidates re-ranked as in ``search``."""
+        queries = prepare_vectors(self.queries, self.metric)
+        width = min(self.count - len(self.sample), self.k + rerank_extra(self.k))
+        if self.kept is None:
+            candidates = search_skipping(self.index, queries, width, params, self.sample)[1]
+        else:
+            apply_search_params(self.index, params)
+            ids = self.index.search(queries, width)[1]
+            candidates = np.where(ids >= 0, self.kept[np.maximum(ids, 0)], -1)
+        found = rerank_from_disk(self.features, self.queries, candidates, self.k, self.metric)[1]
         return recall_at_k(found, self.truth)
+
+
+FILTERED_PROBE = ("ivf", "ivfpq")  # indexes whose recall is measured on themselves, the sample filtered out
+
+
+def search_skipping(index: Any, queries: np.ndarray, k: int, params: dict[str, int],
+                    skipped: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Search an IVF index at setting ``params`` as if rows ``skipped`` were not in it."""
+    import faiss
+
+    selector = faiss.IDSelectorNot(faiss.IDSelectorBatch(np.ascontiguousarray(skipped, dtype=np.int64)))
+    setting = faiss.SearchParametersIVF(sel=selector)
+    for name, value in params.items():
+        if not hasattr(setting, name):
+            raise ValueError(f"an IVF search has no setting {name!r}")
+        setattr(setting, name, int(value))
+    return index.search(queries, k, params=setting)
 
 
 def resolve_kind(kind: str, count: int, threshold: int) -> str:
@@ -196,25 +239,116 @@ def train_index(index: Any, features: np.ndarray, metric: str, seed: int) -> Non
     size = min(len(features), max(64 * ivf.nlist, 10_000))
     rows = np.sort(np.random.default_rng(seed).choice(len(features), size=size, replace=False))
     ivf.cp.seed = seed
-    index.train(prepare_vectors(features[rows], metric))
+    sample = prepare_vectors(read_rows(features, rows), metric, in_place=True)
+    with small_distance_blocks():
+        index.train(sample)
 
 
 def add_rows(index: Any, features: np.ndarray, metric: str, start: int) -> None:
-    """Add rows ``start:`` of ``features`` to ``index``, a bounded chunk at a time."""
-    step = chunk_rows(features.shape[1])
-    for begin in range(start, len(features), step):
-        index.add(prepare_vectors(features[begin:begin + step], metric))
+    """Add rows ``start:`` of ``features`` to ``index``, a bounded block at a time, letting go
+    of each block's file pages once added."""
+    step = rows_per_add(index, features.shape[1])
+    reserve_codes(index, len(features))
+    with small_distance_blocks():
+        for begin in range(start, len(features), step):
+            index.add(prepare_vectors(features[begin:begin + step], metric))
+            let_go_of_pages(features)
+
+
+def rows_per_add(index: Any, dim: int) -> int:
+    """How many rows to add at once. A flat or IVF index stores or assigns each row on its
+    own, so a small block (``LEAN_CHUNK_BYTES``) gives the same index. (FAISS scores a few
+    rows, fewer than ``distance_compute_blas_threshold / dim``, against the centroids one by
+    one instead of by a matrix product, which may round a near-tie between two centroids the
+    other way; the last rows of a block may be so few, as may those of FAISS's own blocks of
+    65,536.) HNSW links each batch's rows level by level, so its batches stay as they always
+    were (``chunk_rows``)."""
+    import faiss
+
+    if isinstance(faiss.downcast_index(index), faiss.IndexHNSW):
+        return chunk_rows(dim)
+    return lean_rows(dim)
+
+
+@contextmanager
+def small_distance_blocks() -> Iterator[None]:
+    """Have FAISS compute many-to-many distances in blocks of ``DISTANCE_BLOCK_ROWS`` rows.
+
+    k-means (training an IVF index) and assigning rows to its lists compute every row's
+    distance to every centroid by matrix products, a block of rows at a time: FAISS's
+    4,096 rows by up to 1,024 centroids hold 16 MB, as much as the whole index of 250,000
+    16-d vectors. Each distance is one row's products whatever the block, so smaller
+    blocks build the same index in an eighth of that: byte for byte on one thread (a test
+    pins it); on several, the threads share a product out by its shape, which can move a
+    distance's last bit, and a row almost exactly as near two centroids may then go to the
+    other one (1 row of 32,768 in that test on two threads), as it may between thread
+    counts. The block size is a FAISS setting for the whole process, put back afterwards; a
+    search running meanwhile in another thread would only take smaller blocks too.
+    """
+    import faiss
+
+    before = int(faiss.cvar.distance_compute_blas_query_bs)
+    faiss.cvar.distance_compute_blas_query_bs = min(before, DISTANCE_BLOCK_ROWS)
+    try:
+        yield
+    finally:
+        faiss.cvar.distance_compute_blas_query_bs = before
+
+
+def reserve_codes(index: Any, total: int) -> None:
+    """Give a flat index room for ``total`` rows at once: growing it a block at a time would
+    otherwise double its buffer, holding the old and the new one while it copies."""
+    import faiss
+
+    flat = faiss.downcast_index(index)
+    if isinstance(flat, faiss.IndexFlatCodes) and total > flat.ntotal:
+        used = flat.ntotal * flat.code_size
+        flat.codes.resize(total * flat.code_size)
+        flat.codes.resize(used)  # the size back to the rows held; the room stays
 
 
 def chunk_rows(dim: int) -> int:
     return max(1, CHUNK_BYTES // (4 * dim))
 
 
-def prepare_vectors(vectors: np.ndarray, metric: str) -> np.ndarray:
-    """A float32 C-contiguous copy, L2-normalised for cosine (inner product of unit vectors)."""
+def lean_rows(dim: int) -> int:
+    return max(1, LEAN_CHUNK_BYTES // (4 * dim))
+
+
+def let_go_of_pages(features: np.ndarray) -> None:
+    """Drop a memory-mapped file's pages from this process's resident memory. They stay in
+    the system's file cache, and reading them again maps them back: rows that a one-off pass
+    has read need not stay counted as the process's own memory (an in-memory array: nothing
+    to do)."""
+    mapping = getattr(features, "_mmap", None)
+    if isinstance(mapping, mmap.mmap) and hasattr(mmap, "MADV_DONTNEED") and not mapping.closed:
+        mapping.madvise(mmap.MADV_DONTNEED)
+
+
+def read_rows(features: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """``features[rows]`` as an array in memory, gathered a block of the file at a time, each
+    block's pages let go of once read (``rows`` need not be sorted)."""
+    rows = np.asarray(rows, dtype=np.int64)
+    out = np.empty((len(rows), features.shape[1]), dtype=np.float32)
+    order = np.argsort(rows, kind="stable")
+    ordered = rows[order]
+    step = lean_rows(features.shape[1])
+    begin = 0
+    while begin < len(ordered):
+        end = int(np.searchsorted(ordered, (ordered[begin] // step + 1) * step))
+        out[order[begin:end]] = features[ordered[begin:end]]
+        let_go_of_pages(features)
+        begin = end
+    return out
+
+
+def prepare_vectors(vectors: np.ndarray, metric: str, *, in_place: bool = False) -> np.ndarray:
+    """A float32 C-contiguous copy, L2-normalised for cosine (inner product of unit vectors).
+    ``in_place``: ``vectors`` is an array of the caller's own, prepared where it is when it
+    is already float32 and C-contiguous."""
     import faiss
 
-    prepared = np.array(vectors, dtype=np.float32, order="C", copy=True)
+    prepared = np.array(vectors, dtype=np.float32, order="C", copy=not in_place)
     if prepared.ndim == 1:
         prepared = prepared[None, :]
     if metric == "cosine":
@@ -222,21 +356,26 @@ def prepare_vectors(vectors: np.ndarray, metric: str) -> np.ndarray:
     return prepared
 
 
-def exact_knn(features: np.ndarray, queries: np.ndarray, k: int, metric: str) -> tuple[np.ndarray, np.ndarray]:
+def exact_knn(features: np.ndarray, queries: np.ndarray, k: int, metric: str, *,
+              lean: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Brute-force top-k of prepared ``queries`` over stored ``features``, a chunk at a time.
 
     Returns FAISS scores (inner products for cosine, squared L2 for l2) and row numbers,
-    best first; memory stays at one chunk of rows plus the (queries x k) results.
+    best first; memory stays at one chunk of rows plus the (queries x k) results. ``lean``,
+    for a pass made once: smaller chunks, each one's file pages let go of once searched.
     """
     import faiss
 
     k = min(k, len(features))
     heap = faiss.ResultHeap(len(queries), k, keep_max=metric == "cosine")
-    step = chunk_rows(features.shape[1])
+    step = lean_rows(features.shape[1]) if lean else chunk_rows(features.shape[1])
     for begin in range(0, len(features), step):
         block = prepare_vectors(features[begin:begin + step], metric)
         scores, rows = faiss.knn(queries, block, min(k, len(block)), metric=faiss_metric_of(metric))
         heap.add_result(scores, rows + begin)
+        del block, scores, rows  # before the next block is read, not after
+        if lean:
+            let_go_of_pages(features)
     heap.finalize()
     return heap.D, heap.I
 
@@ -281,6 +420,26 @@ def rerank(features: np.ndarray, queries: np.ndarray, candidates: np.ndarray, k:
     else:
         for part in parts:
             rank_block(part)
+    return distances, rows
+
+
+def rerank_from_disk(features: np.ndarray, queries: np.ndarray, candidates: np.ndarray, k: int, metric: str,
+                     block: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """``rerank`` for a pass made once: each ``block`` of queries has its candidates read into
+    memory (``read_rows``) and ranked there, so the file's pages are not kept. The answer is
+    ``rerank``'s: each query's candidates are ranked on their own, in the same order."""
+    queries = np.atleast_2d(np.asarray(queries, dtype=np.float32))
+    distances = np.full((len(queries), k), np.inf, dtype=np.float32)
+    rows = np.full((len(queries), k), -1, dtype=np.int64)
+    for begin in range(0, len(queries), block):
+        part = candidates[begin:begin + block]
+        wanted = np.unique(part[part >= 0])
+        if not len(wanted):
+            continue  # no candidates: nothing found
+        local = np.where(part >= 0, np.searchsorted(wanted, part), -1)
+        best, found = rerank(read_rows(features, wanted), queries[begin:begin + block], local, k, metric)
+        distances[begin:begin + block] = best
+        rows[begin:begin + block] = np.where(found >= 0, wanted[np.maximum(found, 0)], -1)
     return distances, rows
 
 

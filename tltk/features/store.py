@@ -28,6 +28,7 @@ from tltk.errors import TltkError
 from tltk.features.faiss_index import (
     APPROXIMATE,
     EXACT_SCORES,
+    FILTERED_PROBE,
     RECALL_K,
     RECALL_QUERIES,
     TARGET_RECALL,
@@ -41,8 +42,10 @@ from tltk.features.faiss_index import (
     exact_knn,
     make_index,
     prepare_vectors,
+    read_rows,
     rerank,
     rerank_extra,
+    rerank_from_disk,
     resolve_kind,
     train_index,
     tune_search,
@@ -324,7 +327,7 @@ class FeatureStore(ManifestFields):
         """Recall@k of the index, at its current search setting, against exact search.
 
         The queries are a seeded sample of ``queries`` stored rows (at most half the store),
-        or the given ``rows``, held out of a copy of the index (see ``RecallProbe``).
+        or the given ``rows``, held out of the index (see ``RecallProbe``).
         """
         if k < 1 or queries < 1:
             raise TltkError(f"--recall-k and --recall-queries must be at least 1, not {k} and {queries}.")
@@ -459,9 +462,8 @@ class FeatureStore(ManifestFields):
             self._tune(self.index_type, options, start=params.get("nprobe") or params.get("efSearch"))
 
     def _recall_probe(self, k: int, queries: int, seed: int, rows: Sequence[int] | None = None) -> "RecallProbe":
-        """A seeded sample of stored rows (or ``rows``), held out of a copy of the index."""
-        import faiss
-
+        """A seeded sample of stored rows (or ``rows``), held out of the index (see ``RecallProbe``),
+        and their exact neighbours among the other rows, found a block of the file at a time."""
         if self.count < 2:
             raise TltkError(f"the store at {self.path} has {self.count} row; measuring recall needs at least 2.")
         if rows is not None:
@@ -469,19 +471,30 @@ class FeatureStore(ManifestFields):
         else:
             size = min(queries, self.count // 2)
             sample = np.sort(np.random.default_rng(seed).choice(self.count, size=size, replace=False))
-        kept = np.setdiff1d(np.arange(self.count), sample)
         features = self.features()
+        k = min(k, self.count - len(sample))
+        vectors = read_rows(features, sample)
+        wanted = k + rerank_extra(k) + len(sample)
+        _, candidates = exact_knn(features, prepare_vectors(vectors, self.metric), wanted, self.metric, lean=True)
+        candidates[np.isin(candidates, sample)] = -1
+        truth = rerank_from_disk(features, vectors, candidates, k, self.metric)[1]
+        if self.index_type in FILTERED_PROBE:
+            return RecallProbe(self.index, sample, vectors, truth, features, self.metric, self.count)
+        kept = np.setdiff1d(np.arange(self.count), sample)
+        return RecallProbe(self._copy_without(kept, features), sample, vectors, truth, features, self.metric,
+                           self.count, kept)
+
+    def _copy_without(self, kept: np.ndarray, features: np.ndarray) -> Any:
+        """A copy of the index holding the ``kept`` rows only (for a graph index, whose answers
+        depend on the links the held-out rows would make)."""
+        import faiss
+
         index = faiss.clone_index(self.index)
-        index.reset()  # keeps what training learnt (IVF centroids, PQ codebooks), drops the vectors
+        index.reset()  # keeps what training learnt, drops the vectors
         step = chunk_rows(self.dim)
         for begin in range(0, len(kept), step):
-            index.add(prepare_vectors(features[kept[begin:begin + step]], self.metric))
-        k = min(k, len(kept))
-        vectors = np.asarray(features[sample])
-        _, candidates = exact_knn(features, prepare_vectors(vectors, self.metric), k + rerank_extra(k) + len(sample), self.metric)
-        candidates[np.isin(candidates, sample)] = -1
-        truth = rerank(features, vectors, candidates, k, self.metric)[1]
-        return RecallProbe(index, kept, sample, vectors, truth, features, self.metric)
+            index.add(prepare_vectors(read_rows(features, kept[begin:begin + step]), self.metric, in_place=True))
+        return index
 
     def _truncate_to_manifest(self) -> None:
         """Cut off what an append that died left past the committed rows."""
