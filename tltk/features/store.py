@@ -27,7 +27,6 @@ import numpy as np
 from tltk.errors import TltkError
 from tltk.features.faiss_index import (
     APPROXIMATE,
-    EXACT_SCORES,
     RECALL_K,
     RECALL_QUERIES,
     TARGET_RECALL,
@@ -63,6 +62,7 @@ from tltk.features.manifest import (
     read_metadata,
     shard_words,
 )
+from tltk.features.ranking import faiss_scores_bounded, rank_candidates, recomputed_scores, search_in_two_steps
 from tltk.features.writing import RowWriter, build_atomically, replace_version, timestamp
 from tltk.fileio import atomic_write, write_json
 from tltk.locking import hold
@@ -109,6 +109,7 @@ class _Version:
     def __init__(self, features: BinaryIO | None, metadata: BinaryIO | None) -> None:
         self.features = features
         self.metadata = metadata
+        self.rows: np.ndarray | None = None  # the vectors mapped once, for searching (``FeatureStore._rows``)
 
     @classmethod
     def at(cls, path: Path, opener: Callable[[str, int], int] | None = None) -> "_Version":
@@ -285,22 +286,39 @@ class FeatureStore(ManifestFields):
         Distances are smaller-is-closer in both metrics: 1 - cosine similarity, or the
         Euclidean distance. Where fewer than ``k`` are found, rows are -1.
 
-        The index proposes twice as many candidates as asked for, and they are ranked by
-        distances computed again in float64 from the stored vectors: FAISS's float32
-        arithmetic (|x|^2 - 2x.y + |y|^2) can swap two neighbours whose distances differ by
-        less than its rounding, so an exact index is exact only after this step. Where the
-        index's scores are exact up to a known rounding (IVF-Flat, HNSW-Flat), candidates
-        too far behind the k-th for rounding to matter are left unread (``rerank``).
+        The answer is the best ``k`` of the index's first ``k + rerank_extra(k)``
+        candidates (twice as many as asked for, at least 10 more), ranked by distances
+        computed again in float64 from the stored vectors, and those float64 distances:
+        FAISS's float32 arithmetic can swap two neighbours whose distances differ by less
+        than its rounding (an exact index is exact only after this step), and an IVF-PQ
+        index's scores are estimates from compressed codes. How that answer is reached
+        for little more than the FAISS search costs is ``ranking``'s part: candidates
+        that cannot be among the best ``k`` whatever the rounding are neither fetched
+        (IVF-Flat, HNSW-Flat) nor read back in float64.
         """
         queries = self._queries(vectors)
         k = min(k, self.count)
-        scores, candidates = self._candidates(queries, min(self.count, k + rerank_extra(k)))
-        exact_scores = scores if self.index_type in EXACT_SCORES else None
-        return rerank(self.features(), vectors, candidates, k, self.metric, scores=exact_scores, threads=search_threads())
+        scores, candidates = self._candidates(queries, k, min(self.count, k + rerank_extra(k)))
+        return rank_candidates(self._rows(), vectors, scores, candidates, k, self.metric, threads=search_threads())
 
-    def _candidates(self, queries: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
-        """The index's scores and rows of the ``count`` stored vectors nearest to each prepared query, best first."""
-        return self.index.search(queries, count)
+    def _candidates(self, queries: np.ndarray, k: int, count: int) -> tuple[np.ndarray, np.ndarray]:
+        """Scores and rows of the ``count`` stored vectors the index finds nearest to each
+        prepared query, best first, as far as they can be among the ``k`` best: scores
+        exact up to ``score_rounding``, from the index or computed again from the rows."""
+        if faiss_scores_bounded(self.index, self.index_type, count):
+            return search_in_two_steps(self.index, queries, k, count, self.metric)
+        _, candidates = self.index.search(queries, count)
+        return recomputed_scores(self._rows(), queries, candidates, self.metric), candidates
+
+    def _rows(self) -> np.ndarray:
+        """The stored vectors as a plain array over one memory map kept for the version
+        opened: a fresh map per search would fault in every page it reads again."""
+        if self._version is None:
+            return np.asarray(self.features())
+        cached = getattr(self._version, "rows", None)
+        if cached is None or len(cached) != self.count:
+            cached = self._version.rows = np.asarray(self.features())
+        return cached
 
     def exact_search(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Like ``search`` but by brute force over the stored vectors, whatever the index."""
