@@ -286,15 +286,17 @@ class FeatureStore(ManifestFields):
         Distances are smaller-is-closer in both metrics: 1 - cosine similarity, or the
         Euclidean distance. Where fewer than ``k`` are found, rows are -1.
 
-        The answer is the best ``k`` of the index's first ``k + rerank_extra(k)``
-        candidates (twice as many as asked for, at least 10 more), ranked by distances
-        computed again in float64 from the stored vectors, and those float64 distances:
-        FAISS's float32 arithmetic can swap two neighbours whose distances differ by less
-        than its rounding (an exact index is exact only after this step), and an IVF-PQ
-        index's scores are estimates from compressed codes. How that answer is reached
-        for little more than the FAISS search costs is ``ranking``'s part: candidates
-        that cannot be among the best ``k`` whatever the rounding are neither fetched
-        (IVF-Flat, HNSW-Flat) nor read back in float64.
+        The rows are the best ``k`` of the index's first ``k + rerank_extra(k)`` candidates
+        (twice as many as asked for, at least 10 more), in the order of their distances
+        computed in float64 from the stored vectors: FAISS's float32 arithmetic can swap two
+        neighbours whose distances differ by less than its rounding (an exact index is exact
+        only after this step), and an IVF-PQ index's scores are estimates from compressed
+        codes. Each distance is within ``score_rounding`` of the true one (a float32 sum
+        over the vector's dimensions), and is the float64 one wherever rounding could have
+        swapped it with a neighbour's. ``ranking`` reaches this answer for little more than
+        the FAISS search costs: candidates that cannot be among the ``k`` best whatever the
+        rounding are not fetched (IVF-Flat, HNSW-Flat), and only those whose order rounding
+        could change are read back in float64.
         """
         queries = self._queries(vectors)
         k = min(k, self.count)
@@ -303,8 +305,8 @@ class FeatureStore(ManifestFields):
 
     def _candidates(self, queries: np.ndarray, k: int, count: int) -> tuple[np.ndarray, np.ndarray]:
         """Scores and rows of the ``count`` stored vectors the index finds nearest to each
-        prepared query, best first, as far as they can be among the ``k`` best: scores
-        exact up to ``score_rounding``, from the index or computed again from the rows."""
+        prepared query, in the index's order, as far as they can be among the ``k`` best:
+        scores exact up to ``score_rounding``, the index's own or computed again from the rows."""
         if faiss_scores_bounded(self.index, self.index_type, count):
             return search_in_two_steps(self.index, queries, k, count, self.metric)
         _, candidates = self.index.search(queries, count)
