@@ -30,6 +30,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -76,13 +77,26 @@ def compare(store: FeatureStore, queries: np.ndarray, k: int, repeats: int, prof
         import faiss
 
         faiss.normalize_L2(raw_queries)
-    cases = {"raw faiss": lambda: index.search(raw_queries, k), "store": lambda: store.search(queries, k)}
+    cpu: dict[str, list[float]] = {"raw faiss": [], "store": []}
+
+    def with_cpu_time(name: str, search: Callable[[], object]) -> Callable[[], None]:
+        def run() -> None:
+            started = time.process_time()
+            search()
+            cpu[name].append(time.process_time() - started)
+        return run
+
+    cases = {"raw faiss": with_cpu_time("raw faiss", lambda: index.search(raw_queries, k)),
+             "store": with_cpu_time("store", lambda: store.search(queries, k))}
     seconds = interleave(cases, repeats)
     for name, values in seconds.items():
         middle = statistics.median(values)
         print(f"  {name:<10} median {middle * 1000:8.1f} ms  ({len(queries) / middle:9.0f} queries/s)")
     ratio = median_ratio(seconds["raw faiss"], seconds["store"])
     print(f"  store speed / raw faiss speed: {ratio:.3f}x ({ratio_range(seconds['raw faiss'], seconds['store'])})")
+    raw_cpu, store_cpu = cpu["raw faiss"][1:], cpu["store"][1:]  # after the untimed round
+    print(f"  the same by CPU time of all threads (less swayed by other jobs on a shared machine): "
+          f"{median_ratio(raw_cpu, store_cpu):.3f}x ({ratio_range(raw_cpu, store_cpu)})")
     if profile:
         with time_spent_in(STEPS) as totals:
             for _ in range(repeats):

@@ -24,6 +24,7 @@ from tltk.features.faiss_index import (
 from tltk.features.ranking import (
     SHORT_EXTRA,
     faiss_scores_bounded,
+    order_by_score,
     recomputed_scores,
     search_in_two_steps,
     within_reach,
@@ -280,3 +281,16 @@ def test_a_search_after_an_append_reads_the_rows_appended(tmp_path: Path) -> Non
     assert rows[:, 0].tolist() == list(range(300, 320))
     np.testing.assert_allclose(distances[:, 0], 0.0, atol=1e-6)
     del store
+
+
+def test_only_neighbours_rounding_could_swap_are_measured_in_float64() -> None:
+    """In score order, a candidate is measured again only where its rounding interval
+    overlaps a neighbour's (here the two tied at 3.0 and the k-th's rival at 3.00001);
+    candidates out of reach, and the missing ones after them, are not."""
+    scores = np.array([[3.0, 1.0, 3.0, 2.0, 50.0, 40.0], [1.0, 2.0, 4.0, np.inf, np.inf, np.inf],
+                       [1.0, 2.0, 3.0, 3.00001, 9.0, 9.5]], dtype=np.float32)
+    rows = np.array([[5, 4, 3, 2, 1, 0], [7, 8, 9, -1, -1, -1], [0, 1, 2, 3, 4, 5]])
+    distances, ordered, unsure = order_by_score(scores, rows, 3, "l2", DIM)
+    assert ordered.tolist() == [[4, 2, 5, 3], [7, 8, 9, -1], [0, 1, 2, 3]]
+    assert unsure.tolist() == [[False, False, True, True], [False, False, False, False], [False, False, True, True]]
+    np.testing.assert_allclose(distances[1, :3], np.sqrt([1.0, 2.0, 4.0]))

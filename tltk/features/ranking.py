@@ -161,7 +161,7 @@ def order_by_score(scores: np.ndarray, candidates: np.ndarray, k: int, metric: s
     slack = np.take_along_axis(slack, by_score, axis=1)
     rows = np.where(np.isfinite(closeness), np.take_along_axis(candidates, by_score, axis=1), -1)
     with np.errstate(invalid="ignore"):
-        overlap = closeness[:, 1:] - slack[:, 1:] <= closeness[:, :-1] + slack[:, :-1]
+        overlap = np.isfinite(closeness[:, 1:]) & (closeness[:, 1:] - slack[:, 1:] <= closeness[:, :-1] + slack[:, :-1])
     unsure = np.zeros(rows.shape, dtype=bool)
     unsure[:, 1:] |= overlap
     unsure[:, :-1] |= overlap
