@@ -22,8 +22,8 @@ adds about a fifth to an IVF search. Here the same rows, in the same order, cost
   distance in a small interval. A candidate whose interval lies after the k-th best one's
   is out; one whose interval overlaps no other's has its place fixed. Only candidates
   whose intervals overlap a neighbour's are read back and measured in float64
-  (``order_by_score``, ``float64_distances``): on 100,000 clustered 512-d vectors about
-  one in ten of those returned.
+  (``order_by_score``, ``float64_distances``): on 100,000 clustered 512-d vectors, 0.64
+  of the 10 returned per query (IVF-PQ: 0.33).
 """
 
 from __future__ import annotations
@@ -154,7 +154,7 @@ def order_by_score(scores: np.ndarray, candidates: np.ndarray, k: int, metric: s
     score order.
     """
     closeness, slack = _intervals(scores, candidates, metric, dim)
-    closeness[~within_reach(scores, candidates, k, metric, dim)] = np.inf
+    closeness[~_within_reach(closeness, slack, k)] = np.inf
     width = max(k, int(np.isfinite(closeness).sum(axis=1).max(initial=0)), 1)
     by_score = np.argsort(closeness, axis=1, kind="stable")[:, :width]
     closeness = np.take_along_axis(closeness, by_score, axis=1)
@@ -244,14 +244,17 @@ def within_reach(scores: np.ndarray, candidates: np.ndarray, k: int, metric: str
     worse than k candidates whatever the rounding. Missing candidates (-1) are never kept;
     with fewer than k found, every found one is.
     """
-    closeness, slack = _intervals(scores, candidates, metric, dim)
+    return _within_reach(*_intervals(scores, candidates, metric, dim), k)
+
+
+def _within_reach(closeness: np.ndarray, slack: np.ndarray, k: int) -> np.ndarray:
     highest = closeness + slack
     if k < closeness.shape[1]:
         kth = np.partition(highest, k - 1, axis=1)[:, k - 1:k]
     else:
         kth = np.full((len(closeness), 1), np.inf)
     with np.errstate(invalid="ignore"):
-        return (candidates >= 0) & (closeness - slack <= kth)
+        return np.isfinite(closeness) & (closeness - slack <= kth)
 
 
 __all__ = ["SHORT_EXTRA", "faiss_scores_bounded", "float64_distances", "order_by_score", "rank_candidates", "recomputed_scores", "search_in_two_steps", "within_reach"]
