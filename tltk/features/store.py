@@ -317,10 +317,9 @@ class FeatureStore(ManifestFields):
         opened: a fresh map per search would fault in every page it reads again."""
         if self._version is None:
             return np.asarray(self.features())
-        cached = getattr(self._version, "rows", None)
-        if cached is None or len(cached) != self.count:
-            cached = self._version.rows = np.asarray(self.features())
-        return cached
+        if self._version.rows is None or len(self._version.rows) != self.count:
+            self._version.rows = np.asarray(self.features())
+        return self._version.rows
 
     def exact_search(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Like ``search`` but by brute force over the stored vectors, whatever the index."""
