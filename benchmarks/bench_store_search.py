@@ -131,11 +131,13 @@ def extra_work(store: FeatureStore, queries: np.ndarray, k: int) -> str:
     """What the store asks of FAISS and reads back beyond raw FAISS's k per query."""
     prepared = prepare_vectors(queries, store.metric)
     count = min(store.count, k + rerank_extra(k))
-    if faiss_scores_bounded(store.index, store.index_type, count):
+    if faiss_scores_bounded(store.index, store.index_type, count, store.metric):
         first = min(count, k + SHORT_EXTRA)
         scores, rows = store.index.search(prepared, first)
         again = float(np.mean(contenders(scores, rows, k, store.metric, store.dim) == first)) if first < count else 0.0
         asked = f"asked FAISS for {first} per query, then for {count} again for {again:.1%} of the queries"
+    elif store.index_type in ("ivf", "hnsw"):
+        asked = f"asked FAISS for {count} per query (its scores bounded)"
     else:
         asked = f"asked FAISS for {count} per query and scored them again in float32 from the rows"
     scores, rows = store._candidates(prepared, k, count)

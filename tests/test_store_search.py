@@ -211,7 +211,6 @@ def test_fewer_candidates_are_asked_for_first_and_more_only_where_rounding_could
     train_index(index, vectors, metric, 0)
     index.add(prepare_vectors(vectors, metric))
     prepared, k, count = prepare_vectors(queries, metric), 6, 12
-    assert faiss_scores_bounded(index, kind, count)
     counting = CountingIndex(index)
     scores, rows = search_in_two_steps(counting, prepared, k, count, metric)
     assert counting.asked[0] == (len(queries), k + SHORT_EXTRA)
@@ -230,6 +229,7 @@ def test_an_hnsw_index_searching_fewer_than_the_candidates_is_not_asked_in_two_s
     queries = clustered(30, DIM, seed=4)[0]
     store = make_store(tmp_path / "s", vectors, labels, index=IndexOptions(kind="hnsw", ef_search=8))
     assert not faiss_scores_bounded(store.index, "hnsw", 20) and faiss_scores_bounded(store.index, "hnsw", 8)
+    assert faiss_scores_bounded(store.index, "hnsw", 8, "l2") and not faiss_scores_bounded(store.index, "hnsw", 8, "cosine")
     distances, rows = store.search(queries, 10)
     expected_distances, expected_rows = ranking_every_candidate(store, queries, 10)
     np.testing.assert_array_equal(rows, expected_rows)

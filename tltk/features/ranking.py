@@ -7,9 +7,9 @@ wherever rounding could swap two). Computing it literally (``faiss_index.rerank`
 search for twice the neighbours, then every candidate read back and measured in float64)
 adds about a fifth to an IVF search. Here the same rows, in the same order, cost little more:
 
-- **Fewer candidates asked for first.** An index whose scores are exact up to bounded
-  rounding (``EXACT_SCORES``: IVF-Flat, and HNSW-Flat while its efSearch is at least the
-  number of candidates) returns for ``m`` candidates the first ``m`` of what it returns for
+- **Fewer candidates asked for first** (l2; see ``faiss_scores_bounded`` for cosine). An
+  index whose scores are exact up to bounded rounding (``EXACT_SCORES``: IVF-Flat, and
+  HNSW-Flat while its efSearch is at least the number of candidates) returns for ``m`` candidates the first ``m`` of what it returns for
   more: which vectors it scores does not depend on how many it keeps. So it is asked for
   ``k + SHORT_EXTRA`` first, and for all again only for the queries whose last candidate
   is still within rounding reach of the k-th (``search_in_two_steps``).
@@ -40,11 +40,15 @@ BLOCK = 16  # queries measured together in float64: their candidates' rows stay 
 PARALLEL_PAIRS = 2048  # fewer candidates to measure in float64 than this take less time on one thread than to start more
 
 
-def faiss_scores_bounded(index: Any, kind: str, count: int) -> bool:
-    """Whether the index's own scores of ``count`` candidates are exact up to ``score_rounding``
-    and their first ones the same whatever ``count`` is: IVF-Flat, HNSW-Flat while efSearch
-    is at least ``count`` (below it FAISS widens its search to ``count`` and finds others)."""
-    if kind not in EXACT_SCORES:
+def faiss_scores_bounded(index: Any, kind: str, count: int, metric: str = "l2") -> bool:
+    """Whether to ask the index in two steps: its own scores of ``count`` candidates are exact
+    up to ``score_rounding`` and their first ones the same whatever ``count`` is (IVF-Flat,
+    HNSW-Flat while efSearch is at least ``count``: below it FAISS widens its search to
+    ``count`` and finds others), and the metric is l2. A cosine score's bound is absolute
+    (2 x score_rounding): on 100,000 clustered 512-d vectors the 12th candidate was within
+    it of the 10th for 70% of the queries, and asking those again cost more than asking
+    every query for all candidates at once."""
+    if kind not in EXACT_SCORES or metric != "l2":
         return False
     if kind == "hnsw":
         return int(index.hnsw.efSearch) >= count

@@ -27,6 +27,7 @@ import numpy as np
 from tltk.errors import TltkError
 from tltk.features.faiss_index import (
     APPROXIMATE,
+    EXACT_SCORES,
     RECALL_K,
     RECALL_QUERIES,
     TARGET_RECALL,
@@ -295,7 +296,7 @@ class FeatureStore(ManifestFields):
         over the vector's dimensions), and is the float64 one wherever rounding could have
         swapped it with a neighbour's. ``ranking`` reaches this answer for little more than
         the FAISS search costs: candidates that cannot be among the ``k`` best whatever the
-        rounding are not fetched (IVF-Flat, HNSW-Flat), and only those whose order rounding
+        rounding are not fetched (IVF-Flat, HNSW-Flat, l2), and only those whose order rounding
         could change are read back in float64.
         """
         queries = self._queries(vectors)
@@ -307,9 +308,11 @@ class FeatureStore(ManifestFields):
         """Scores and rows of the ``count`` stored vectors the index finds nearest to each
         prepared query, in the index's order, as far as they can be among the ``k`` best:
         scores exact up to ``score_rounding``, the index's own or computed again from the rows."""
-        if faiss_scores_bounded(self.index, self.index_type, count):
+        if faiss_scores_bounded(self.index, self.index_type, count, self.metric):
             return search_in_two_steps(self.index, queries, k, count, self.metric)
-        _, candidates = self.index.search(queries, count)
+        scores, candidates = self.index.search(queries, count)
+        if self.index_type in EXACT_SCORES:  # the index's own scores are bounded; only asked in one step
+            return scores, candidates
         return recomputed_scores(self._rows(), queries, candidates, self.metric), candidates
 
     def _rows(self) -> np.ndarray:
