@@ -13,9 +13,11 @@ per-repeat ratios raw time / store time (1.00x: the store is as fast as raw FAIS
 goal: at least 0.95x for every type).
 
 What the store does on top of raw FAISS is what the ratio prices: preparing the queries
-(a float32 copy; unit length for cosine) and ranking the index's candidates again by
-float64 distances from the stored vectors (``FeatureStore.search``'s docstring says why).
-``--profile`` adds a breakdown of the store's time by step.
+(a float32 copy; unit length for cosine), asking the index for more than k candidates
+(k + 2 first for IVF-Flat and HNSW-Flat, 2k for flat and IVF-PQ), scoring flat and IVF-PQ
+candidates again from the stored rows, and measuring in float64 the neighbours whose order
+float32 rounding could change (``FeatureStore.search``'s docstring says why). ``--profile``
+adds a breakdown of the store's time by step and how much of that extra work there was.
 
 Run: ``python benchmarks/bench_store_search.py`` (building the HNSW store takes the
 longest: a few minutes on two busy cores; ``--kinds flat ivf`` skips it).
@@ -28,6 +30,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +39,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import interleave, median_ratio, ratio_range, time_spent_in  # noqa: E402
 from bench_neighbors import clustered_vectors  # noqa: E402
 
-from tltk.features.faiss_index import IndexOptions  # noqa: E402
+from tltk.features.faiss_index import IndexOptions, contenders, prepare_vectors, rerank_extra  # noqa: E402
+from tltk.features.ranking import SHORT_EXTRA, faiss_scores_bounded, order_by_score  # noqa: E402
 from tltk.features.store import FeatureStore, create_store  # noqa: E402
 from tltk.features.writing import iter_chunks  # noqa: E402
 
@@ -45,8 +49,9 @@ HEADER = {"source": {"fingerprint": "benchmark", "description": "random vectors"
 KINDS = ("flat", "ivf", "hnsw", "ivfpq")
 STEPS = {  # the store's own steps, timed by --profile
     "prepare queries": "tltk.features.store:FeatureStore._queries",
-    "faiss search (2k candidates)": "tltk.features.store:FeatureStore._candidates",
-    "float64 re-rank": "tltk.features.store:rerank",
+    "candidates (faiss search and bounded scores)": "tltk.features.store:FeatureStore._candidates",
+    "of which float32 scores from the rows": "tltk.features.store:recomputed_scores",
+    "float64 ranking": "tltk.features.store:rank_candidates",
 }
 
 
@@ -72,19 +77,73 @@ def compare(store: FeatureStore, queries: np.ndarray, k: int, repeats: int, prof
         import faiss
 
         faiss.normalize_L2(raw_queries)
-    cases = {"raw faiss": lambda: index.search(raw_queries, k), "store": lambda: store.search(queries, k)}
+    cpu: dict[str, list[float]] = {"raw faiss": [], "store": []}
+
+    def with_cpu_time(name: str, search: Callable[[], object]) -> Callable[[], None]:
+        def run() -> None:
+            started = time.process_time()
+            search()
+            cpu[name].append(time.process_time() - started)
+        return run
+
+    cases = {"raw faiss": with_cpu_time("raw faiss", lambda: index.search(raw_queries, k)),
+             "store": with_cpu_time("store", lambda: store.search(queries, k))}
+    refined = refining_index(store, k) if store.index_type == "ivfpq" else None
+    if refined is not None:
+        cpu["faiss+refine"] = []
+        cases["faiss+refine"] = with_cpu_time("faiss+refine", lambda: refined.search(raw_queries, k))
     seconds = interleave(cases, repeats)
     for name, values in seconds.items():
         middle = statistics.median(values)
         print(f"  {name:<10} median {middle * 1000:8.1f} ms  ({len(queries) / middle:9.0f} queries/s)")
     ratio = median_ratio(seconds["raw faiss"], seconds["store"])
     print(f"  store speed / raw faiss speed: {ratio:.3f}x ({ratio_range(seconds['raw faiss'], seconds['store'])})")
+    raw_cpu, store_cpu = cpu["raw faiss"][1:], cpu["store"][1:]  # after the untimed round
+    print(f"  the same by CPU time of all threads (less swayed by other jobs on a shared machine): "
+          f"{median_ratio(raw_cpu, store_cpu):.3f}x ({ratio_range(raw_cpu, store_cpu)})")
+    if refined is not None:
+        same = median_ratio(seconds["faiss+refine"], seconds["store"])
+        print(f"  store speed / FAISS's own re-ranking of the same 2k candidates (IndexRefineFlat over this index, "
+              f"float32): {same:.3f}x ({ratio_range(seconds['faiss+refine'], seconds['store'])})")
     if profile:
         with time_spent_in(STEPS) as totals:
             for _ in range(repeats):
                 store.search(queries, k)
         print("  store time by step (mean ms): " + ", ".join(f"{n} {t / repeats * 1000:.1f}" for n, t in totals.items()))
+        print("  " + extra_work(store, queries, k))
     return ratio
+
+
+def refining_index(store: FeatureStore, k: int) -> object:
+    """FAISS doing what the store adds to an IVF-PQ search itself: the very same index asked for
+    k + rerank_extra(k) candidates, which an in-memory flat copy of the vectors re-ranks by
+    float32 distances (``IndexRefineFlat``). Not the goal's baseline (that is the index alone):
+    it shows what re-ranking the candidates costs wherever it is done."""
+    import faiss
+
+    vectors = prepare_vectors(store.features(), store.metric)
+    refined = faiss.IndexRefineFlat(store.index, faiss.swig_ptr(vectors))  # copies the vectors; the store keeps the index
+    refined.k_factor = (k + rerank_extra(k)) / k
+    return refined
+
+
+def extra_work(store: FeatureStore, queries: np.ndarray, k: int) -> str:
+    """What the store asks of FAISS and reads back beyond raw FAISS's k per query."""
+    prepared = prepare_vectors(queries, store.metric)
+    count = min(store.count, k + rerank_extra(k))
+    if faiss_scores_bounded(store.index, store.index_type, count, store.metric):
+        first = min(count, k + SHORT_EXTRA)
+        scores, rows = store.index.search(prepared, first)
+        again = float(np.mean(contenders(scores, rows, k, store.metric, store.dim) == first)) if first < count else 0.0
+        asked = f"asked FAISS for {first} per query, then for {count} again for {again:.1%} of the queries"
+    elif store.index_type in ("ivf", "hnsw"):
+        asked = f"asked FAISS for {count} per query (its scores bounded)"
+    else:
+        asked = f"asked FAISS for {count} per query and scored them again in float32 from the rows"
+    scores, rows = store._candidates(prepared, k, count)
+    unsure = order_by_score(scores, rows, k, store.metric, store.dim)[2].sum(axis=1)
+    return (f"{asked}; measured in float64 (rounding could swap them with a neighbour) {unsure.mean():.2f} rows per "
+            f"query, in {np.mean(unsure > 0):.1%} of the queries")
 
 
 def main() -> None:

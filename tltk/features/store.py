@@ -66,6 +66,7 @@ from tltk.features.manifest import (
     read_metadata,
     shard_words,
 )
+from tltk.features.ranking import faiss_scores_bounded, rank_candidates, recomputed_scores, search_in_two_steps
 from tltk.features.writing import RowWriter, build_atomically, replace_version, timestamp
 from tltk.fileio import atomic_write, write_json
 from tltk.locking import hold
@@ -112,6 +113,7 @@ class _Version:
     def __init__(self, features: BinaryIO | None, metadata: BinaryIO | None) -> None:
         self.features = features
         self.metadata = metadata
+        self.rows: np.ndarray | None = None  # the vectors mapped once, for searching (``FeatureStore._rows``)
 
     @classmethod
     def at(cls, path: Path, opener: Callable[[str, int], int] | None = None) -> "_Version":
@@ -288,22 +290,42 @@ class FeatureStore(ManifestFields):
         Distances are smaller-is-closer in both metrics: 1 - cosine similarity, or the
         Euclidean distance. Where fewer than ``k`` are found, rows are -1.
 
-        The index proposes twice as many candidates as asked for, and they are ranked by
-        distances computed again in float64 from the stored vectors: FAISS's float32
-        arithmetic (|x|^2 - 2x.y + |y|^2) can swap two neighbours whose distances differ by
-        less than its rounding, so an exact index is exact only after this step. Where the
-        index's scores are exact up to a known rounding (IVF-Flat, HNSW-Flat), candidates
-        too far behind the k-th for rounding to matter are left unread (``rerank``).
+        The rows are the best ``k`` of the index's first ``k + rerank_extra(k)`` candidates
+        (twice as many as asked for, at least 10 more), in the order of their distances
+        computed in float64 from the stored vectors: FAISS's float32 arithmetic can swap two
+        neighbours whose distances differ by less than its rounding (an exact index is exact
+        only after this step), and an IVF-PQ index's scores are estimates from compressed
+        codes. Each distance is within ``score_rounding`` of the true one (a float32 sum
+        over the vector's dimensions), and is the float64 one wherever rounding could have
+        swapped it with a neighbour's. ``ranking`` reaches this answer for little more than
+        the FAISS search costs: candidates that cannot be among the ``k`` best whatever the
+        rounding are not fetched (IVF-Flat, HNSW-Flat, l2), and only those whose order rounding
+        could change are read back in float64.
         """
         queries = self._queries(vectors)
         k = min(k, self.count)
-        scores, candidates = self._candidates(queries, min(self.count, k + rerank_extra(k)))
-        exact_scores = scores if self.index_type in EXACT_SCORES else None
-        return rerank(self.features(), vectors, candidates, k, self.metric, scores=exact_scores, threads=search_threads())
+        scores, candidates = self._candidates(queries, k, min(self.count, k + rerank_extra(k)))
+        return rank_candidates(self._rows(), vectors, scores, candidates, k, self.metric, threads=search_threads())
 
-    def _candidates(self, queries: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
-        """The index's scores and rows of the ``count`` stored vectors nearest to each prepared query, best first."""
-        return self.index.search(queries, count)
+    def _candidates(self, queries: np.ndarray, k: int, count: int) -> tuple[np.ndarray, np.ndarray]:
+        """Scores and rows of the ``count`` stored vectors the index finds nearest to each
+        prepared query, in the index's order, as far as they can be among the ``k`` best:
+        scores exact up to ``score_rounding``, the index's own or computed again from the rows."""
+        if faiss_scores_bounded(self.index, self.index_type, count, self.metric):
+            return search_in_two_steps(self.index, queries, k, count, self.metric)
+        scores, candidates = self.index.search(queries, count)
+        if self.index_type in EXACT_SCORES:  # the index's own scores are bounded; only asked in one step
+            return scores, candidates
+        return recomputed_scores(self._rows(), queries, candidates, self.metric), candidates
+
+    def _rows(self) -> np.ndarray:
+        """The stored vectors as a plain array over one memory map kept for the version
+        opened: a fresh map per search would fault in every page it reads again."""
+        if self._version is None:
+            return np.asarray(self.features())
+        if self._version.rows is None or len(self._version.rows) != self.count:
+            self._version.rows = np.asarray(self.features())
+        return self._version.rows
 
     def exact_search(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Like ``search`` but by brute force over the stored vectors, whatever the index."""
