@@ -44,13 +44,14 @@ import argparse
 import csv
 import json
 import os
+import resource
 import shlex
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -151,13 +152,18 @@ def tltk_accuracy(out: Path) -> float:
     return float(json.loads((out / "summary.json").read_text())["final"]["val_accuracy"])
 
 
-def run_command(command: list[str], env: dict[str, str], log: Path) -> None:
-    """Runs to the end or stops the benchmark with the command's last lines: a failed run has no time."""
+def run_command(command: list[str], env: dict[str, str], log: Path) -> float:
+    """Runs to the end and returns the CPU seconds (user and system) that the command and
+    every process it started used; stops the benchmark with the command's last lines if it
+    fails: a failed run has no time."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     with open(log, "w") as handle:
         finished = subprocess.run(command, env=env, stdout=handle, stderr=subprocess.STDOUT)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if finished.returncode != 0:
         tail = "\n".join(log.read_text(errors="replace").splitlines()[-20:])
         raise SystemExit(f"{' '.join(command)} exited with {finished.returncode}:\n{tail}")
+    return (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
 def child_environment(threads: int) -> dict[str, str]:
@@ -200,45 +206,61 @@ def main() -> None:
         measure(setup, args, Path(tmp))
 
 
+@dataclass
+class Runs:
+    """What every run of one side left behind, in the order they ran."""
+
+    accuracy: list[float] = field(default_factory=list)
+    cpu_seconds: list[float] = field(default_factory=list)
+    loads: list[float] = field(default_factory=list)  # 1-minute load average at the start
+    training_seconds: list[float] = field(default_factory=list)  # tltk: summary.json's "seconds" (fit alone)
+
+
 def measure(setup: Setup, args: argparse.Namespace, tmp: Path) -> None:
     env = child_environment(args.threads)
-    accuracy: dict[str, list[float]] = {TIMM: [], TLTK: []}
-    loads: list[float] = []
+    runs = {TIMM: Runs(), TLTK: Runs()}
 
     def timm() -> None:
         out = tmp / "timm-run"
         shutil.rmtree(out, ignore_errors=True)
-        loads.append(os.getloadavg()[0])
-        run_command(timm_command(args.train_py, setup, out), env, tmp / "timm.log")
-        accuracy[TIMM].append(timm_accuracy(out))
+        runs[TIMM].loads.append(os.getloadavg()[0])
+        runs[TIMM].cpu_seconds.append(run_command(timm_command(args.train_py, setup, out), env, tmp / "timm.log"))
+        runs[TIMM].accuracy.append(timm_accuracy(out))
 
     def tltk() -> None:
         out, cache = tmp / "tltk-run", tmp / "tltk-cache"
         shutil.rmtree(out, ignore_errors=True)
         shutil.rmtree(cache, ignore_errors=True)  # every run decodes its images, as a first run does
-        loads.append(os.getloadavg()[0])
-        run_command(tltk_command(setup, out), env | {"TLTK_CACHE": str(cache)}, tmp / "tltk.log")
-        accuracy[TLTK].append(tltk_accuracy(out))
+        runs[TLTK].loads.append(os.getloadavg()[0])
+        runs[TLTK].cpu_seconds.append(
+            run_command(tltk_command(setup, out), env | {"TLTK_CACHE": str(cache)}, tmp / "tltk.log"))
+        runs[TLTK].accuracy.append(tltk_accuracy(out))
+        runs[TLTK].training_seconds.append(float(json.loads((out / "summary.json").read_text())["seconds"]))
 
     print(f"{TIMM}: {' '.join(timm_command(args.train_py, setup, Path('OUT')))}")
     print(f"{TLTK}: {' '.join(tltk_command(setup, Path('OUT')))}")
     print(f"  threads: {env.get('OMP_NUM_THREADS', 'each tool its own')}; data: {setup.data} "
           f"({args.train_images} train / {args.validation_images} validation JPEGs of {setup.image_size} px)", flush=True)
     seconds = interleave({TLTK: tltk, TIMM: timm}, args.repeats, warmup=False)
-    report(seconds, accuracy, loads)
+    report(seconds, runs)
 
 
-def report(seconds: dict[str, list[float]], accuracy: dict[str, list[float]], loads: list[float]) -> None:
+def report(seconds: dict[str, list[float]], runs: dict[str, Runs]) -> None:
     for name in (TIMM, TLTK):
+        run = runs[name]
         print(f"  {name:<16} median {statistics.median(seconds[name]):8.1f} s wall, "
-              f"validation top-1 {statistics.median(accuracy[name]):.4f} "
-              f"(runs: {', '.join(f'{a:.4f}' for a in accuracy[name])})")
+              f"{statistics.median(run.cpu_seconds):8.1f} CPU-s, validation top-1 {statistics.median(run.accuracy):.4f} "
+              f"(runs: {', '.join(f'{a:.4f}' for a in run.accuracy)}; load at their start: "
+              f"{', '.join(f'{load:.1f}' for load in run.loads)})")
+    print(f"  tltk's training alone (summary.json seconds): median {statistics.median(runs[TLTK].training_seconds):.1f} s")
+    cpu = median_ratio(runs[TLTK].cpu_seconds, runs[TIMM].cpu_seconds)
+    print(f"  CPU time tltk / timm (whole process trees; less moved by other jobs than the wall clock): {cpu:.3f} "
+          f"({ratio_range(runs[TLTK].cpu_seconds, runs[TIMM].cpu_seconds)})")
     ratio = median_ratio(seconds[TLTK], seconds[TIMM])
-    equal_or_better = statistics.median(accuracy[TLTK]) >= statistics.median(accuracy[TIMM])
-    print(f"  load (1-minute average) at the start of the runs: {min(loads):.1f}-{max(loads):.1f}")
+    tltk_accuracy, timm_accuracy = statistics.median(runs[TLTK].accuracy), statistics.median(runs[TIMM].accuracy)
+    equal_or_better = tltk_accuracy >= timm_accuracy
     print(f"wall time tltk / timm: {ratio:.3f} ({ratio_range(seconds[TLTK], seconds[TIMM])}; goal: at most {GOAL}); "
-          f"accuracy {'equal or better' if equal_or_better else 'WORSE'} "
-          f"({statistics.median(accuracy[TLTK]):.4f} vs {statistics.median(accuracy[TIMM]):.4f}); "
+          f"accuracy {'equal or better' if equal_or_better else 'WORSE'} ({tltk_accuracy:.4f} vs {timm_accuracy:.4f}); "
           f"goal {'met' if ratio <= GOAL and equal_or_better else 'not met'}")
 
 

@@ -109,3 +109,28 @@ def test_the_children_import_this_checkout_and_share_the_threads(bench, monkeypa
     assert env["OMP_NUM_THREADS"] == "1"
     assert env["PYTHONPATH"].split(":")[0] == str(BENCHMARKS.parent)
     assert "OMP_NUM_THREADS" not in bench.child_environment(0)
+
+
+def test_a_command_reports_the_cpu_time_of_its_whole_process_tree(bench, tmp_path):
+    """CPU seconds count the work of the processes a command starts (timm's loader
+    workers), not only its own; a command that fails stops the benchmark with its output."""
+    burn = "import subprocess, sys; subprocess.run([sys.executable, '-c', 'sum(range(3 * 10**7))'], check=True)"
+    seconds = bench.run_command([sys.executable, "-c", burn], dict(), tmp_path / "log")
+    assert seconds > 0.2
+    with pytest.raises(SystemExit, match="exited with 3:\n.*gone wrong"):
+        bench.run_command([sys.executable, "-c", "import sys; print('gone wrong'); sys.exit(3)"], dict(),
+                          tmp_path / "log")
+
+
+def test_the_report_prints_both_ratios_and_says_whether_the_goal_is_met(bench, capsys):
+    """The wall-time ratio is tltk / timm per repeat (median); the goal needs both the
+    ratio and the accuracy."""
+    runs = {bench.TIMM: bench.Runs([0.60, 0.62], [200.0, 220.0], [1.0, 1.0]),
+            bench.TLTK: bench.Runs([0.70, 0.71], [80.0, 90.0], [1.0, 1.0], [50.0, 60.0])}
+    bench.report({bench.TIMM: [100.0, 120.0], bench.TLTK: [40.0, 66.0]}, runs)
+    out = capsys.readouterr().out
+    assert "wall time tltk / timm: 0.475" in out and "goal met" in out
+    assert "CPU time tltk / timm (whole process trees; less moved by other jobs than the wall clock): 0.405" in out
+    runs[bench.TLTK].accuracy = [0.5, 0.5]
+    bench.report({bench.TIMM: [100.0, 120.0], bench.TLTK: [40.0, 66.0]}, runs)
+    assert "accuracy WORSE" in capsys.readouterr().out
