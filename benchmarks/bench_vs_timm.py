@@ -9,8 +9,8 @@ the data, training, validation, checkpoints, everything either writes).
 The data set is written by this script as a folder of JPEGs that both sides read from
 disk, ``train/`` and ``validation/`` with one subfolder per class: scikit-learn's digits
 (the ten classes) drawn at ``--image-size`` pixels, each time at a random size and place
-in a random colour over a random two-colour gradient of the opposite brightness, with noise, saved at JPEG quality
-90. The training images are drawn from tltk's train and validation carve of
+in a random colour over a random two-colour gradient of the opposite brightness, with
+noise, saved at JPEG quality 90. The training images are drawn from tltk's train and validation carve of
 ``builtin:digits`` and the validation images from its test carve, so no digit appears on
 both sides (a digit is drawn several times, differently, when more images than digits
 are asked for).
@@ -31,7 +31,9 @@ The accuracy compared is each side's top-1 on ``validation/`` after the last epo
 timm's ``eval_top1`` in its ``summary.csv``, tltk's ``final.val_accuracy`` in
 ``summary.json``. The runs take turns (the first side alternating) and the ratio
 printed is the median of the per-repeat ratios tltk / timm of the wall time; goal: at
-most 0.5 at equal or better accuracy.
+most 0.5 at equal or better accuracy. The CPU seconds of each command's whole process
+tree (its loader workers included) are printed beside it: other jobs on a shared
+machine move them far less than the wall clock.
 
 Run: ``python benchmarks/bench_vs_timm.py --train-py /path/to/timm/train.py`` (2,000
 training and 500 validation images at 32 px, 10 epochs, 3 repeats: about 20 minutes on 2
