@@ -36,7 +36,7 @@ tree (its loader workers included) are printed beside it: other jobs on a shared
 machine move them far less than the wall clock.
 
 Run: ``python benchmarks/bench_vs_timm.py --train-py /path/to/timm/train.py`` (2,000
-training and 500 validation images at 32 px, 10 epochs, 3 repeats: about 20 minutes on 2
+training and 500 validation images at 32 px, 10 epochs, 3 repeats: about 10-15 minutes on 2
 shared cores; ``--repeats 1 --epochs 1`` for a quick look). Ten epochs because ResNet-18
 from scratch is still near chance after three on these images, where an accuracy
 comparison says nothing.
