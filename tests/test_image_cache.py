@@ -284,6 +284,9 @@ def test_threads_take_the_free_cores_the_workers_leave(monkeypatch) -> None:
     assert plan_cpus(100, decoded=False, free=4).workers == 0, "too few images to pay for worker start-up"
     assert plan_cpus(100_000, decoded=False, free=1) == runtime.CpuPlan(threads=1, workers=1, free_cores=1)
     assert plan_cpus(100_000, decoded=True, threads=3, workers=2, free=1) == runtime.CpuPlan(3, 2, 1)
+    # Decoded images: workers the user asks for read only the validation images, never beside a step.
+    assert plan_cpus(100_000, decoded=True, workers=2, free=2) == runtime.CpuPlan(threads=2, workers=2, free_cores=2)
+    assert plan_cpus(100_000, decoded=False, workers=2, free=2).threads == 1
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
     assert plan_cpus(100, decoded=True, free=16).threads == 2, "never more than torch would use on its own"
 

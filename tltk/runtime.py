@@ -188,12 +188,17 @@ def plan_cpus(num_samples: int, *, decoded: bool, threads: int | None = None, wo
     (``decoded``), else half of the free cores once there is enough data to hide their
     start-up. The threads take the free cores the workers leave, never more than torch
     would use on its own (``torch.get_num_threads()``: OMP_NUM_THREADS, or the caller's
-    ``torch.set_num_threads``). ``threads``/``workers`` are the user's, taken as given."""
+    ``torch.set_num_threads``). ``threads``/``workers`` are the user's, taken as given.
+
+    With decoded images no worker runs beside a training step (workers the user asks for
+    only read the validation images, between epochs), so they leave the threads every
+    free core: a run given ``--workers 2`` on two cores would otherwise train on one."""
     free = free if free is not None else free_cores()
     if workers is None:
         workers = 0 if decoded or num_samples < MIN_SAMPLES_FOR_WORKERS else max(1, min(MAX_DEFAULT_WORKERS, free // 2))
     if threads is None:
-        threads = max(1, min(torch.get_num_threads(), free - workers))
+        beside_steps = 0 if decoded else workers
+        threads = max(1, min(torch.get_num_threads(), free - beside_steps))
     return CpuPlan(threads, workers, free)
 
 
