@@ -161,6 +161,7 @@ def fit(
         else:
             feed = image_feed(model, train_set, val_set, config, placement, LoaderWorkers(cpus.workers, val_workers),
                               generator, decoded)
+        stack.callback(feed.close)
         stack.enter_context(checkpoints.signals() if checkpoints is not None else nullcontext())
         loop = Loop(model, strategy, feed, config, watchers, placement, log=log, loss_fn=loss_fn,
                     checkpoints=checkpoints)
