@@ -53,6 +53,8 @@ def test_entries_list_each_set_with_its_shape_and_size_most_recently_used_first(
     for path in root.glob("*.npy"):
         os.utime(path, (old, old))
     cache_into(second, root)
+    second_path = next(path for path in root.glob("*.npy") if os.stat(path).st_mtime > old + 1)
+    os.utime(second_path, (old + 3600, old + 3600))  # an hour newer: no tie on a coarse file-system clock
     entries = image_cache.cache_entries(root)
     assert [(e.images, e.height, e.width) for e in entries] == [(8, 12, 12), (8, 16, 16)]
     assert all(e.bytes == e.path.stat().st_size > e.images * 3 * e.height * e.width for e in entries)
