@@ -413,14 +413,21 @@ def rerank(features: np.ndarray, queries: np.ndarray, candidates: np.ndarray, k:
         distances[part, :best.shape[1]] = best
         rows[part, :found.shape[1]] = found
 
-    parts = [by_width[begin:begin + block] for begin in range(0, len(by_width), block)]
+    run_blocks(rank_block, by_width, block, threads)
+    return distances, rows
+
+
+def run_blocks(work: Callable[[np.ndarray], None], order: np.ndarray, block: int, threads: int) -> None:
+    """``work`` on consecutive blocks of ``order`` (queries sorted by how much each needs, so
+    a block's rows are alike), on up to ``threads`` threads: numpy lets go of the
+    interpreter lock in its loops, so the blocks run side by side."""
+    parts = [order[begin:begin + block] for begin in range(0, len(order), block)]
     if threads > 1 and len(parts) > 1:
         with ThreadPoolExecutor(min(threads, len(parts))) as pool:
-            list(pool.map(rank_block, parts))
+            list(pool.map(work, parts))
     else:
         for part in parts:
-            rank_block(part)
-    return distances, rows
+            work(part)
 
 
 def rerank_from_disk(features: np.ndarray, queries: np.ndarray, candidates: np.ndarray, k: int, metric: str,

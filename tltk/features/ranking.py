@@ -28,12 +28,11 @@ adds about a fifth to an IVF search. Here the same rows, in the same order, cost
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 
-from tltk.features.faiss_index import EXACT_SCORES, contenders, score_rounding
+from tltk.features.faiss_index import EXACT_SCORES, contenders, run_blocks, score_rounding
 
 SHORT_EXTRA = 2  # candidates past the k-th asked for first from an index with exact-up-to-rounding scores
 BLOCK = 16  # queries measured together in float64: their candidates' rows stay in the core's cache
@@ -222,14 +221,7 @@ def float64_distances(features: np.ndarray, queries: np.ndarray, candidates: np.
             distances = np.sqrt(_dots(differences, differences))
         exact[part, :width] = np.where(rows >= 0, distances, np.inf)
 
-    by_width = np.argsort(widths, kind="stable")
-    parts = [by_width[begin:begin + BLOCK] for begin in range(0, len(by_width), BLOCK)]
-    if threads > 1 and len(parts) > 1:
-        with ThreadPoolExecutor(min(threads, len(parts))) as pool:
-            list(pool.map(measure, parts))
-    else:
-        for part in parts:
-            measure(part)
+    run_blocks(measure, np.argsort(widths, kind="stable"), BLOCK, threads)
     return exact
 
 
