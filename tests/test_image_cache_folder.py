@@ -44,17 +44,20 @@ def cache_into(dataset: ImageDataset, root: Path) -> image_cache.DecodedImages:
     return decoded
 
 
+def cache_dated(dataset: ImageDataset, root: Path, days_ago: float) -> None:
+    """Cache ``dataset`` as if a run had last used it ``days_ago`` days ago."""
+    decoded = cache_into(dataset, root)
+    assert decoded.path is not None
+    when = time.time() - days_ago * 86400
+    os.utime(decoded.path, (when, when))
+
+
 def test_entries_list_each_set_with_its_shape_and_size_most_recently_used_first(tmp_path: Path) -> None:
     """Two data sets at two sizes are two entries; reading the older one back makes it the most recent."""
     root = tmp_path / "cache"
     first, second = image_set(tmp_path / "one", 16), image_set(tmp_path / "two", 12)
-    cache_into(first, root)
-    old = time.time() - 3 * 86400
-    for path in root.glob("*.npy"):
-        os.utime(path, (old, old))
-    cache_into(second, root)
-    second_path = next(path for path in root.glob("*.npy") if os.stat(path).st_mtime > old + 1)
-    os.utime(second_path, (old + 3600, old + 3600))  # an hour newer: no tie on a coarse file-system clock
+    cache_dated(first, root, days_ago=3)
+    cache_dated(second, root, days_ago=2)  # dates set apart: a coarse file-system clock cannot tie them
     entries = image_cache.cache_entries(root)
     assert [(e.images, e.height, e.width) for e in entries] == [(8, 12, 12), (8, 16, 16)]
     assert all(e.bytes == e.path.stat().st_size > e.images * 3 * e.height * e.width for e in entries)
@@ -66,11 +69,8 @@ def test_entries_list_each_set_with_its_shape_and_size_most_recently_used_first(
 def test_clear_older_than_keeps_what_runs_still_use_and_clear_removes_everything(tmp_path: Path) -> None:
     root = tmp_path / "cache"
     used, stale = image_set(tmp_path / "used", 16), image_set(tmp_path / "stale", 12)
-    cache_into(stale, root)
-    old = time.time() - 10 * 86400
-    for path in root.glob("*.npy"):
-        os.utime(path, (old, old))
-    cache_into(used, root)
+    cache_dated(stale, root, days_ago=10)
+    cache_dated(used, root, days_ago=1)
     stale_bytes = image_cache.cache_entries(root)[1].bytes
 
     cleared = image_cache.clear_cache(root, older_than_days=7)
