@@ -169,7 +169,7 @@ def summary(backbone: str, head: str, num_classes: int, strategy: str, freeze: b
               help="Save the conv1 filter grid every N epochs into RUN/plots/filters/.")
 @click.option("--curves/--no-curves", default=True, show_default=True,
               help="Draw the loss, metric and learning-rate curves into RUN/plots when training ends "
-                   "(--no-curves saves about a second; `tltk visualize curves RUN` draws them later).")
+                   "(--no-curves saves about a second; `tltk plot RUN` draws them later).")
 @click.option("--callback", "callback_names", multiple=True, metavar="NAME",
               help="Train with this callback (tltk list callbacks), repeatable; it runs on every process.")
 @click.option("--callback-opt", multiple=True, metavar="NAME.KEY=VALUE",

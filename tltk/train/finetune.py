@@ -58,7 +58,7 @@ class FinetuneConfig:
     filters_every: int | None = None  # epochs between conv1 filter snapshots in RUN/plots/filters
     # Draw RUN/plots/{loss,metrics,lr}.png when training ends. Drawing costs about a second
     # (matplotlib's import and three figures): a sweep of many small runs, or a script that reads
-    # metrics.jsonl itself, turns it off; `tltk visualize curves` and `tltk report` draw them later.
+    # metrics.jsonl itself, turns it off; `tltk plot` and `tltk report` draw them later.
     curves: bool = True
     # Named callbacks (entry-point group tltk.callbacks): [{"name": ..., "options": {...}}], run on every process.
     callbacks: list[dict[str, Any]] = field(default_factory=list)
