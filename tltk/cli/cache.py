@@ -21,22 +21,22 @@ def info(as_json: bool) -> None:
     from rich.table import Table
 
     from tltk.train.cache import human_bytes
-    from tltk.train.image_cache import cache_entries, cache_root
+    from tltk.train.image_cache import cache_contents
 
-    entries = cache_entries()
+    contents = cache_contents()
     if as_json:
-        print_json({"folder": str(cache_root()), "entries": [entry.to_dict() for entry in entries],
-                    "bytes": sum(entry.bytes for entry in entries)})
+        print_json(contents.to_dict())
         return
-    table = Table(title=f"decoded images in {cache_root()}")
+    table = Table(title=f"decoded images in {contents.folder}")
     for column in ("file", "images", "size", "on disk", "last used"):
         table.add_column(column, justify="left" if column in ("file", "last used") else "right")
-    for entry in entries:
+    for entry in contents.entries:
         table.add_row(entry.path.name, f"{entry.images:,}", f"{entry.height}x{entry.width}", human_bytes(entry.bytes),
                       time.strftime("%Y-%m-%d %H:%M", time.localtime(entry.last_used)))
     out.print(table)
-    out.print(f"{len(entries)} image set{'s' if len(entries) != 1 else ''}, "
-              f"{human_bytes(sum(entry.bytes for entry in entries))}; `tltk cache clear` removes them.")
+    count = len(contents.entries)
+    out.print(f"{count} image set{'s' if count != 1 else ''}, {human_bytes(contents.bytes)}; "
+              f"`tltk cache clear` removes them.")
 
 
 @cache.command("clear")

@@ -305,6 +305,27 @@ class Cleared:
         return {"removed": self.removed, "removed_bytes": self.removed_bytes, "kept": self.kept}
 
 
+@dataclass(frozen=True)
+class CacheContents:
+    """The cache folder and the image sets it holds (``cache_entries``), with their total size."""
+
+    folder: Path
+    entries: list[CacheEntry]
+
+    @property
+    def bytes(self) -> int:
+        return sum(entry.bytes for entry in self.entries)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"folder": str(self.folder), "entries": [entry.to_dict() for entry in self.entries], "bytes": self.bytes}
+
+
+def cache_contents(root: Path | None = None) -> CacheContents:
+    """What ``tltk cache info`` shows: the folder (default ``cache_root()``) and its image sets."""
+    root = root if root is not None else cache_root()
+    return CacheContents(root, cache_entries(root))
+
+
 def cache_entries(root: Path | None = None) -> list[CacheEntry]:
     """The decoded image sets kept in ``root`` (default ``cache_root()``), most recently used first.
 
